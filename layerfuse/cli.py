@@ -1,0 +1,165 @@
+"""``layerfuse``: the command line.
+
+Every command reports user mistakes as one ``layerfuse: error: ...`` line on stderr with exit
+status 2; progress goes to stderr so that ``--json`` output on stdout stays machine-readable.
+"""
+
+from __future__ import annotations
+
+__all__ = ["main"]
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Sequence
+
+from layerfuse import __version__
+from layerfuse.errors import LayerfuseError
+from layerfuse.progress import ConsoleReporter
+
+Handler = Callable[[argparse.Namespace], int]
+
+
+def _console():
+    from rich.console import Console
+
+    # Piped output (CI logs, files) gets a wide table instead of rich's 80-column default.
+    return Console(highlight=False, width=None if sys.stdout.isatty() else 160)
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from layerfuse.export.onnx_export import export_model
+    from layerfuse.export.sources import load_source
+
+    reporter = ConsoleReporter()
+    reporter.step(f"loading {args.source}")
+    source = load_source(args.source, task=args.task)
+    result = export_model(
+        source,
+        args.output,
+        exporter=args.exporter,
+        opset=args.opset,
+        tolerance=args.tolerance,
+        reporter=reporter,
+    )
+    _console().print(
+        f"wrote {result.model_path} ({source.task}, {args.exporter} exporter) in "
+        f"{result.seconds:.0f} s; max |onnxruntime - torch| = {result.max_abs_diff:.2e} "
+        f"(tolerance {args.tolerance:g})"
+    )
+    return 0
+
+
+def _cmd_inspect(args: argparse.Namespace) -> int:
+    from layerfuse.passes.detect import detect_structure
+    from layerfuse.passes.model_io import load_model
+    from layerfuse.tables import human_bytes, human_count, structure_table
+
+    structure = detect_structure(load_model(args.model))
+    if args.json:
+        print(json.dumps(structure.to_json(), indent=2))
+        return 0
+    console = _console()
+    console.print(structure_table(structure, f"{args.model}: {len(structure.blocks)} blocks"))
+    share = structure.ff_parameter_count / max(structure.parameter_count, 1)
+    console.print(
+        f"parameters {human_count(structure.parameter_count)} "
+        f"({human_bytes(structure.weight_bytes)}), FF sublayers "
+        f"{human_count(structure.ff_parameter_count)} ({share:.0%}), attention "
+        f"{human_count(structure.attention_parameter_count)}; fingerprint {structure.fingerprint}"
+    )
+    return 0
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from layerfuse.runtime.evaluate import evaluate_model
+
+    result = evaluate_model(
+        args.model,
+        data=args.data,
+        tokens=args.tokens,
+        provider=args.provider,
+        reference=args.reference,
+        reporter=ConsoleReporter(),
+    )
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return 0
+    console = _console()
+    metric = result["metric"]
+    if metric in result:
+        console.print(f"{metric} on {result['data']} (test split): {result[metric]:.4g}")
+    if "fidelity" in result:
+        fidelity = result["fidelity"]
+        console.print(
+            f"vs {args.reference}: max |diff| {fidelity['max_abs_diff']:.3g}, "
+            f"mean |diff| {fidelity['mean_abs_diff']:.3g}, cosine {fidelity['mean_cosine']:.5f}"
+        )
+    latency = result["latency_batch1"]
+    console.print(
+        f"latency at batch 1 {latency['input_shapes']}: p50 {latency['p50_ms']:.1f} ms, "
+        f"p90 {latency['p90_ms']:.1f} ms over {latency['runs']} runs"
+    )
+    return 0
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="layerfuse",
+        description="Merge and fuse feed-forward sublayers of exported transformer models.",
+    )
+    parser.add_argument("--version", action="version", version=f"layerfuse {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    export = commands.add_parser(
+        "export", help="export a model to ONNX and verify it against torch"
+    )
+    export.add_argument(
+        "source", help="packaged model (smollm2-135m, minilm-l6), HF folder or .gguf file"
+    )
+    export.add_argument("-o", "--output", required=True, help="folder for model.onnx")
+    export.add_argument("--exporter", default="dynamo", choices=["dynamo", "torchscript"])
+    export.add_argument("--opset", type=int, default=18)
+    export.add_argument("--task", choices=["causal-lm", "encoder", "vision"])
+    export.add_argument(
+        "--tolerance", type=float, default=1e-3, help="max |ORT - torch| allowed (default 1e-3)"
+    )
+    export.set_defaults(handler=_cmd_export)
+
+    inspect = commands.add_parser("inspect", help="find blocks and FF sublayers in a graph")
+    inspect.add_argument("model", help="an .onnx file")
+    inspect.add_argument("--json", action="store_true", help="print the structure as JSON")
+    inspect.set_defaults(handler=_cmd_inspect)
+
+    evaluate = commands.add_parser(
+        "evaluate", help="quality on real data and latency of a graph in onnxruntime"
+    )
+    evaluate.add_argument("model", help="an .onnx file with layerfuse.json beside it")
+    evaluate.add_argument("--data", default="fortunes", help="fortunes, random or a .txt file")
+    evaluate.add_argument("--tokens", type=int, default=8192, help="evaluation tokens")
+    evaluate.add_argument("--reference", help="original graph to measure output fidelity against")
+    evaluate.add_argument("--provider", default="auto", help="auto, cpu or cuda")
+    evaluate.add_argument("--json", action="store_true", help="print the result as JSON")
+    evaluate.set_defaults(handler=_cmd_evaluate)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _build_parser()
+    args = parser.parse_args(argv)
+    handler: Handler = args.handler
+    try:
+        return handler(args)
+    except LayerfuseError as exc:
+        if args.debug:
+            raise
+        print(f"layerfuse: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("layerfuse: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,155 @@
+"""Real English text and labelled data from Debian's ``fortunes`` package.
+
+No dataset hub is reachable, so calibration and evaluation text comes from a registry
+package: ``fortunes`` (and ``fortunes-min``) hold 14k quotations, poems, definitions and jokes
+in 40 topic files (about 2.7 MB, free licence). If the files are not installed system-wide,
+``apt-get download`` fetches the two .deb files and they are unpacked into the layerfuse
+cache; no root and no system install is needed.
+
+Splits are assigned by a hash of each entry's text, so they are stable across machines and
+runs: ``calib`` (50%) for calibration, ``valid`` (25%) for window selection, ``test`` (25%)
+for the numbers in reports. The topic labels give a real classification task.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "Entry",
+    "SPLITS",
+    "TOPIC_CLASSES",
+    "fortunes_dir",
+    "load_entries",
+    "split_texts",
+    "topic_dataset",
+]
+
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+from layerfuse.errors import DataError
+
+SPLITS = ("calib", "valid", "test")
+_SYSTEM_DIR = Path("/usr/share/games/fortunes")
+_DEBIAN_PACKAGES = ("fortunes", "fortunes-min")
+
+# Label -> fortune topic files. Topics were grouped so each class has 500+ entries and the
+# classes are distinguishable by content (not by style), e.g. law joins politics.
+TOPIC_CLASSES = {
+    "computers": ("computers", "linux", "perl", "debian", "linuxcookie"),
+    "politics": ("politics", "law"),
+    "poetry": ("songs-poems", "love", "literature"),
+    "science": ("science", "medicine", "education"),
+    "work": ("work",),
+}
+
+
+@dataclass(frozen=True)
+class Entry:
+    topic: str
+    text: str
+
+    @property
+    def split(self) -> str:
+        bucket = int(hashlib.sha256(self.text.encode()).hexdigest()[:8], 16) % 4
+        return "calib" if bucket < 2 else ("valid" if bucket == 2 else "test")
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("LAYERFUSE_CACHE") or Path.home() / ".cache" / "layerfuse"
+    return Path(root) / "fortunes"
+
+
+def _download_debian_packages(target: Path) -> None:
+    if shutil.which("apt-get") is None or shutil.which("dpkg-deb") is None:
+        raise DataError(
+            "the fortunes text corpus is missing and apt-get/dpkg-deb are not available; "
+            f"install Debian's 'fortunes' package or set LAYERFUSE_FORTUNES_DIR"
+        )
+    with tempfile.TemporaryDirectory() as tmp:
+        download = subprocess.run(
+            ["apt-get", "download", *_DEBIAN_PACKAGES], cwd=tmp, capture_output=True, text=True
+        )
+        if download.returncode != 0:
+            raise DataError(
+                "could not download Debian's fortunes packages "
+                f"({download.stderr.strip().splitlines()[-1] if download.stderr.strip() else 'apt-get failed'}); "
+                "run 'apt-get update' or install the 'fortunes' package"
+            )
+        staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=".fortunes-"))
+        for deb in Path(tmp).glob("*.deb"):
+            subprocess.run(["dpkg-deb", "-x", str(deb), str(staging)], check=True)
+        os.replace(staging, target)
+
+
+def fortunes_dir() -> Path:
+    """The folder of fortune topic files, downloading them into the cache if needed."""
+    override = os.environ.get("LAYERFUSE_FORTUNES_DIR")
+    if override:
+        if not Path(override).is_dir():
+            raise DataError(f"LAYERFUSE_FORTUNES_DIR={override} is not a folder")
+        return Path(override)
+    if (_SYSTEM_DIR / "computers").is_file():
+        return _SYSTEM_DIR
+    cached = _cache_dir()
+    unpacked = cached / "usr/share/games/fortunes"
+    if not (unpacked / "computers").is_file():
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        if cached.exists():
+            shutil.rmtree(cached)
+        _download_debian_packages(cached)
+    return unpacked
+
+
+@lru_cache(maxsize=1)
+def load_entries() -> tuple[Entry, ...]:
+    """Every fortune as (topic, text), in a fixed order."""
+    folder = fortunes_dir()
+    entries = []
+    for path in sorted(folder.iterdir()):
+        if not path.is_file() or path.suffix in (".dat", ".u8") or path.is_symlink():
+            continue
+        raw = path.read_text(encoding="utf-8", errors="replace")
+        for chunk in raw.split("\n%\n"):
+            text = chunk.strip().strip("%").strip()
+            if len(text) >= 20:
+                entries.append(Entry(path.name, text))
+    if not entries:
+        raise DataError(f"{folder}: no fortune entries found")
+    return tuple(entries)
+
+
+def split_texts(split: str) -> list[str]:
+    """All entry texts of one split, for calibration or perplexity."""
+    if split not in SPLITS:
+        raise DataError(f"unknown split '{split}' (choose {', '.join(SPLITS)})")
+    return [entry.text for entry in load_entries() if entry.split == split]
+
+
+def topic_dataset(split: str, per_class: int = 150) -> tuple[list[str], list[int], list[str]]:
+    """Texts, integer labels and label names for the topic classification task.
+
+    ``train`` is the calib split and ``test`` the test split; each class is capped at
+    ``per_class`` entries (in file order) so the classes are balanced.
+    """
+    source_split = {"train": "calib", "valid": "valid", "test": "test"}.get(split)
+    if source_split is None:
+        raise DataError(f"unknown topic split '{split}' (choose train, valid or test)")
+    names = list(TOPIC_CLASSES)
+    topic_to_label = {topic: i for i, name in enumerate(names) for topic in TOPIC_CLASSES[name]}
+    texts: list[str] = []
+    labels: list[int] = []
+    counts = [0] * len(names)
+    for entry in load_entries():
+        label = topic_to_label.get(entry.topic)
+        if label is None or entry.split != source_split or counts[label] >= per_class:
+            continue
+        counts[label] += 1
+        texts.append(entry.text)
+        labels.append(label)
+    return texts, labels, names

@@ -1,0 +1,87 @@
+"""``layerfuse.json``: what a model folder holds and how its graphs are fed.
+
+Export writes it beside ``model.onnx`` with the tokenizer; every variant a pass writes into
+another folder gets a copy, so calibration, evaluation and benchmarking can tokenize text and
+build inputs for any graph of the family without going back to torch.
+"""
+
+from __future__ import annotations
+
+__all__ = ["MANIFEST_NAME", "Manifest", "read_manifest", "require_manifest", "carry_manifest"]
+
+import json
+import os
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from layerfuse.errors import DataError
+
+MANIFEST_NAME = "layerfuse.json"
+SCHEMA = "layerfuse.manifest/1"
+
+
+@dataclass
+class Manifest:
+    source: str
+    origin: str
+    task: str
+    model_type: str
+    inputs: list[str]
+    output: str
+    exporter: str
+    opset: int
+    tokenizer: str | None = None
+    image_size: int | None = None
+    verification: dict = field(default_factory=dict)
+    config: dict = field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        return {"schema": SCHEMA, **asdict(self)}
+
+    @classmethod
+    def from_json(cls, data: dict) -> Manifest:
+        fields = {key: value for key, value in data.items() if key != "schema"}
+        return cls(**fields)
+
+    def write(self, folder: str | os.PathLike) -> Path:
+        path = Path(folder) / MANIFEST_NAME
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(self.to_json(), indent=2) + "\n")
+        os.replace(tmp, path)
+        return path
+
+
+def read_manifest(model_path: str | os.PathLike) -> Manifest | None:
+    path = Path(model_path).parent / MANIFEST_NAME
+    if not path.is_file():
+        return None
+    try:
+        return Manifest.from_json(json.loads(path.read_text()))
+    except (json.JSONDecodeError, TypeError) as exc:
+        raise DataError(f"{path}: unreadable manifest ({exc})") from None
+
+
+def require_manifest(model_path: str | os.PathLike) -> Manifest:
+    manifest = read_manifest(model_path)
+    if manifest is None:
+        raise DataError(
+            f"no {MANIFEST_NAME} beside {model_path}: it tells layerfuse how to tokenize text for "
+            f"this model; export the model with 'layerfuse export' or write the variant into the "
+            f"folder of the model it came from"
+        )
+    return manifest
+
+
+def carry_manifest(source_model: str | os.PathLike, target_model: str | os.PathLike) -> None:
+    """Give ``target_model``'s folder the manifest and tokenizer of ``source_model``'s."""
+    source_dir, target_dir = Path(source_model).parent, Path(target_model).parent
+    if source_dir.resolve() == target_dir.resolve():
+        return
+    manifest = read_manifest(source_model)
+    if manifest is None:
+        return
+    if manifest.tokenizer and not (target_dir / manifest.tokenizer).exists():
+        shutil.copytree(source_dir / manifest.tokenizer, target_dir / manifest.tokenizer)
+    if not (target_dir / MANIFEST_NAME).exists():
+        manifest.write(target_dir)

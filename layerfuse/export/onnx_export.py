@@ -1,0 +1,201 @@
+"""Export a torch model to ONNX and prove the graph computes what torch computes.
+
+Both torch exporters are supported: ``dynamo`` (torch.export, the default and the only one
+that handles recent transformers Llama/GPT-2 without help) and ``torchscript`` (the legacy
+tracer, whose graphs still reach users). The graph is written into a temporary folder, run
+in onnxruntime on inputs of a different shape than the trace (so a baked-in shape fails), and
+compared with torch; only a graph within tolerance is moved into place.
+"""
+
+from __future__ import annotations
+
+__all__ = ["EXPORTERS", "ExportResult", "export_model", "example_inputs"]
+
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from layerfuse.errors import LayerfuseError
+from layerfuse.export.manifest import Manifest
+from layerfuse.export.sources import ModelSource
+from layerfuse.export.wrappers import TASK_IO, wrap_for_export
+from layerfuse.passes.model_io import external_data_path, load_model, save_model
+from layerfuse.progress import SILENT, Reporter
+
+EXPORTERS = ("dynamo", "torchscript")
+MODEL_FILE = "model.onnx"
+_TRACE_TEXTS = ["The quick brown fox jumps over the lazy dog.", "Hello world"]
+_VERIFY_TEXTS = [
+    "Feed-forward layers hold most of a transformer's parameters.",
+    "Short one.",
+    "An exported graph must compute exactly what the original model computes, token by token.",
+]
+
+
+@dataclass
+class ExportResult:
+    model_path: Path
+    manifest: Manifest
+    max_abs_diff: float
+    seconds: float
+
+
+def _image_size(config) -> int:
+    size = getattr(config, "image_size", 224)
+    return int(size[0] if isinstance(size, (list, tuple)) else size)
+
+
+def example_inputs(source: ModelSource, texts: list[str], seed: int = 0) -> dict:
+    """Torch inputs for the wrapped model: tokenized ``texts``, or seeded random pixels."""
+    import torch
+
+    if source.task == "vision":
+        size = _image_size(source.config)
+        generator = torch.Generator().manual_seed(seed)
+        return {"pixel_values": torch.randn(len(texts), 3, size, size, generator=generator)}
+    tokenizer = source.tokenizer
+    if tokenizer is None:
+        raise LayerfuseError(f"model '{source.name}' has no tokenizer; cannot build text inputs")
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    encoded = tokenizer(texts, return_tensors="pt", padding=True, truncation=True, max_length=64)
+    return {name: encoded[name].to(torch.int64) for name in ("input_ids", "attention_mask")}
+
+
+def _dynamic_axes(input_names: tuple[str, ...]) -> dict[str, dict[int, str]]:
+    return {
+        name: {0: "batch"} if name == "pixel_values" else {0: "batch", 1: "sequence"}
+        for name in input_names
+    }
+
+
+def _run_exporter(wrapper, args: tuple, path: Path, exporter: str, opset: int, task: str) -> None:
+    import torch
+
+    input_names, output_name = TASK_IO[task]
+    axes = _dynamic_axes(input_names)
+    if exporter == "dynamo":
+        program = torch.onnx.export(
+            wrapper,
+            args,
+            input_names=list(input_names),
+            output_names=[output_name],
+            dynamic_shapes=axes,
+            dynamo=True,
+            opset_version=opset,
+            verbose=False,
+        )
+        save_model(program.model, path)
+        return
+    raw = path.with_name("torchscript.onnx")
+    torch.onnx.export(
+        wrapper,
+        args,
+        str(raw),
+        input_names=list(input_names),
+        output_names=[output_name],
+        dynamic_axes={**axes, output_name: {0: "batch"}},
+        dynamo=False,
+        opset_version=opset,
+    )
+    save_model(load_model(raw), path)
+
+
+def _verify(source: ModelSource, wrapper, path: Path) -> float:
+    import torch
+
+    from layerfuse.runtime.session import create_session
+
+    inputs = example_inputs(source, _VERIFY_TEXTS, seed=1)
+    with torch.no_grad():
+        expected = wrapper(*inputs.values()).numpy()
+    session = create_session(path, provider="cpu")
+    actual = session.run(None, {name: tensor.numpy() for name, tensor in inputs.items()})[0]
+    if actual.shape != expected.shape:
+        raise LayerfuseError(
+            f"exported graph returns shape {actual.shape}, torch returns {expected.shape}"
+        )
+    return float(np.max(np.abs(actual - expected)))
+
+
+def _config_summary(config) -> dict:
+    keys = {
+        "num_layers": ("num_hidden_layers", "n_layer"),
+        "hidden_size": ("hidden_size", "n_embd"),
+        "intermediate_size": ("intermediate_size", "n_inner"),
+        "num_attention_heads": ("num_attention_heads", "n_head"),
+        "vocab_size": ("vocab_size",),
+    }
+    summary = {}
+    for key, candidates in keys.items():
+        for attribute in candidates:
+            value = getattr(config, attribute, None)
+            if value is not None:
+                summary[key] = int(value)
+                break
+    return summary
+
+
+def export_model(
+    source: ModelSource,
+    out_dir: str | os.PathLike,
+    *,
+    exporter: str = "dynamo",
+    opset: int = 18,
+    tolerance: float = 1e-3,
+    reporter: Reporter = SILENT,
+) -> ExportResult:
+    """Export ``source`` to ``out_dir/model.onnx`` with its tokenizer and manifest."""
+    import torch
+
+    if exporter not in EXPORTERS:
+        raise LayerfuseError(f"unknown exporter '{exporter}' (choose {' or '.join(EXPORTERS)})")
+    if opset < 18:
+        raise LayerfuseError(f"opset {opset} is too old; layerfuse exports at opset 18 or newer")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    wrapper = wrap_for_export(source.model, source.task)
+    args = tuple(example_inputs(source, _TRACE_TEXTS).values())
+    with tempfile.TemporaryDirectory(dir=out_dir, prefix=".layerfuse-export-") as tmp:
+        staged = Path(tmp) / MODEL_FILE
+        reporter.step(f"exporting {source.name} with the {exporter} exporter (opset {opset})")
+        with torch.no_grad():
+            _run_exporter(wrapper, args, staged, exporter, opset, source.task)
+        reporter.step("checking the graph against torch on inputs of another shape")
+        diff = _verify(source, wrapper, staged)
+        if not diff <= tolerance:
+            raise LayerfuseError(
+                f"exported graph differs from torch by {diff:.3g} (tolerance {tolerance:g}); "
+                f"nothing was written"
+            )
+        target = out_dir / MODEL_FILE
+        staged_data = external_data_path(staged)
+        if staged_data.exists():
+            os.replace(staged_data, external_data_path(target))
+        os.replace(staged, target)
+    tokenizer_dir = None
+    if source.tokenizer is not None:
+        tokenizer_dir = "tokenizer"
+        source.tokenizer.save_pretrained(out_dir / tokenizer_dir)
+    input_names, output_name = TASK_IO[source.task]
+    manifest = Manifest(
+        source=source.name,
+        origin=source.origin,
+        task=source.task,
+        model_type=str(getattr(source.config, "model_type", "unknown")),
+        inputs=list(input_names),
+        output=output_name,
+        exporter=exporter,
+        opset=opset,
+        tokenizer=tokenizer_dir,
+        image_size=_image_size(source.config) if source.task == "vision" else None,
+        verification={"max_abs_diff": diff, "tolerance": tolerance, "batch": len(_VERIFY_TEXTS)},
+        config=_config_summary(source.config),
+    )
+    manifest.write(out_dir)
+    return ExportResult(target, manifest, diff, time.perf_counter() - started)

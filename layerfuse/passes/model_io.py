@@ -1,0 +1,143 @@
+"""Load and save ONNX models without surprises.
+
+Loading validates what onnx would only discover deep inside a run (a truncated file, external
+data that is missing, short, or points outside the model folder) and turns it into one clear
+:class:`InvalidModelError`. Weights stay lazy: onnx_ir memory-maps external tensors and reads
+bytes only when a pass asks for them.
+
+Saving never leaves a half-written model where a good one stood: everything is written into a
+temporary folder beside the destination and moved into place with atomic renames.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "EXTERNAL_DATA_THRESHOLD",
+    "load_model",
+    "save_model",
+    "external_data_path",
+    "weight_bytes",
+]
+
+import os
+import tempfile
+from pathlib import Path
+
+import onnx
+import onnx_ir as ir
+from google.protobuf.message import DecodeError
+
+from layerfuse.errors import InvalidModelError
+
+# Models whose weights exceed this are written with external data (one ``<name>.data`` file);
+# smaller ones keep weights inside the .onnx file so a test model is a single file.
+EXTERNAL_DATA_THRESHOLD = 32 * 1024 * 1024
+
+
+def _tensor_byte_length(tensor: onnx.TensorProto) -> int | None:
+    try:
+        itemsize = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
+    except (KeyError, TypeError):
+        return None
+    count = 1
+    for dim in tensor.dims:
+        count *= dim
+    return count * itemsize
+
+
+def _check_external_data(proto: onnx.ModelProto, model_path: Path) -> None:
+    base = model_path.parent.resolve()
+    sizes: dict[Path, int] = {}
+    for tensor in proto.graph.initializer:
+        if tensor.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        info = {entry.key: entry.value for entry in tensor.external_data}
+        location = info.get("location", "")
+        target = (base / location).resolve()
+        if not location or os.path.isabs(location) or not target.is_relative_to(base):
+            raise InvalidModelError(
+                f"{model_path}: initializer '{tensor.name}' points to external data "
+                f"'{location}' outside the model folder {base}"
+            )
+        if target not in sizes:
+            if not target.is_file():
+                raise InvalidModelError(
+                    f"{model_path}: external data file '{location}' is missing "
+                    f"(it must sit next to the model)"
+                )
+            sizes[target] = target.stat().st_size
+        offset = int(info.get("offset", 0))
+        length = int(info["length"]) if "length" in info else _tensor_byte_length(tensor)
+        if length is not None and offset + length > sizes[target]:
+            raise InvalidModelError(
+                f"{model_path}: external data file '{location}' is truncated "
+                f"({sizes[target]} bytes, initializer '{tensor.name}' needs {offset + length})"
+            )
+
+
+def load_model(path: str | os.PathLike) -> ir.Model:
+    """Load an ONNX model lazily, or raise :class:`InvalidModelError` saying what is wrong."""
+    model_path = Path(path)
+    if not model_path.is_file():
+        raise InvalidModelError(f"{model_path}: no such file")
+    try:
+        proto = onnx.load(model_path, load_external_data=False)
+    except (DecodeError, RuntimeWarning, ValueError, OSError) as exc:
+        raise InvalidModelError(
+            f"{model_path}: not a valid ONNX file (corrupt or truncated: {exc})"
+        ) from None
+    if not proto.graph.node:
+        raise InvalidModelError(f"{model_path}: not a valid ONNX model (the graph has no nodes)")
+    try:
+        onnx.checker.check_model(str(model_path))
+    except onnx.checker.ValidationError as exc:
+        first_line = str(exc).strip().splitlines()[0]
+        raise InvalidModelError(f"{model_path}: invalid ONNX model ({first_line})") from None
+    _check_external_data(proto, model_path)
+    model = ir.serde.deserialize_model(proto)
+    ir.external_data.set_base_dir(model.graph, model_path.parent)
+    return model
+
+
+def weight_bytes(model: ir.Model) -> int:
+    """Bytes held by the main graph's initializers, each counted once however often it is read."""
+    return sum(
+        value.const_value.nbytes
+        for value in model.graph.initializers.values()
+        if value.const_value is not None
+    )
+
+
+def external_data_path(model_path: str | os.PathLike) -> Path:
+    """Where :func:`save_model` puts the weights of ``model_path`` when they go external."""
+    model_path = Path(model_path)
+    return model_path.with_name(model_path.name + ".data")
+
+
+def save_model(
+    model: ir.Model, path: str | os.PathLike, *, external_data: bool | None = None
+) -> Path:
+    """Write ``model`` to ``path`` atomically and return the path.
+
+    ``external_data=None`` picks external data when the weights exceed
+    :data:`EXTERNAL_DATA_THRESHOLD`. The destination may be the file the model was loaded
+    from: lazy tensors keep reading the old inode until the rename.
+    """
+    model_path = Path(path)
+    out_dir = model_path.parent
+    out_dir.mkdir(parents=True, exist_ok=True)
+    use_external = (
+        weight_bytes(model) > EXTERNAL_DATA_THRESHOLD if external_data is None else external_data
+    )
+    data_path = external_data_path(model_path)
+    with tempfile.TemporaryDirectory(dir=out_dir, prefix=".layerfuse-") as tmp:
+        tmp_model = Path(tmp) / model_path.name
+        if use_external:
+            ir.save(model, tmp_model, external_data=data_path.name)
+            os.replace(Path(tmp) / data_path.name, data_path)
+        else:
+            # Small models keep their weights inline; lazy external tensors are read into memory.
+            ir.save(ir.external_data.load_to_model(model), tmp_model)
+        os.replace(tmp_model, model_path)
+    return model_path
+

@@ -1,0 +1,124 @@
+"""Run a graph and read intermediate tensors (FF pre-activations, sublayer outputs).
+
+:class:`ActivationTap` loads the graph structure without its weights, appends the requested
+tensors as extra graph outputs, and runs that copy in onnxruntime with the weights read from
+the original external-data file, so a tap on a multi-GB model copies no weights.
+
+:func:`stream_rows` yields each batch's tapped tensors as ``[tokens, width]`` matrices with
+padded positions dropped, one batch at a time: callers accumulate statistics (correlations,
+Gram matrices) and the activations of a whole data set never sit in memory together.
+"""
+
+from __future__ import annotations
+
+__all__ = ["ActivationTap", "adapt_feeds", "stream_rows", "token_rows"]
+
+import os
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from layerfuse.errors import DataError
+from layerfuse.progress import SILENT, Reporter
+from layerfuse.runtime.session import create_session
+
+
+def _value_types(proto: onnx.ModelProto) -> dict[str, int]:
+    types = {}
+    for info in [*proto.graph.value_info, *proto.graph.output, *proto.graph.input]:
+        if info.type.HasField("tensor_type") and info.type.tensor_type.elem_type:
+            types[info.name] = info.type.tensor_type.elem_type
+    return types
+
+
+def adapt_feeds(session, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Match ``feeds`` to the session's inputs, filling inputs other exporters add."""
+    adapted = {}
+    for model_input in session.get_inputs():
+        name = model_input.name
+        if name in feeds:
+            adapted[name] = feeds[name]
+        elif name == "token_type_ids" and "input_ids" in feeds:
+            adapted[name] = np.zeros_like(feeds["input_ids"])
+        elif name == "position_ids" and "attention_mask" in feeds:
+            mask = feeds["attention_mask"]
+            adapted[name] = np.maximum(np.cumsum(mask, axis=1) - 1, 0).astype(np.int64)
+        else:
+            raise DataError(
+                f"the model needs input '{name}' but the data provides {', '.join(feeds)}"
+            )
+    return adapted
+
+
+class ActivationTap:
+    """A session over ``model_path`` that also returns the tensors named in ``names``."""
+
+    def __init__(
+        self,
+        model_path: str | os.PathLike,
+        names: Sequence[str],
+        *,
+        provider: str = "auto",
+        threads: int | None = None,
+    ) -> None:
+        model_path = Path(model_path)
+        proto = onnx.load(model_path, load_external_data=False)
+        types = _value_types(proto)
+        missing = [name for name in names if name not in types]
+        if missing:
+            inferred = onnx.shape_inference.infer_shapes(proto)
+            types.update(_value_types(inferred))
+            missing = [name for name in names if name not in types]
+        if missing:
+            raise DataError(f"{model_path}: no tensor named {', '.join(missing[:3])} to tap")
+        existing = {output.name for output in proto.graph.output}
+        self.model_outputs = [output.name for output in proto.graph.output]
+        self.names = list(names)
+        for name in self.names:
+            if name not in existing:
+                proto.graph.output.append(
+                    onnx.helper.make_tensor_value_info(name, types[name], None)
+                )
+        self.session = create_session(
+            proto, provider=provider, threads=threads, external_data_dir=model_path.parent
+        )
+
+    def run(self, feeds: dict[str, np.ndarray]) -> tuple[list[np.ndarray], dict[str, np.ndarray]]:
+        """The model's own outputs and the tapped tensors for one batch."""
+        fetch = self.model_outputs + [n for n in self.names if n not in self.model_outputs]
+        values = self.session.run(fetch, adapt_feeds(self.session, feeds))
+        by_name = dict(zip(fetch, values, strict=True))
+        return [by_name[n] for n in self.model_outputs], {n: by_name[n] for n in self.names}
+
+
+def token_rows(array: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
+    """``array`` as ``[positions, width]`` float32 rows, keeping only real-token positions.
+
+    Works whether the exporter kept ``[batch, seq, width]`` or flattened to
+    ``[batch * seq, width]`` (GPT-2's Conv1D Gemms).
+    """
+    rows = array.reshape(-1, array.shape[-1]).astype(np.float32, copy=False)
+    if mask is None:
+        return rows
+    flat = mask.reshape(-1).astype(bool)
+    if flat.size != rows.shape[0]:
+        raise DataError(
+            f"cannot match a tensor of {rows.shape[0]} positions to a batch of {flat.size} tokens"
+        )
+    return rows[flat]
+
+
+def stream_rows(
+    tap: ActivationTap,
+    batches: Iterable,
+    *,
+    total: int | None = None,
+    reporter: Reporter = SILENT,
+    description: str = "calibrating",
+) -> Iterator[dict[str, np.ndarray]]:
+    """For each input batch, the tapped tensors as token rows (see :func:`token_rows`)."""
+    for batch in reporter.track(batches, total, description):
+        _, tapped = tap.run(batch.feeds)
+        yield {name: token_rows(value, batch.mask) for name, value in tapped.items()}

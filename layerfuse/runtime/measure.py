@@ -1,0 +1,107 @@
+"""Latency and memory of onnxruntime sessions.
+
+Memory is measured in a fresh child process per graph: RSS before the session exists, after
+it is built, and after the first run (external weights are memory-mapped and only count once
+touched; pre-packed copies appear at load). Measuring several sessions in one process would
+mix in allocator caching from the previous one.
+"""
+
+from __future__ import annotations
+
+__all__ = ["LatencyStats", "MemoryStats", "measure_latency", "measure_memory", "rss_bytes"]
+
+import multiprocessing
+import os
+import time
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+
+def rss_bytes() -> int:
+    """Resident set size of this process (Linux /proc, else peak RSS from getrusage)."""
+    try:
+        with open("/proc/self/statm") as handle:
+            return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+@dataclass
+class LatencyStats:
+    runs: int
+    p50_ms: float
+    p90_ms: float
+    p99_ms: float
+    mean_ms: float
+
+    @classmethod
+    def from_samples(cls, samples_s: list[float]) -> LatencyStats:
+        ms = np.asarray(samples_s) * 1000.0
+        return cls(
+            runs=len(ms),
+            p50_ms=float(np.percentile(ms, 50)),
+            p90_ms=float(np.percentile(ms, 90)),
+            p99_ms=float(np.percentile(ms, 99)),
+            mean_ms=float(ms.mean()),
+        )
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def measure_latency(session, feeds: dict, *, warmup: int = 3, runs: int = 20) -> LatencyStats:
+    """Wall time of ``session.run`` on fixed feeds, after warm-up runs."""
+    for _ in range(warmup):
+        session.run(None, feeds)
+    samples = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        session.run(None, feeds)
+        samples.append(time.perf_counter() - start)
+    return LatencyStats.from_samples(samples)
+
+
+@dataclass
+class MemoryStats:
+    """RSS growth of a process that builds one session and runs it once."""
+
+    load_bytes: int
+    after_run_bytes: int
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def _memory_child(model_path: str, feeds: dict, provider: str, prepacking, queue) -> None:
+    from layerfuse.runtime.calibration import adapt_feeds
+    from layerfuse.runtime.session import create_session
+
+    before = rss_bytes()
+    session = create_session(model_path, provider=provider, prepacking=prepacking, threads=1)
+    loaded = rss_bytes()
+    session.run(None, adapt_feeds(session, feeds))
+    queue.put((loaded - before, rss_bytes() - before))
+
+
+def measure_memory(
+    model_path: str | os.PathLike,
+    feeds: dict,
+    *,
+    provider: str = "cpu",
+    prepacking: bool | None = None,
+) -> MemoryStats:
+    """Build a session for ``model_path`` in a fresh process and report its RSS growth."""
+    context = multiprocessing.get_context("spawn")
+    queue = context.Queue()
+    child = context.Process(
+        target=_memory_child, args=(str(model_path), feeds, provider, prepacking, queue)
+    )
+    child.start()
+    child.join()
+    if child.exitcode != 0:
+        raise RuntimeError(f"memory measurement of {model_path} failed (exit {child.exitcode})")
+    loaded, after_run = queue.get(timeout=5)
+    return MemoryStats(loaded, after_run)
