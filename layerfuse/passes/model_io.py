@@ -88,12 +88,12 @@ def load_model(path: str | os.PathLike) -> ir.Model:
         ) from None
     if not proto.graph.node:
         raise InvalidModelError(f"{model_path}: not a valid ONNX model (the graph has no nodes)")
+    _check_external_data(proto, model_path)
     try:
         onnx.checker.check_model(str(model_path))
     except onnx.checker.ValidationError as exc:
         first_line = str(exc).strip().splitlines()[0]
         raise InvalidModelError(f"{model_path}: invalid ONNX model ({first_line})") from None
-    _check_external_data(proto, model_path)
     model = ir.serde.deserialize_model(proto)
     ir.external_data.set_base_dir(model.graph, model_path.parent)
     return model

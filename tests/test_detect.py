@@ -1,0 +1,91 @@
+"""FF detection on tiny models of four families, from both torch exporters."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from layerfuse.cli import main
+from layerfuse.errors import DetectionError
+from layerfuse.passes.detect import detect_structure
+from layerfuse.passes.model_io import load_model
+from tests import tiny_models
+from tests.conftest import EXPORTERS
+
+EXPECTED_KIND = {"llama": "swiglu", "gpt2": "gelu_tanh", "bert": "gelu", "vit": "gelu"}
+EXPECTED_WIDTH = {"llama": 64, "gpt2": 128, "bert": 64, "vit": 64}
+EXPECTED_NORM = {"llama": "pre", "gpt2": "pre", "bert": "post", "vit": "pre"}
+# GPT-2 projects q, k and v with one fused Conv1D.
+EXPECTED_PROJECTIONS = {"llama": 3, "gpt2": 1, "bert": 3, "vit": 3}
+
+
+@pytest.mark.parametrize("exporter", EXPORTERS)
+@pytest.mark.parametrize("family", ["llama", "gpt2", "bert", "vit"])
+def test_every_ff_is_found_with_its_weights(tiny, family, exporter):
+    structure = detect_structure(load_model(tiny.model(family, exporter)))
+    assert len(structure.blocks) == tiny_models.LAYERS
+    torch_counts = tiny_models.mlp_parameter_count(tiny_models.make_model(family), family)
+    for block, torch_count in zip(structure.blocks, torch_counts, strict=True):
+        ff = block.ff
+        assert ff.kind == EXPECTED_KIND[family]
+        assert (ff.model_dim, ff.width) == (tiny_models.HIDDEN, EXPECTED_WIDTH[family])
+        assert ff.parameter_count == torch_count
+        for role, linear in ff.linears.items():
+            expected = (ff.width, ff.model_dim) if role == "down" else (ff.model_dim, ff.width)
+            assert linear.read_weight().shape == expected
+        assert block.ff_wiring.norm_position == EXPECTED_NORM[family]
+        assert block.attention is not None
+        assert len(block.attention.projections) == EXPECTED_PROJECTIONS[family]
+        assert block.attention_wiring.residual is not None
+
+
+@pytest.mark.parametrize("exporter", EXPORTERS)
+def test_ff_weights_match_torch(tiny, exporter):
+    model = tiny_models.make_model("llama")
+    structure = detect_structure(load_model(tiny.model("llama", exporter)))
+    for block, layer in zip(structure.blocks, model.model.layers, strict=True):
+        linears = block.ff.linears
+        for role, module in (("gate", layer.mlp.gate_proj), ("up", layer.mlp.up_proj),
+                             ("down", layer.mlp.down_proj)):
+            np.testing.assert_array_equal(linears[role].read_weight(), module.weight.detach().numpy().T)
+
+
+def test_structure_json_is_stable(tiny, capsys):
+    assert main(["inspect", str(tiny.model("gpt2")), "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["schema"] == "layerfuse.structure/1"
+    assert data["num_blocks"] == tiny_models.LAYERS
+    block = data["blocks"][1]
+    assert set(block) == {"index", "module", "ff", "attention"}
+    assert set(block["ff"]["linears"]) == {"up", "down"}
+    assert block["ff"]["linears"]["up"]["shape"] == [tiny_models.HIDDEN, 128]
+    assert block["module"] == "transformer.h.1.mlp"
+
+
+def test_inspect_prints_a_table(tiny, capsys):
+    assert main(["inspect", str(tiny.model("llama"))]) == 0
+    out = capsys.readouterr().out
+    assert out.count("swiglu") == tiny_models.LAYERS
+
+
+def test_graph_without_ff_is_a_clear_error(tmp_path, capsys):
+    import onnx
+    from onnx import TensorProto, helper
+
+    weight = helper.make_tensor("w", TensorProto.FLOAT, [4, 4], np.ones(16, np.float32))
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"], name="only")],
+        "no_ff",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])],
+        [weight],
+    )
+    path = tmp_path / "linear.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), path)
+    with pytest.raises(DetectionError):
+        detect_structure(load_model(path))
+    assert main(["inspect", str(path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("layerfuse: error: no feed-forward sublayer")
