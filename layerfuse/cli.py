@@ -12,6 +12,7 @@ import argparse
 import json
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 from layerfuse import __version__
 from layerfuse.errors import LayerfuseError
@@ -104,6 +105,64 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _model_file_bytes(path: Path) -> int:
+    from layerfuse.passes.model_io import external_data_path
+
+    data = external_data_path(path)
+    return path.stat().st_size + (data.stat().st_size if data.exists() else 0)
+
+
+def _output_path(text: str) -> Path:
+    path = Path(text)
+    if path.suffix != ".onnx":
+        raise LayerfuseError(f"output {path} must be an .onnx file")
+    return path
+
+
+def _cmd_merge(args: argparse.Namespace) -> int:
+    from layerfuse.export.manifest import carry_manifest
+    from layerfuse.passes.merge import MergePlan, MergeRequest, apply_merge_plan, plan_merge
+    from layerfuse.passes.merge.planner import parse_ranges
+    from layerfuse.passes.model_io import save_model
+    from layerfuse.tables import human_bytes, human_count
+
+    output = _output_path(args.output)
+    plan_path = Path(args.plan_out) if args.plan_out else output.with_suffix(".plan.json")
+    if args.plan:
+        plan = MergePlan.load(args.plan)
+    else:
+        request = MergeRequest(
+            ratio=args.ratio,
+            windows=args.windows,
+            ranges=parse_ranges(args.blocks) if args.blocks else None,
+            method=args.method,
+            anchor=args.anchor,
+            select=args.select,
+            features=args.features,
+            calib=args.calib,
+            calib_tokens=args.calib_tokens,
+            valid_tokens=args.valid_tokens,
+            refit=args.refit,
+            provider=args.provider,
+        )
+        plan = plan_merge(args.model, request, ConsoleReporter())
+    model = apply_merge_plan(args.model, plan)
+    save_model(model, output)
+    carry_manifest(args.model, output)
+    plan.save(plan_path)
+    before, after = _model_file_bytes(Path(args.model)), _model_file_bytes(output)
+    windows = ", ".join(f"{w.blocks[0]}-{w.blocks[-1]} (anchor {w.anchor})" for w in plan.windows)
+    _console().print(
+        f"tied {plan.merged_blocks + len(plan.windows)} FF sublayers in windows {windows} "
+        f"with the {plan.method} method\n"
+        f"removed {human_count(plan.parameters_removed)} parameters "
+        f"({human_bytes(plan.bytes_removed)}); "
+        f"files {human_bytes(before)} -> {human_bytes(after)}\n"
+        f"wrote {output} and {plan_path}"
+    )
+    return 0
+
+
 def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="layerfuse",
@@ -143,6 +202,41 @@ def _build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--provider", default="auto", help="auto, cpu or cuda")
     evaluate.add_argument("--json", action="store_true", help="print the result as JSON")
     evaluate.set_defaults(handler=_cmd_evaluate)
+
+    merge = commands.add_parser(
+        "merge", help="align, average and tie consecutive FF sublayers (shared initializers)"
+    )
+    merge.add_argument("model", help="the original .onnx model")
+    merge.add_argument("-o", "--output", required=True, help="tied model (.onnx)")
+    merge.add_argument(
+        "--ratio", default="1/3", help="share of FF sublayers removed: 1/3, 0.5, all-but-one"
+    )
+    merge.add_argument("--windows", type=int, default=1, help="split the ratio over N windows")
+    merge.add_argument("--blocks", help="explicit windows instead of --ratio, e.g. 3-8,12-15")
+    merge.add_argument("--method", default="permute", choices=["permute", "vanilla"])
+    merge.add_argument("--anchor", default="first", choices=["first", "middle", "last"])
+    merge.add_argument(
+        "--select",
+        default="sliding",
+        choices=["sliding", "last"],
+        help="sliding: best window by validation score; last: the last blocks",
+    )
+    merge.add_argument(
+        "--features",
+        default="pre_activation",
+        choices=["pre_activation", "hidden"],
+        help="activations aligned on (the paper: before the nonlinearity)",
+    )
+    merge.add_argument("--calib", default="fortunes", help="fortunes, random or a .txt file")
+    merge.add_argument("--calib-tokens", type=int, default=10240)
+    merge.add_argument("--valid-tokens", type=int, default=4096)
+    merge.add_argument(
+        "--refit", action="store_true", help="least-squares refit of the shared down-projection"
+    )
+    merge.add_argument("--plan", help="apply a saved plan instead of computing one")
+    merge.add_argument("--plan-out", help="where to write the plan (default: OUTPUT.plan.json)")
+    merge.add_argument("--provider", default="auto", help="auto, cpu or cuda")
+    merge.set_defaults(handler=_cmd_merge)
     return parser
 
 

@@ -7,9 +7,9 @@ default, so nothing prints unless asked to.
 
 from __future__ import annotations
 
-__all__ = ["Reporter", "SILENT", "ConsoleReporter"]
+__all__ = ["SILENT", "ConsoleReporter", "Reporter"]
 
-import sys
+import time
 from collections.abc import Iterable, Iterator
 from typing import TypeVar
 
@@ -42,6 +42,14 @@ class ConsoleReporter(Reporter):
         self.console.print(f"[dim]·[/dim] {message}")
 
     def track(self, items: Iterable[T], total: int | None, description: str) -> Iterator[T]:
+        if not self.console.is_terminal:
+            # Logs (CI, files) get one line per step instead of redrawn bars.
+            started, count = time.perf_counter(), 0
+            for item in items:
+                yield item
+                count += 1
+            self.step(f"{description}: {count} done in {time.perf_counter() - started:.1f} s")
+            return
         from rich.progress import (
             BarColumn,
             MofNCompleteColumn,
@@ -58,7 +66,7 @@ class ConsoleReporter(Reporter):
             TimeElapsedColumn(),
             TimeRemainingColumn(),
         ]
-        with Progress(*columns, console=self.console, transient=not sys.stderr.isatty()) as bar:
+        with Progress(*columns, console=self.console, transient=True) as bar:
             task = bar.add_task(description, total=total)
             for item in items:
                 yield item

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["structure_table", "human_bytes", "human_count"]
+__all__ = ["human_bytes", "human_count", "structure_table"]
 
 from rich.table import Table
 
@@ -26,8 +26,17 @@ def human_count(count: float) -> str:
 
 def structure_table(structure: ModelStructure, title: str) -> Table:
     table = Table(title=title, title_justify="left")
-    for column in ("block", "module", "FF kind", "d -> F", "FF params", "pre-activation",
-                   "norm", "attention", "attn params"):
+    for column in (
+        "block",
+        "module",
+        "FF kind",
+        "d -> F",
+        "FF params",
+        "pre-activation",
+        "norm",
+        "attention",
+        "attn params",
+    ):
         table.add_column(column, overflow="fold")
     for block in structure.blocks:
         ff = block.ff

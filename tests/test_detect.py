@@ -47,9 +47,14 @@ def test_ff_weights_match_torch(tiny, exporter):
     structure = detect_structure(load_model(tiny.model("llama", exporter)))
     for block, layer in zip(structure.blocks, model.model.layers, strict=True):
         linears = block.ff.linears
-        for role, module in (("gate", layer.mlp.gate_proj), ("up", layer.mlp.up_proj),
-                             ("down", layer.mlp.down_proj)):
-            np.testing.assert_array_equal(linears[role].read_weight(), module.weight.detach().numpy().T)
+        for role, module in (
+            ("gate", layer.mlp.gate_proj),
+            ("up", layer.mlp.up_proj),
+            ("down", layer.mlp.down_proj),
+        ):
+            np.testing.assert_array_equal(
+                linears[role].read_weight(), module.weight.detach().numpy().T
+            )
 
 
 def test_structure_json_is_stable(tiny, capsys):

@@ -35,7 +35,7 @@ def test_torchscript_export_is_verified(tiny, family):
 
 def test_out_of_tolerance_export_writes_nothing(tiny, tmp_path):
     out = tmp_path / "strict"
-    with pytest.raises(LayerfuseError, match="differs from torch by .* nothing was written"):
+    with pytest.raises(LayerfuseError, match=r"differs from torch by .* nothing was written"):
         export_model(load_source(str(tiny.folder("bert"))), out, tolerance=0.0)
     assert list(out.iterdir()) == []
 
@@ -45,10 +45,13 @@ def test_unknown_source_is_one_line(tmp_path):
         [sys.executable, "-m", "layerfuse", "export", "no-such-model", "-o", str(tmp_path / "x")],
         capture_output=True,
         text=True,
+        check=False,
     )
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
-        "layerfuse: error: 'no-such-model' is not a packaged model (smollm2-135m, minilm-l6), "
-        "a .gguf file or a folder with config.json"
+        (
+            "layerfuse: error: 'no-such-model' is not a packaged model (smollm2-135m, minilm-l6), "
+            "a .gguf file or a folder with config.json"
+        )
     ]
     assert not (tmp_path / "x").exists()

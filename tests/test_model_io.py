@@ -83,8 +83,9 @@ def test_save_round_trip_and_inline_small_models(tiny, tmp_path):
     assert not external_data_path(path).exists()
     copy = load_model(path)
     for name, value in original.graph.initializers.items():
-        np.testing.assert_array_equal(copy.graph.initializers[name].const_value.numpy(),
-                                      value.const_value.numpy())
+        np.testing.assert_array_equal(
+            copy.graph.initializers[name].const_value.numpy(), value.const_value.numpy()
+        )
 
 
 def test_failed_save_keeps_the_previous_file(tiny, tmp_path, monkeypatch):

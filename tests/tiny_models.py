@@ -46,8 +46,12 @@ def make_model(family: str) -> torch.nn.Module:
     torch.manual_seed(0)
     if family == "llama":
         config = transformers.LlamaConfig(
-            vocab_size=VOCAB_SIZE, hidden_size=HIDDEN, intermediate_size=INTERMEDIATE,
-            num_hidden_layers=LAYERS, num_attention_heads=HEADS, num_key_value_heads=2,
+            vocab_size=VOCAB_SIZE,
+            hidden_size=HIDDEN,
+            intermediate_size=INTERMEDIATE,
+            num_hidden_layers=LAYERS,
+            num_attention_heads=HEADS,
+            num_key_value_heads=2,
             max_position_embeddings=128,
         )
         model = transformers.LlamaForCausalLM(config)
@@ -58,14 +62,22 @@ def make_model(family: str) -> torch.nn.Module:
         model = transformers.GPT2LMHeadModel(config)
     elif family == "bert":
         config = transformers.BertConfig(
-            vocab_size=VOCAB_SIZE, hidden_size=HIDDEN, intermediate_size=INTERMEDIATE,
-            num_hidden_layers=LAYERS, num_attention_heads=HEADS, max_position_embeddings=128,
+            vocab_size=VOCAB_SIZE,
+            hidden_size=HIDDEN,
+            intermediate_size=INTERMEDIATE,
+            num_hidden_layers=LAYERS,
+            num_attention_heads=HEADS,
+            max_position_embeddings=128,
         )
         model = transformers.BertModel(config, add_pooling_layer=False)
     elif family == "vit":
         config = transformers.ViTConfig(
-            hidden_size=HIDDEN, intermediate_size=INTERMEDIATE, num_hidden_layers=LAYERS,
-            num_attention_heads=HEADS, image_size=32, patch_size=8,
+            hidden_size=HIDDEN,
+            intermediate_size=INTERMEDIATE,
+            num_hidden_layers=LAYERS,
+            num_attention_heads=HEADS,
+            image_size=32,
+            patch_size=8,
         )
         model = transformers.ViTModel(config, add_pooling_layer=False)
     else:
@@ -73,7 +85,7 @@ def make_model(family: str) -> torch.nn.Module:
     # Random init leaves norms at exactly 1 and biases at 0; perturb them so that tests can
     # tell layers apart and exporters cannot deduplicate them.
     with torch.no_grad():
-        for name, parameter in model.named_parameters():
+        for parameter in model.parameters():
             if parameter.ndim == 1:
                 parameter.add_(torch.randn_like(parameter) * 0.05)
     return model.eval()

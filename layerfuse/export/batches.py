@@ -8,7 +8,7 @@ mask telling real tokens from padding (calibration then drops the padded rows).
 
 from __future__ import annotations
 
-__all__ = ["TokenBatch", "packed_batches", "sentence_batches", "load_tokenizer", "count_batches"]
+__all__ = ["TokenBatch", "count_batches", "load_tokenizer", "packed_batches", "sentence_batches"]
 
 import math
 import os

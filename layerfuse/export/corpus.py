@@ -14,9 +14,9 @@ for the numbers in reports. The topic labels give a real classification task.
 from __future__ import annotations
 
 __all__ = [
-    "Entry",
     "SPLITS",
     "TOPIC_CLASSES",
+    "Entry",
     "fortunes_dir",
     "load_entries",
     "split_texts",
@@ -69,16 +69,20 @@ def _download_debian_packages(target: Path) -> None:
     if shutil.which("apt-get") is None or shutil.which("dpkg-deb") is None:
         raise DataError(
             "the fortunes text corpus is missing and apt-get/dpkg-deb are not available; "
-            f"install Debian's 'fortunes' package or set LAYERFUSE_FORTUNES_DIR"
+            "install Debian's 'fortunes' package or set LAYERFUSE_FORTUNES_DIR"
         )
     with tempfile.TemporaryDirectory() as tmp:
         download = subprocess.run(
-            ["apt-get", "download", *_DEBIAN_PACKAGES], cwd=tmp, capture_output=True, text=True
+            ["apt-get", "download", *_DEBIAN_PACKAGES],
+            cwd=tmp,
+            capture_output=True,
+            text=True,
+            check=False,
         )
         if download.returncode != 0:
+            reason = (download.stderr.strip() or "apt-get failed").splitlines()[-1]
             raise DataError(
-                "could not download Debian's fortunes packages "
-                f"({download.stderr.strip().splitlines()[-1] if download.stderr.strip() else 'apt-get failed'}); "
+                f"could not download Debian's fortunes packages ({reason}); "
                 "run 'apt-get update' or install the 'fortunes' package"
             )
         staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=".fortunes-"))

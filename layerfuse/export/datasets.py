@@ -14,7 +14,7 @@ feed the model (text for a vision model) is a :class:`DataError`, before any wor
 
 from __future__ import annotations
 
-__all__ = ["InputBatch", "DataSpec", "parse_spec", "make_batches", "texts_for"]
+__all__ = ["DataSpec", "InputBatch", "make_batches", "parse_spec", "texts_for"]
 
 import hashlib
 import os
@@ -38,8 +38,10 @@ class InputBatch:
 
     @property
     def rows(self) -> int:
-        return int(self.mask.sum()) if self.mask is not None else int(
-            next(iter(self.feeds.values())).shape[0]
+        return (
+            int(self.mask.sum())
+            if self.mask is not None
+            else int(next(iter(self.feeds.values())).shape[0])
         )
 
 
@@ -84,8 +86,14 @@ def _random_batches(manifest: Manifest, tokens: int, seq_len: int, batch_size: i
         size = manifest.image_size or 224
         count = max(1, tokens // 64)
         return [
-            InputBatch({"pixel_values": rng.standard_normal(
-                (min(batch_size, count - start), 3, size, size)).astype(np.float32)}, None)
+            InputBatch(
+                {
+                    "pixel_values": rng.standard_normal(
+                        (min(batch_size, count - start), 3, size, size)
+                    ).astype(np.float32)
+                },
+                None,
+            )
             for start in range(0, count, batch_size)
         ]
     vocab = int(manifest.config.get("vocab_size", 1000))
@@ -118,7 +126,9 @@ def make_batches(
             f"use --calib random for vision models"
         )
     if not manifest.tokenizer:
-        raise DataError(f"{model_path}: the manifest names no tokenizer to turn text into input_ids")
+        raise DataError(
+            f"{model_path}: the manifest names no tokenizer to turn text into input_ids"
+        )
     tokenizer = load_tokenizer(Path(model_path).parent / manifest.tokenizer)
     texts = texts_for(spec, split)
     if manifest.task == "causal-lm":
@@ -126,7 +136,9 @@ def make_batches(
             tokenizer, texts, seq_len=seq_len, batch_size=batch_size, max_tokens=tokens
         )
         return [InputBatch(b.feeds(), b.attention_mask) for b in batches]
-    lengths = [len(ids) for ids in tokenizer(texts, truncation=True, max_length=seq_len)["input_ids"]]
+    lengths = [
+        len(ids) for ids in tokenizer(texts, truncation=True, max_length=seq_len)["input_ids"]
+    ]
     chosen, total = [], 0
     for text, length in zip(texts, lengths, strict=True):
         if total >= tokens:

@@ -7,7 +7,7 @@ build inputs for any graph of the family without going back to torch.
 
 from __future__ import annotations
 
-__all__ = ["MANIFEST_NAME", "Manifest", "read_manifest", "require_manifest", "carry_manifest"]
+__all__ = ["MANIFEST_NAME", "Manifest", "carry_manifest", "read_manifest", "require_manifest"]
 
 import json
 import os

@@ -9,7 +9,7 @@ compared with torch; only a graph within tolerance is moved into place.
 
 from __future__ import annotations
 
-__all__ = ["EXPORTERS", "ExportResult", "export_model", "example_inputs"]
+__all__ = ["EXPORTERS", "ExportResult", "example_inputs", "export_model"]
 
 import os
 import tempfile

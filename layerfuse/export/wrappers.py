@@ -8,7 +8,7 @@ benchmarking, and a KV cache never sneaks into the export.
 
 from __future__ import annotations
 
-__all__ = ["wrap_for_export", "TASK_IO"]
+__all__ = ["TASK_IO", "wrap_for_export"]
 
 import torch
 

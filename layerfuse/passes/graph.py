@@ -14,11 +14,11 @@ __all__ = [
     "consumers",
     "is_constant",
     "node_index",
+    "nodes_by_name",
     "producer",
     "skip_views_down",
     "skip_views_up",
     "values_by_name",
-    "nodes_by_name",
 ]
 
 from collections.abc import Iterable

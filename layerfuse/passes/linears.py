@@ -92,19 +92,41 @@ class Linear:
         data = constant_array(self.bias)
         return None if data is None else data.reshape(-1).astype(np.float32)
 
-    def stored_weight(self, canonical: np.ndarray) -> ir.Tensor:
-        """``canonical`` ``[in, out]`` converted to this layer's stored layout and dtype."""
-        dtype = self.weight.const_value.numpy().dtype
-        stored = canonical.T if self.transposed else canonical
-        return ir.tensor(np.ascontiguousarray(stored.astype(dtype)), name=self.weight.name)
+    @property
+    def consumed_transposed(self) -> bool:
+        """Whether the node itself reads its weight as ``[out, in]`` (``Gemm(transB=1)``)."""
+        return self.node.op_type == "Gemm" and bool(self.node.attributes.get_int("transB", 0))
 
-    def stored_bias(self, canonical: np.ndarray) -> ir.Tensor:
+    def consumed_dtype(self) -> ir.DataType:
+        dtype = self.weight.const_value.dtype
+        for node in self.weight_path:
+            if node.op_type == "Cast":
+                dtype = ir.DataType(node.attributes.get_int("to"))
+        return dtype
+
+    def consumed_weight_tensor(self, canonical: np.ndarray, name: str) -> ir.Tensor:
+        """``canonical`` ``[in, out]`` in the layout and dtype the node reads directly.
+
+        A weight shared by several nodes is stored this way so that nothing per consumer
+        (Transpose, Cast) stands between it and the node.
+        """
+        stored = canonical.T if self.consumed_transposed else canonical
+        numpy_dtype = self.consumed_dtype().numpy()
+        return ir.tensor(np.ascontiguousarray(stored.astype(numpy_dtype)), name=name)
+
+    def bias_tensor(self, canonical: np.ndarray, name: str) -> ir.Tensor:
         original = constant_array(self.bias)
-        assert original is not None, "stored_bias needs a layer with a bias"
+        assert original is not None, "bias_tensor needs a layer with a bias"
         return ir.tensor(
             np.ascontiguousarray(canonical.astype(original.dtype).reshape(original.shape)),
-            name=self.bias.name,
+            name=name,
         )
+
+    def bias_input_index(self) -> tuple[ir.Node, int]:
+        """The node and input slot that carry the bias."""
+        if self.bias_node is None:
+            return self.node, 2
+        return self.bias_node, 0 if self.bias_node.inputs[0] is self.bias else 1
 
     def to_ref(self) -> LinearRef:
         return LinearRef(
@@ -144,8 +166,10 @@ def _matmul_bias(output: ir.Value, out_features: int) -> tuple[ir.Value, ir.Node
     add = users[0]
     other = add.inputs[1] if add.inputs[0] is output else add.inputs[0]
     data = constant_array(other)
-    if data is None or data.size != out_features or data.ndim > 1 and data.shape[:-1] != (1,) * (
-        data.ndim - 1
+    if (
+        data is None
+        or data.size != out_features
+        or (data.ndim > 1 and data.shape[:-1] != (1,) * (data.ndim - 1))
     ):
         return None
     return other, add

@@ -13,9 +13,9 @@ from __future__ import annotations
 
 __all__ = [
     "EXTERNAL_DATA_THRESHOLD",
+    "external_data_path",
     "load_model",
     "save_model",
-    "external_data_path",
     "weight_bytes",
 ]
 
@@ -140,4 +140,3 @@ def save_model(
             ir.save(ir.external_data.load_to_model(model), tmp_model)
         os.replace(tmp_model, model_path)
     return model_path
-

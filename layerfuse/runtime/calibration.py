@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnx_ir as ir
 
 from layerfuse.errors import DataError
 from layerfuse.progress import SILENT, Reporter
@@ -53,26 +54,35 @@ def adapt_feeds(session, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 
 class ActivationTap:
-    """A session over ``model_path`` that also returns the tensors named in ``names``."""
+    """A session over a graph that also returns the tensors named in ``names``.
+
+    ``model`` is a path, or an in-memory onnx_ir model (a candidate rewrite) whose untouched
+    weights still live in the external data of the folder ``external_data_dir``.
+    """
 
     def __init__(
         self,
-        model_path: str | os.PathLike,
+        model: str | os.PathLike | ir.Model,
         names: Sequence[str],
         *,
         provider: str = "auto",
         threads: int | None = None,
+        external_data_dir: str | os.PathLike | None = None,
     ) -> None:
-        model_path = Path(model_path)
-        proto = onnx.load(model_path, load_external_data=False)
+        if isinstance(model, ir.Model):
+            proto = ir.serde.serialize_model(model)
+            label = model.graph.name or "model"
+        else:
+            proto = onnx.load(model, load_external_data=False)
+            external_data_dir = Path(model).parent
+            label = str(model)
         types = _value_types(proto)
         missing = [name for name in names if name not in types]
         if missing:
-            inferred = onnx.shape_inference.infer_shapes(proto)
-            types.update(_value_types(inferred))
+            types.update(_value_types(onnx.shape_inference.infer_shapes(proto)))
             missing = [name for name in names if name not in types]
         if missing:
-            raise DataError(f"{model_path}: no tensor named {', '.join(missing[:3])} to tap")
+            raise DataError(f"{label}: no tensor named {', '.join(missing[:3])} to tap")
         existing = {output.name for output in proto.graph.output}
         self.model_outputs = [output.name for output in proto.graph.output]
         self.names = list(names)
@@ -82,7 +92,7 @@ class ActivationTap:
                     onnx.helper.make_tensor_value_info(name, types[name], None)
                 )
         self.session = create_session(
-            proto, provider=provider, threads=threads, external_data_dir=model_path.parent
+            proto, provider=provider, threads=threads, external_data_dir=external_data_dir
         )
 
     def run(self, feeds: dict[str, np.ndarray]) -> tuple[list[np.ndarray], dict[str, np.ndarray]]:

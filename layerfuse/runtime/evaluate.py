@@ -6,7 +6,7 @@ encoders; with a ``reference`` graph, output fidelity to it on the same inputs a
 
 from __future__ import annotations
 
-__all__ = ["evaluate_model", "quality_metric", "QUALITY_DIRECTION"]
+__all__ = ["QUALITY_DIRECTION", "evaluate_model", "quality_metric"]
 
 import os
 from pathlib import Path

@@ -12,11 +12,11 @@ from __future__ import annotations
 
 __all__ = [
     "OutputFidelity",
-    "perplexity",
-    "sentence_embeddings",
-    "ridge_accuracy",
     "output_fidelity",
+    "perplexity",
+    "ridge_accuracy",
     "run_outputs",
+    "sentence_embeddings",
 ]
 
 import math
@@ -29,7 +29,9 @@ from layerfuse.progress import SILENT, Reporter
 from layerfuse.runtime.calibration import adapt_feeds
 
 
-def run_outputs(session, batches: Iterable, reporter: Reporter = SILENT, total=None, what="running"):
+def run_outputs(
+    session, batches: Iterable, reporter: Reporter = SILENT, total=None, what="running"
+):
     """Yield (batch, first output) for each batch."""
     name = session.get_outputs()[0].name
     for batch in reporter.track(batches, total, what):

@@ -19,6 +19,7 @@ __all__ = [
     "create_session",
     "has_shared_matmul_weights",
     "resolve_provider",
+    "session_for_ir",
 ]
 
 import os
@@ -27,6 +28,7 @@ from collections import Counter
 from pathlib import Path
 
 import onnx
+import onnx_ir as ir
 import onnxruntime as ort
 
 from layerfuse.errors import LayerfuseError
@@ -122,6 +124,19 @@ def create_session(
         providers.append(PROVIDERS["cpu"])
     try:
         return ort.InferenceSession(payload, options, providers=providers)
-    except Exception as exc:  # onnxruntime raises its own untyped exceptions
+    except Exception as exc:
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise LayerfuseError(f"onnxruntime cannot load the model: {first_line}") from None
+
+
+def session_for_ir(
+    model: ir.Model, external_data_dir: str | os.PathLike, **options
+) -> ort.InferenceSession:
+    """A session for an in-memory rewrite of a model whose untouched weights stay on disk.
+
+    New tensors (merged, fused) travel inline in the serialized graph; lazily loaded external
+    tensors keep pointing into ``external_data_dir``, so no weights are copied or written.
+    """
+    return create_session(
+        ir.serde.serialize_model(model), external_data_dir=external_data_dir, **options
+    )

@@ -8,7 +8,7 @@ through ``Shape`` nodes and carry no attention weights.
 
 from __future__ import annotations
 
-__all__ = ["Attention", "find_attentions", "FUSED_ATTENTION_OPS"]
+__all__ = ["FUSED_ATTENTION_OPS", "Attention", "find_attentions"]
 
 from collections import Counter, deque
 from dataclasses import dataclass
@@ -95,8 +95,14 @@ def _upstream_projections(starts: list[ir.Node], stop: set[ir.Node]) -> list[Lin
         linear = as_linear(node)
         if linear is None and node.op_type == "Add":
             linear = next(
-                (lin for v in node.inputs if v is not None and v.producer() is not None
-                 and (lin := as_linear(v.producer())) is not None and lin.bias_node is node),
+                (
+                    lin
+                    for v in node.inputs
+                    if v is not None
+                    and v.producer() is not None
+                    and (lin := as_linear(v.producer())) is not None
+                    and lin.bias_node is node
+                ),
                 None,
             )
         if linear is not None:

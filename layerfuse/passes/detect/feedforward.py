@@ -10,13 +10,13 @@ so GELU written with Erf, with Tanh, or as a fused Gelu/FastGelu op are all reco
 
 from __future__ import annotations
 
-__all__ = ["FeedForward", "find_feedforwards", "ACTIVATION_OPS"]
+__all__ = ["ACTIVATION_OPS", "FeedForward", "find_feedforwards"]
 
 from dataclasses import dataclass, field
 
 import onnx_ir as ir
 
-from layerfuse.passes.graph import VIEW_OPS, consumers, constant_array, is_constant, skip_views_up
+from layerfuse.passes.graph import VIEW_OPS, constant_array, consumers, is_constant, skip_views_up
 from layerfuse.passes.linears import Linear, as_linear
 
 # Op type (any domain) -> activation it implies.
@@ -174,9 +174,7 @@ def _neuron_parameters(region: list[ir.Node], width: int) -> tuple[ir.Value, ...
     return tuple(dict.fromkeys(found))
 
 
-def _as_feedforward(
-    down: Linear, linear_by_output: dict[ir.Value, Linear]
-) -> FeedForward | None:
+def _as_feedforward(down: Linear, linear_by_output: dict[ir.Value, Linear]) -> FeedForward | None:
     closed = _closed_region(down, linear_by_output)
     if closed is None:
         return None
@@ -189,7 +187,9 @@ def _as_feedforward(
     inputs = {skip_views_up(up.input) for up in ups}
     if len(inputs) != 1 or not _is_self_contained(ups, region, down):
         return None
-    activations = {ACTIVATION_OPS[node.op_type] for node in region if node.op_type in ACTIVATION_OPS}
+    activations = {
+        ACTIVATION_OPS[node.op_type] for node in region if node.op_type in ACTIVATION_OPS
+    }
     if len(activations) != 1:
         return None
     activation = activations.pop()

@@ -22,8 +22,13 @@ from dataclasses import dataclass
 
 import onnx_ir as ir
 
-from layerfuse.passes.graph import constant_array, consumers, is_constant, skip_views_down
-from layerfuse.passes.graph import skip_views_up
+from layerfuse.passes.graph import (
+    constant_array,
+    consumers,
+    is_constant,
+    skip_views_down,
+    skip_views_up,
+)
 
 FUSED_NORM_OPS = {
     "LayerNormalization": "layer",
@@ -183,7 +188,9 @@ def find_norm(value: ir.Value, width: int, order: dict[ir.Node, int]) -> Norm | 
     if node.op_type in FUSED_NORM_OPS or node.op_type in SKIP_NORM_OPS:
         kind = FUSED_NORM_OPS.get(node.op_type) or SKIP_NORM_OPS[node.op_type]
         is_skip = node.op_type in SKIP_NORM_OPS
-        weight = node.inputs[2 if is_skip else 1] if len(node.inputs) > (2 if is_skip else 1) else None
+        weight = (
+            node.inputs[2 if is_skip else 1] if len(node.inputs) > (2 if is_skip else 1) else None
+        )
         bias_index = 3 if is_skip else 2
         bias = node.inputs[bias_index] if len(node.inputs) > bias_index else None
         stream = node.outputs[3] if is_skip and len(node.outputs) > 3 else node.inputs[0]

@@ -11,7 +11,7 @@ plans refer to (by node and initializer names, which survive a save/load round t
 
 from __future__ import annotations
 
-__all__ = ["Block", "ModelStructure", "Sublayer", "detect_structure", "SCHEMA"]
+__all__ = ["SCHEMA", "Block", "ModelStructure", "Sublayer", "detect_structure"]
 
 import hashlib
 from dataclasses import dataclass

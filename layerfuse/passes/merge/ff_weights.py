@@ -1,0 +1,110 @@
+"""An FF sublayer's parameters as numpy arrays: read, permute, average, evaluate.
+
+Everything is canonical float32: input-side matrices ``[model_dim, width]``, the output-side
+matrix ``[width, model_dim]``, biases as vectors. Hidden neuron ``j`` is column ``j`` of every
+input-side matrix, entry ``j`` of their biases and of any per-neuron constant inside the
+activation, and row ``j`` of the output-side matrix; :meth:`FFWeights.permuted` moves all of
+them together, which is why permuting one FF alone never changes what it computes.
+"""
+
+from __future__ import annotations
+
+__all__ = ["FFWeights", "average", "ff_forward", "read_ff_weights"]
+
+from dataclasses import dataclass, field
+
+import numpy as np
+from scipy.special import erf
+
+from layerfuse.passes.detect import FeedForward
+from layerfuse.passes.graph import constant_array
+
+INPUT_ROLES = ("gate", "up")
+
+
+@dataclass
+class FFWeights:
+    kind: str
+    activation: str
+    matrices: dict[str, np.ndarray]
+    biases: dict[str, np.ndarray]
+    neuron_parameters: list[np.ndarray] = field(default_factory=list)
+
+    @property
+    def width(self) -> int:
+        return self.matrices["down"].shape[0]
+
+    def permuted(self, permutation: np.ndarray) -> FFWeights:
+        """Hidden neuron ``j`` of the result is neuron ``permutation[j]`` of this FF."""
+        matrices = {
+            role: (m[permutation] if role == "down" else m[:, permutation])
+            for role, m in self.matrices.items()
+        }
+        biases = {
+            role: (b if role == "down" else b[permutation]) for role, b in self.biases.items()
+        }
+        neurons = [p[..., permutation] for p in self.neuron_parameters]
+        return FFWeights(self.kind, self.activation, matrices, biases, neurons)
+
+    def parameter_bytes(self) -> int:
+        arrays = [*self.matrices.values(), *self.biases.values(), *self.neuron_parameters]
+        return sum(a.nbytes for a in arrays)
+
+
+def read_ff_weights(ff: FeedForward) -> FFWeights:
+    matrices = {role: linear.read_weight() for role, linear in ff.linears.items()}
+    biases = {
+        role: bias
+        for role, linear in ff.linears.items()
+        if (bias := linear.read_bias()) is not None
+    }
+    neurons = [constant_array(v).astype(np.float32) for v in ff.neuron_parameters]
+    return FFWeights(ff.kind, ff.activation, matrices, biases, neurons)
+
+
+def average(weights: list[FFWeights]) -> FFWeights:
+    """Elementwise mean of FFs of one shape (the merge step of the paper)."""
+    first = weights[0]
+    return FFWeights(
+        first.kind,
+        first.activation,
+        {role: np.mean([w.matrices[role] for w in weights], axis=0) for role in first.matrices},
+        {role: np.mean([w.biases[role] for w in weights], axis=0) for role in first.biases},
+        [
+            np.mean([w.neuron_parameters[i] for w in weights], axis=0)
+            for i in range(len(first.neuron_parameters))
+        ],
+    )
+
+
+def _activation(name: str, x: np.ndarray) -> np.ndarray:
+    if name == "silu":
+        return x / (1.0 + np.exp(-x))
+    if name == "gelu":
+        return 0.5 * x * (1.0 + erf(x / np.sqrt(2.0)))
+    if name == "gelu_tanh":
+        return 0.5 * x * (1.0 + np.tanh(np.sqrt(2.0 / np.pi) * (x + 0.044715 * x**3)))
+    if name == "gelu_quick":
+        return x / (1.0 + np.exp(-1.702 * x))
+    if name == "relu":
+        return np.maximum(x, 0.0)
+    raise ValueError(f"no reference implementation for activation '{name}'")
+
+
+def hidden_activations(weights: FFWeights, x: np.ndarray) -> np.ndarray:
+    """The tensor the down-projection reads, for inputs ``x`` of shape ``[rows, model_dim]``.
+
+    Per-neuron constants inside the activation (a fused BiasGelu's bias) are not modelled; FFs
+    that have them are refused by the refit step.
+    """
+    up = x @ weights.matrices["up"] + weights.biases.get("up", 0.0)
+    if "gate" not in weights.matrices:
+        return _activation(weights.activation, up)
+    gate = x @ weights.matrices["gate"] + weights.biases.get("gate", 0.0)
+    return _activation(weights.activation, gate) * up
+
+
+def ff_forward(weights: FFWeights, x: np.ndarray) -> np.ndarray:
+    """What the FF computes, in numpy (float64 math on float32 weights)."""
+    hidden = hidden_activations(weights, x.astype(np.float64))
+    return hidden @ weights.matrices["down"] + weights.biases.get("down", 0.0)

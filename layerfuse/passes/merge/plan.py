@@ -1,0 +1,214 @@
+"""The merge plan: which FFs are tied together, how their neurons are permuted, and why.
+
+A plan is the reviewable output of analysis (:mod:`layerfuse.passes.merge.planner`) and the
+only input of rewriting (:class:`layerfuse.passes.merge.tie.TieFeedForwardsPass`). Saved as
+JSON it can be applied again to the same model without recomputing anything; refitted output
+weights, too large for JSON, go to an ``.npz`` file beside it whose hash the JSON records.
+"""
+
+from __future__ import annotations
+
+__all__ = ["MergePlan", "MergeWindow", "anchor_of", "parse_ratio", "window_sizes"]
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from fractions import Fraction
+from pathlib import Path
+
+import numpy as np
+
+from layerfuse.errors import PlanError
+
+SCHEMA = "layerfuse.merge-plan/1"
+METHODS = ("permute", "vanilla")
+ANCHORS = ("first", "middle", "last")
+
+
+@dataclass
+class MergeWindow:
+    """Consecutive FF sublayers (block indices) that will read one set of weights."""
+
+    blocks: list[int]
+    anchor: int
+    permutations: dict[int, list[int]] = field(default_factory=dict)
+    matched_correlation: dict[int, float] = field(default_factory=dict)
+    identity_correlation: dict[int, float] = field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        return {
+            "blocks": self.blocks,
+            "anchor": self.anchor,
+            "matched_correlation": {str(k): v for k, v in self.matched_correlation.items()},
+            "identity_correlation": {str(k): v for k, v in self.identity_correlation.items()},
+            "permutations": {str(k): v for k, v in self.permutations.items()},
+        }
+
+    @classmethod
+    def from_json(cls, data: dict) -> MergeWindow:
+        return cls(
+            blocks=[int(b) for b in data["blocks"]],
+            anchor=int(data["anchor"]),
+            permutations={int(k): [int(i) for i in v] for k, v in data["permutations"].items()},
+            matched_correlation={int(k): v for k, v in data.get("matched_correlation", {}).items()},
+            identity_correlation={
+                int(k): v for k, v in data.get("identity_correlation", {}).items()
+            },
+        )
+
+
+@dataclass
+class MergePlan:
+    fingerprint: str
+    num_blocks: int
+    method: str
+    anchor: str
+    windows: list[MergeWindow]
+    features: str = "pre_activation"
+    calibration: dict = field(default_factory=dict)
+    selection: dict | None = None
+    parameters_removed: int = 0
+    bytes_removed: int = 0
+    refit: dict | None = None
+    # Refitted output-side weights per window index: {"down": [width, d], "down_bias": [d]}.
+    refit_weights: dict[int, dict[str, np.ndarray]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise PlanError(f"unknown merge method '{self.method}' (choose {', '.join(METHODS)})")
+        if self.anchor not in ANCHORS:
+            raise PlanError(f"unknown anchor '{self.anchor}' (choose {', '.join(ANCHORS)})")
+        seen: set[int] = set()
+        for window in self.windows:
+            blocks = window.blocks
+            if len(blocks) < 2 or blocks != list(range(blocks[0], blocks[0] + len(blocks))):
+                raise PlanError(f"window {blocks} is not a run of 2 or more consecutive blocks")
+            if blocks[0] < 0 or blocks[-1] >= self.num_blocks:
+                raise PlanError(
+                    f"window {blocks[0]}-{blocks[-1]} does not fit a model of "
+                    f"{self.num_blocks} blocks (0-{self.num_blocks - 1})"
+                )
+            if seen & set(blocks):
+                raise PlanError(f"window {blocks[0]}-{blocks[-1]} overlaps another window")
+            if window.anchor not in blocks:
+                raise PlanError(f"anchor {window.anchor} is not in window {blocks}")
+            seen |= set(blocks)
+
+    @property
+    def merged_blocks(self) -> int:
+        return sum(len(w.blocks) - 1 for w in self.windows)
+
+    def to_json(self) -> dict:
+        return {
+            "schema": SCHEMA,
+            "fingerprint": self.fingerprint,
+            "num_blocks": self.num_blocks,
+            "method": self.method,
+            "anchor": self.anchor,
+            "features": self.features,
+            "parameters_removed": self.parameters_removed,
+            "bytes_removed": self.bytes_removed,
+            "calibration": self.calibration,
+            "selection": self.selection,
+            "refit": self.refit,
+            "windows": [w.to_json() for w in self.windows],
+        }
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write the plan (and its refit weights, if any) atomically."""
+        path = Path(path)
+        data = self.to_json()
+        if self.refit_weights:
+            sidecar = path.with_suffix(".npz")
+            arrays = {
+                f"{index}/{name}": array
+                for index, weights in self.refit_weights.items()
+                for name, array in weights.items()
+            }
+            tmp = sidecar.with_name(sidecar.name + ".tmp.npz")
+            np.savez(tmp, **arrays)
+            os.replace(tmp, sidecar)
+            data["refit"] = {
+                **(self.refit or {}),
+                "file": sidecar.name,
+                "sha256": hashlib.sha256(sidecar.read_bytes()).hexdigest(),
+            }
+        tmp_json = path.with_name(path.name + ".tmp")
+        tmp_json.write_text(json.dumps(data, indent=1) + "\n")
+        os.replace(tmp_json, path)
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> MergePlan:
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise PlanError(f"{path}: cannot read the plan ({exc})") from None
+        if data.get("schema") != SCHEMA:
+            raise PlanError(f"{path}: not a merge plan (schema {data.get('schema')!r})")
+        refit_weights: dict[int, dict[str, np.ndarray]] = {}
+        refit = data.get("refit")
+        if refit and refit.get("file"):
+            sidecar = path.parent / refit["file"]
+            if not sidecar.is_file():
+                raise PlanError(f"{path}: refit weights {sidecar.name} are missing")
+            if hashlib.sha256(sidecar.read_bytes()).hexdigest() != refit.get("sha256"):
+                raise PlanError(f"{sidecar}: refit weights do not match the plan's hash")
+            with np.load(sidecar) as arrays:
+                for key in arrays.files:
+                    index, name = key.split("/", 1)
+                    refit_weights.setdefault(int(index), {})[name] = arrays[key]
+        return cls(
+            fingerprint=data["fingerprint"],
+            num_blocks=int(data["num_blocks"]),
+            method=data["method"],
+            anchor=data["anchor"],
+            windows=[MergeWindow.from_json(w) for w in data["windows"]],
+            features=data.get("features", "pre_activation"),
+            calibration=data.get("calibration", {}),
+            selection=data.get("selection"),
+            parameters_removed=int(data.get("parameters_removed", 0)),
+            bytes_removed=int(data.get("bytes_removed", 0)),
+            refit=refit,
+            refit_weights=refit_weights,
+        )
+
+
+def parse_ratio(text: str, num_blocks: int) -> int:
+    """How many FF sublayers' parameters a ratio removes: ``1/3``, ``0.5``, ``all-but-one``."""
+    if text in ("all-but-one", "all"):
+        return num_blocks - 1
+    try:
+        ratio = Fraction(text)
+    except (ValueError, ZeroDivisionError):
+        raise PlanError(f"merge ratio '{text}' is not a fraction like 1/3 or 0.5") from None
+    if not 0 < ratio < 1:
+        raise PlanError(f"merge ratio {text} must be between 0 and 1 (exclusive)")
+    removed = round(ratio * num_blocks)
+    if removed < 1:
+        raise PlanError(
+            f"merge ratio {text} of {num_blocks} FF sublayers removes none; use a larger ratio"
+        )
+    return min(removed, num_blocks - 1)
+
+
+def window_sizes(removed: int, windows: int, num_blocks: int) -> list[int]:
+    """Sizes of ``windows`` windows that together remove ``removed`` FFs (k-1 per window)."""
+    if windows < 1:
+        raise PlanError("at least one window is needed")
+    if removed < windows:
+        raise PlanError(f"{windows} windows cannot remove only {removed} FF sublayers")
+    base, extra = divmod(removed, windows)
+    sizes = [base + 1 + (1 if i < extra else 0) for i in range(windows)]
+    if sum(sizes) > num_blocks:
+        raise PlanError(
+            f"{windows} windows removing {removed} FFs need {sum(sizes)} blocks; "
+            f"the model has {num_blocks}"
+        )
+    return sizes
+
+
+def anchor_of(blocks: list[int], anchor: str) -> int:
+    return {"first": blocks[0], "middle": blocks[len(blocks) // 2], "last": blocks[-1]}[anchor]

@@ -1,0 +1,402 @@
+"""Analysis for aligned FF merging: calibrate, align, choose windows, optionally refit.
+
+1. Calibration: the FF activations just before the nonlinearity are tapped from the original
+   graph on calibration text and reduced to pairwise correlation statistics batch by batch.
+2. Alignment: for each window, every non-anchor FF gets the permutation of its neurons that
+   maximizes total correlation with the anchor's (``linear_sum_assignment``).
+3. Selection: with ``select="sliding"`` every window position is merged in memory and scored
+   on validation data (perplexity for causal LMs, output fidelity to the original otherwise);
+   the best is kept and all scores are recorded in the plan. Several windows are placed one
+   after the other, each given the ones already placed.
+4. Refit (beyond the paper, training-free): the shared output projection is refitted by least
+   squares so that the tied FFs reproduce, on their actual inputs in the merged model, what
+   the original FFs would output. It is kept only if the validation score improves.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "MergeRequest",
+    "apply_merge_plan",
+    "parse_ranges",
+    "plan_merge",
+    "refit_down_projections",
+    "score_candidate",
+]
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx_ir as ir
+
+from layerfuse.errors import PlanError
+from layerfuse.export.datasets import InputBatch, make_batches
+from layerfuse.export.manifest import require_manifest
+from layerfuse.passes.detect import ModelStructure, detect_structure
+from layerfuse.passes.merge.correlation import PairStatistics, align, pair_groups
+from layerfuse.passes.merge.ff_weights import ff_forward, hidden_activations, read_ff_weights
+from layerfuse.passes.merge.plan import (
+    MergePlan,
+    MergeWindow,
+    anchor_of,
+    parse_ratio,
+    window_sizes,
+)
+from layerfuse.passes.merge.tie import TieFeedForwardsPass, merged_window_weights
+from layerfuse.passes.model_io import load_model, weight_bytes
+from layerfuse.passes.running import run_pass
+from layerfuse.progress import SILENT, Reporter
+from layerfuse.runtime.calibration import ActivationTap, stream_rows
+from layerfuse.runtime.quality import output_fidelity, perplexity
+from layerfuse.runtime.session import create_session, session_for_ir
+
+FEATURES = ("pre_activation", "hidden")
+
+
+@dataclass
+class MergeRequest:
+    """What the user asked for; :func:`plan_merge` turns it into a :class:`MergePlan`."""
+
+    ratio: str = "1/3"
+    windows: int = 1
+    ranges: list[tuple[int, int]] | None = None
+    method: str = "permute"
+    anchor: str = "first"
+    select: str = "sliding"
+    features: str = "pre_activation"
+    calib: str = "fortunes"
+    calib_tokens: int = 10240
+    valid_tokens: int = 4096
+    seq_len: int = 128
+    batch_size: int = 8
+    refit: bool = False
+    provider: str = "auto"
+    memory_budget_bytes: int = 2 * 1024**3
+    extra: dict = field(default_factory=dict)
+
+
+def parse_ranges(text: str) -> list[tuple[int, int]]:
+    """``"3-8,12-15"`` -> ``[(3, 8), (12, 15)]`` (inclusive block indices)."""
+    ranges = []
+    for part in text.split(","):
+        try:
+            first, last = (int(x) for x in part.strip().split("-"))
+        except ValueError:
+            raise PlanError(f"window '{part}' is not a range like 3-8") from None
+        ranges.append((first, last))
+    return ranges
+
+
+class _Scorer:
+    """Scores in-memory candidates on fixed validation batches (lower is better)."""
+
+    def __init__(self, model_path: Path, task: str, batches: list[InputBatch], provider: str):
+        self.model_path = model_path
+        self.task = task
+        self.batches = batches
+        self.provider = provider
+        self.metric = "perplexity" if task == "causal-lm" else "output_cosine"
+        self._reference = None
+
+    def __call__(self, model: ir.Model) -> float:
+        session = session_for_ir(model, self.model_path.parent, provider=self.provider)
+        if self.metric == "perplexity":
+            return perplexity(session, self.batches)
+        if self._reference is None:
+            self._reference = create_session(self.model_path, provider=self.provider)
+        # Lower is better everywhere in the search: use 1 - cosine.
+        return 1.0 - output_fidelity(self._reference, session, self.batches).mean_cosine
+
+
+def score_candidate(model_path: Path, plan: MergePlan, scorer: _Scorer) -> float:
+    model = load_model(model_path)
+    run_pass(TieFeedForwardsPass(plan), model)
+    return scorer(model)
+
+
+def _candidate_windows(structure: ModelStructure, request: MergeRequest) -> list[list[list[int]]]:
+    """Per window to place: the list of block runs it may cover."""
+    num_blocks = len(structure.blocks)
+    if request.ranges:
+        for first, last in request.ranges:
+            if not 0 <= first < last < num_blocks:
+                raise PlanError(
+                    f"window {first}-{last} does not fit a model of {num_blocks} blocks "
+                    f"(0-{num_blocks - 1}, at least 2 per window)"
+                )
+        return [[list(range(first, last + 1))] for first, last in request.ranges]
+    removed = parse_ratio(request.ratio, num_blocks)
+    sizes = window_sizes(removed, request.windows, num_blocks)
+    if request.select == "sliding":
+        return [
+            [list(range(start, start + size)) for start in range(num_blocks - size + 1)]
+            for size in sizes
+        ]
+    if request.select == "last":
+        runs, end = [], num_blocks
+        for size in reversed(sizes):
+            runs.insert(0, [list(range(end - size, end))])
+            end -= size
+        return runs
+    raise PlanError(f"unknown window selection '{request.select}' (choose sliding or last)")
+
+
+def _calibrate(
+    model_path: Path,
+    structure: ModelStructure,
+    pairs: list[tuple[int, int]],
+    batches: list[InputBatch],
+    request: MergeRequest,
+    reporter: Reporter,
+) -> dict[tuple[int, int], np.ndarray]:
+    """Correlation matrices for ``pairs`` of blocks, in as many passes as memory requires."""
+    involved = sorted({i for pair in pairs for i in pair})
+    widths = {i: structure.blocks[i].ff.width for i in involved}
+    features = {i: getattr(structure.blocks[i].ff, request.features).name for i in involved}
+    correlations: dict[tuple[int, int], np.ndarray] = {}
+    groups = pair_groups(pairs, widths, request.memory_budget_bytes)
+    for number, group in enumerate(groups, start=1):
+        blocks = sorted({i for pair in group for i in pair})
+        tap = ActivationTap(model_path, [features[i] for i in blocks], provider=request.provider)
+        stats = PairStatistics({i: widths[i] for i in blocks}, group)
+        label = "calibrating" if len(groups) == 1 else f"calibrating ({number}/{len(groups)})"
+        for rows in stream_rows(
+            tap, batches, total=len(batches), reporter=reporter, description=label
+        ):
+            stats.update({i: rows[features[i]] for i in blocks})
+        for a, b in group:
+            correlations[(a, b)] = stats.correlation(a, b)
+    return correlations
+
+
+def _window(blocks: list[int], request: MergeRequest, alignments: dict) -> MergeWindow:
+    anchor = anchor_of(blocks, request.anchor)
+    window = MergeWindow(blocks=blocks, anchor=anchor)
+    if request.method == "permute":
+        for block in blocks:
+            if block == anchor:
+                continue
+            alignment = alignments[(anchor, block)]
+            window.permutations[block] = alignment.permutation.tolist()
+            window.matched_correlation[block] = alignment.matched_correlation
+            window.identity_correlation[block] = alignment.identity_correlation
+    return window
+
+
+def _alignments(
+    model_path: Path,
+    structure: ModelStructure,
+    candidates: list[list[list[int]]],
+    batches: list[InputBatch],
+    request: MergeRequest,
+    reporter: Reporter,
+) -> dict:
+    """Alignment of every (anchor, member) pair any candidate window needs."""
+    pairs = sorted(
+        {
+            (anchor_of(blocks, request.anchor), b)
+            for options in candidates
+            for blocks in options
+            for b in blocks
+            if b != anchor_of(blocks, request.anchor)
+        }
+    )
+    tokens = sum(b.rows for b in batches)
+    reporter.step(f"aligning {len(pairs)} FF pairs on {tokens} calibration tokens")
+    correlations = _calibrate(model_path, structure, pairs, batches, request, reporter)
+    return {
+        pair: align(correlations.pop(pair))
+        for pair in reporter.track(pairs, len(pairs), "linear assignment")
+    }
+
+
+def _select_windows(
+    model_path: Path,
+    base_plan: dict,
+    candidates: list[list[list[int]]],
+    alignments: dict,
+    scorer: _Scorer | None,
+    request: MergeRequest,
+    reporter: Reporter,
+) -> tuple[list[MergeWindow], list]:
+    """Place windows one after the other, each at its best-scoring free position."""
+    chosen: list[MergeWindow] = []
+    selection_scores = []
+    for all_options in candidates:
+        placed = {b for window in chosen for b in window.blocks}
+        options = [blocks for blocks in all_options if not placed & set(blocks)]
+        if not options:
+            raise PlanError("the windows do not fit into the model without overlapping")
+        if len(options) == 1:
+            chosen.append(_window(options[0], request, alignments))
+            continue
+        scored = []
+        for blocks in reporter.track(options, len(options), "scoring window positions"):
+            window = _window(blocks, request, alignments)
+            plan = MergePlan(**base_plan, windows=[*chosen, window])
+            scored.append((score_candidate(model_path, plan, scorer), window))
+        chosen.append(min(scored, key=lambda item: item[0])[1])
+        selection_scores.append(
+            [{"blocks": [w.blocks[0], w.blocks[-1]], "score": s} for s, w in scored]
+        )
+    return chosen, selection_scores
+
+
+def plan_merge(
+    model_path: str | os.PathLike, request: MergeRequest, reporter: Reporter = SILENT
+) -> MergePlan:
+    """Analyse the model at ``model_path`` and return a merge plan (nothing is written)."""
+    model_path = Path(model_path)
+    if request.features not in FEATURES:
+        raise PlanError(f"unknown features '{request.features}' (choose {', '.join(FEATURES)})")
+    model = load_model(model_path)
+    structure = detect_structure(model)
+    candidates = _candidate_windows(structure, request)
+    base_plan = {
+        "fingerprint": structure.fingerprint,
+        "num_blocks": len(structure.blocks),
+        "method": request.method,
+        "anchor": request.anchor,
+        "features": request.features,
+    }
+    # Validate method, anchor and every candidate's shapes before any expensive step.
+    MergePlan(**base_plan, windows=[])
+    for options in candidates:
+        for blocks in options:
+            window = MergeWindow(blocks, anchor_of(blocks, request.anchor))
+            TieFeedForwardsPass(MergePlan(**base_plan, windows=[window])).requires(model)
+
+    def batches(split: str, tokens: int) -> list[InputBatch]:
+        return make_batches(
+            model_path,
+            request.calib,
+            split,
+            tokens=tokens,
+            seq_len=request.seq_len,
+            batch_size=request.batch_size,
+        )
+
+    calibration = (
+        batches("calib", request.calib_tokens)
+        if (request.method == "permute" or request.refit)
+        else []
+    )
+    alignments = {}
+    if request.method == "permute":
+        alignments = _alignments(model_path, structure, candidates, calibration, request, reporter)
+    scorer = None
+    if request.refit or any(len(options) > 1 for options in candidates):
+        task = require_manifest(model_path).task
+        scorer = _Scorer(model_path, task, batches("valid", request.valid_tokens), request.provider)
+    chosen, selection_scores = _select_windows(
+        model_path, base_plan, candidates, alignments, scorer, request, reporter
+    )
+    plan = MergePlan(**base_plan, windows=chosen)
+    if calibration:
+        plan.calibration = {"data": request.calib, "tokens": sum(b.rows for b in calibration)}
+    if selection_scores:
+        plan.selection = {
+            "method": request.select,
+            "metric": scorer.metric,
+            "split": "valid",
+            "candidates": selection_scores,
+        }
+    if request.refit:
+        _refit_if_it_helps(model_path, plan, calibration, scorer, request, reporter)
+    merged = load_model(model_path)
+    before = weight_bytes(merged)
+    run_pass(TieFeedForwardsPass(plan), merged)
+    plan.bytes_removed = before - weight_bytes(merged)
+    plan.parameters_removed = sum(
+        (len(w.blocks) - 1) * structure.blocks[w.anchor].ff.parameter_count for w in plan.windows
+    )
+    return plan
+
+
+def refit_down_projections(
+    model_path: Path,
+    plan: MergePlan,
+    batches: list[InputBatch],
+    *,
+    provider: str = "auto",
+    reporter: Reporter = SILENT,
+) -> dict[int, dict[str, np.ndarray]]:
+    """Least-squares shared down-projection (and bias) for each window of ``plan``.
+
+    Inputs are what each tied FF actually reads in the merged model (upstream drift
+    included); targets are what the *original* FF of that block outputs on those inputs.
+    The normal equations are accumulated batch by batch, so memory is ``width^2``.
+    """
+    original = detect_structure(load_model(model_path))
+    tied = load_model(model_path)
+    run_pass(TieFeedForwardsPass(plan), tied)
+    tied_structure = detect_structure(tied)
+    inputs = {b: tied_structure.blocks[b].ff.input.name for w in plan.windows for b in w.blocks}
+    tap = ActivationTap(
+        tied, sorted(set(inputs.values())), provider=provider, external_data_dir=model_path.parent
+    )
+    systems = {}
+    for index, window in enumerate(plan.windows):
+        feedforwards = [original.blocks[b].ff for b in window.blocks]
+        if any(ff.neuron_parameters for ff in feedforwards):
+            raise PlanError("refit is not supported for FFs with constants inside the activation")
+        shared = merged_window_weights(feedforwards, window, None)
+        size = shared.width + (1 if "down" in shared.biases else 0)
+        model_dim = shared.matrices["down"].shape[1]
+        systems[index] = (shared, np.zeros((size, size)), np.zeros((size, model_dim)))
+    originals = {b: read_ff_weights(original.blocks[b].ff) for w in plan.windows for b in w.blocks}
+    for rows in stream_rows(
+        tap, batches, total=len(batches), reporter=reporter, description="refitting"
+    ):
+        for index, window in enumerate(plan.windows):
+            shared, gram, cross = systems[index]
+            for block in window.blocks:
+                x = rows[inputs[block]].astype(np.float64)
+                hidden = hidden_activations(shared, x)
+                if "down" in shared.biases:
+                    hidden = np.hstack([hidden, np.ones((len(hidden), 1))])
+                gram += hidden.T @ hidden
+                cross += hidden.T @ ff_forward(originals[block], x)
+    refit_weights = {}
+    for index, (shared, gram, cross) in systems.items():
+        ridge = 1e-6 * np.trace(gram) / len(gram)
+        solution = np.linalg.solve(gram + ridge * np.eye(len(gram)), cross)
+        weights = {"down": solution[: shared.width].astype(np.float32)}
+        if "down" in shared.biases:
+            weights["down_bias"] = solution[shared.width].astype(np.float32)
+        refit_weights[index] = weights
+    return refit_weights
+
+
+def _refit_if_it_helps(
+    model_path: Path,
+    plan: MergePlan,
+    batches: list[InputBatch],
+    scorer: _Scorer,
+    request: MergeRequest,
+    reporter: Reporter,
+) -> None:
+    """Attach refitted weights to ``plan`` only if they improve the validation score."""
+    refit = refit_down_projections(
+        model_path, plan, batches, provider=request.provider, reporter=reporter
+    )
+    before = score_candidate(model_path, plan, scorer)
+    plan.refit_weights = refit
+    after = score_candidate(model_path, plan, scorer)
+    kept = after < before
+    reporter.step(
+        f"refit: validation {scorer.metric} {before:.4g} -> {after:.4g} "
+        f"({'kept' if kept else 'dropped: it did not help'})"
+    )
+    plan.refit = {"metric": scorer.metric, "before": before, "after": after, "kept": kept}
+    if not kept:
+        plan.refit_weights = {}
+
+
+def apply_merge_plan(model_path: str | os.PathLike, plan: MergePlan) -> ir.Model:
+    """Load the model and tie it according to ``plan`` (in memory; the caller saves)."""
+    model = load_model(model_path)
+    run_pass(TieFeedForwardsPass(plan), model)
+    return model

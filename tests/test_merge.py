@@ -1,0 +1,267 @@
+"""Aligned FF merging: exactness, byte accounting, plans, refit and bad input."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx_ir as ir
+import pytest
+
+from layerfuse.cli import main
+from layerfuse.errors import DataError, PlanError
+from layerfuse.export.datasets import make_batches
+from layerfuse.export.manifest import carry_manifest
+from layerfuse.passes.detect import detect_structure
+from layerfuse.passes.merge import MergePlan, MergeRequest, apply_merge_plan, plan_merge
+from layerfuse.passes.merge.correlation import PairStatistics, align
+from layerfuse.passes.merge.ff_weights import ff_forward, read_ff_weights
+from layerfuse.passes.merge.plan import parse_ratio
+from layerfuse.passes.merge.planner import refit_down_projections
+from layerfuse.passes.merge.tie import tie_weights
+from layerfuse.passes.model_io import external_data_path, load_model, save_model, weight_bytes
+from layerfuse.runtime.calibration import ActivationTap
+from layerfuse.runtime.session import create_session, session_for_ir
+from tests import graphs
+
+
+def _outputs(session, batches) -> np.ndarray:
+    return np.concatenate([session.run(None, b.feeds)[0].reshape(-1) for b in batches])
+
+
+def _random_batches(path, tokens=256):
+    return make_batches(path, "random", "calib", tokens=tokens, seq_len=16, batch_size=4)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "bert"])
+def test_permuting_one_ff_leaves_the_output_unchanged(tiny, family):
+    path = tiny.model(family)
+    batches = _random_batches(path)
+    reference = _outputs(create_session(path, provider="cpu"), batches)
+    model = load_model(path)
+    ff = detect_structure(model).blocks[1].ff
+    permutation = np.random.default_rng(0).permutation(ff.width)
+    tie_weights(model.graph, [ff], read_ff_weights(ff).permuted(permutation), "test.permuted")
+    permuted = _outputs(session_for_ir(model, path.parent, provider="cpu"), batches)
+    assert np.max(np.abs(permuted - reference)) <= 1e-5
+    assert not np.array_equal(
+        read_ff_weights(detect_structure(model).blocks[1].ff).matrices["down"],
+        read_ff_weights(ff).matrices["down"],
+    )
+
+
+def _copy_ff(model: ir.Model, source: int, targets: list[int], permutations=None) -> None:
+    """Give the FFs of ``targets`` private copies of FF ``source``'s weights (maybe permuted)."""
+    blocks = detect_structure(model).blocks
+    weights = read_ff_weights(blocks[source].ff)
+    for i, target in enumerate(targets):
+        own = weights if permutations is None else weights.permuted(permutations[i])
+        tie_weights(model.graph, [blocks[target].ff], own, f"copy.{target}")
+
+
+def _model_with_copies(tiny, tmp_path, permute: bool):
+    path = tiny.model("llama")
+    model = load_model(path)
+    rng = np.random.default_rng(1)
+    width = detect_structure(model).blocks[0].ff.width
+    permutations = [rng.permutation(width) for _ in range(2)] if permute else None
+    _copy_ff(model, 1, [2, 3], permutations)
+    copied = tmp_path / "copies" / "model.onnx"
+    save_model(model, copied)
+    carry_manifest(path, copied)
+    return copied, permutations
+
+
+@pytest.mark.parametrize("method", ["vanilla", "permute"])
+def test_merging_identical_ffs_is_a_no_op(tiny, tmp_path, method):
+    # Blocks 1-3 compute the same function; for "permute" blocks 2 and 3 hold it with their
+    # neurons shuffled, so only an exact alignment makes the average a no-op.
+    path, shuffles = _model_with_copies(tiny, tmp_path, permute=method == "permute")
+    batches = _random_batches(path)
+    reference = _outputs(create_session(path, provider="cpu"), batches)
+    request = MergeRequest(
+        ranges=[(1, 3)], method=method, calib="random", calib_tokens=512, seq_len=16
+    )
+    plan = plan_merge(path, request)
+    merged = apply_merge_plan(path, plan)
+    outputs = _outputs(session_for_ir(merged, path.parent, provider="cpu"), batches)
+    assert np.max(np.abs(outputs - reference)) <= 1e-5
+    if method == "permute":
+        found = plan.windows[0].permutations
+        for block, shuffle in zip((2, 3), shuffles, strict=True):
+            assert found[block] == np.argsort(shuffle).tolist()
+
+
+def test_vanilla_merge_of_shuffled_copies_is_not_a_no_op(tiny, tmp_path):
+    path, _ = _model_with_copies(tiny, tmp_path, permute=True)
+    batches = _random_batches(path)
+    reference = _outputs(create_session(path, provider="cpu"), batches)
+    plan = plan_merge(path, MergeRequest(ranges=[(1, 3)], method="vanilla"))
+    outputs = _outputs(session_for_ir(apply_merge_plan(path, plan), path.parent), batches)
+    assert np.max(np.abs(outputs - reference)) > 1e-2
+
+
+def test_tied_file_holds_exactly_the_expected_bytes(tiny, tmp_path):
+    path = tiny.model("llama")
+    original = load_model(path)
+    structure = detect_structure(original)
+    ff_bytes = sum(lin.weight.const_value.nbytes for lin in structure.blocks[0].ff.linears.values())
+    plan = plan_merge(path, MergeRequest(ranges=[(0, 2)], method="vanilla"))
+    assert plan.bytes_removed == 2 * ff_bytes
+    assert plan.parameters_removed == 2 * structure.blocks[0].ff.parameter_count
+    tied = apply_merge_plan(path, plan)
+    assert weight_bytes(original) - weight_bytes(tied) == 2 * ff_bytes
+    save_model(load_model(path), tmp_path / "a" / "model.onnx", external_data=True)
+    save_model(tied, tmp_path / "b" / "model.onnx", external_data=True)
+    a = external_data_path(tmp_path / "a" / "model.onnx").stat().st_size
+    b = external_data_path(tmp_path / "b" / "model.onnx").stat().st_size
+    assert a - b == 2 * ff_bytes
+    # Every FF of the window reads the same initializer objects, directly.
+    blocks = detect_structure(load_model(tmp_path / "b" / "model.onnx")).blocks
+    for role in ("gate", "up", "down"):
+        weights = {blocks[i].ff.linears[role].consumed_weight.name for i in range(3)}
+        assert len(weights) == 1 and next(iter(weights)).startswith("layerfuse.tied.0-2")
+        assert blocks[0].ff.linears[role].weight_path == ()
+
+
+def test_alignment_recovers_a_known_permutation():
+    rng = np.random.default_rng(0)
+    anchor = rng.standard_normal((2000, 32)).astype(np.float32)
+    shuffle = rng.permutation(32)
+    other = (anchor[:, shuffle] + 0.01 * rng.standard_normal((2000, 32))).astype(np.float32)
+    stats = PairStatistics({0: 32, 1: 32}, [(0, 1)])
+    for chunk in range(4):
+        rows = slice(chunk * 500, (chunk + 1) * 500)
+        stats.update({0: anchor[rows], 1: other[rows]})
+    alignment = align(stats.correlation(0, 1))
+    np.testing.assert_array_equal(alignment.permutation, np.argsort(shuffle))
+    np.testing.assert_allclose(other[:, alignment.permutation], anchor, atol=0.05)
+    assert alignment.matched_correlation > 0.99
+    assert abs(alignment.identity_correlation) < 0.2
+
+
+def test_plan_round_trip_applies_identically(tiny, tmp_path, capsys):
+    path = tiny.model("llama")
+    out = tmp_path / "merged" / "model.onnx"
+    assert (
+        main(
+            [
+                "merge",
+                str(path),
+                "-o",
+                str(out),
+                "--blocks",
+                "1-3",
+                "--calib",
+                "random",
+                "--calib-tokens",
+                "512",
+            ]
+        )
+        == 0
+    )
+    plan_file = out.with_suffix(".plan.json")
+    saved = json.loads(plan_file.read_text())
+    assert saved["schema"] == "layerfuse.merge-plan/1"
+    assert saved["windows"][0]["blocks"] == [1, 2, 3]
+    assert len(saved["windows"][0]["permutations"]["2"]) == 64
+    again = tmp_path / "again" / "model.onnx"
+    assert main(["merge", str(path), "-o", str(again), "--plan", str(plan_file)]) == 0
+    first, second = load_model(out), load_model(again)
+    for name, value in first.graph.initializers.items():
+        np.testing.assert_array_equal(
+            value.const_value.numpy(), second.graph.initializers[name].const_value.numpy()
+        )
+    assert (out.parent / "layerfuse.json").is_file()
+
+
+def test_sliding_selection_scores_every_position(tiny):
+    path = tiny.model("llama")
+    request = MergeRequest(
+        ratio="1/2", calib="random", calib_tokens=256, valid_tokens=256, seq_len=16
+    )
+    plan = plan_merge(path, request)
+    candidates = plan.selection["candidates"][0]
+    assert [c["blocks"] for c in candidates] == [[0, 2], [1, 3]]
+    best = min(candidates, key=lambda c: c["score"])
+    assert plan.windows[0].blocks == list(range(best["blocks"][0], best["blocks"][1] + 1))
+
+
+def _reconstruction_error(path, plan: MergePlan, batches) -> float:
+    """Squared error between tied FFs and the original FFs on the tied model's FF inputs."""
+    tied = apply_merge_plan(path, plan)
+    tied_blocks = detect_structure(tied).blocks
+    original_blocks = detect_structure(load_model(path)).blocks
+    members = plan.windows[0].blocks
+    names = [tied_blocks[b].ff.input.name for b in members]
+    tap = ActivationTap(tied, names, external_data_dir=path.parent, provider="cpu")
+    error = 0.0
+    for batch in batches:
+        _, tapped = tap.run(batch.feeds)
+        for block, name in zip(members, names, strict=True):
+            x = tapped[name].reshape(-1, tapped[name].shape[-1])
+            target = ff_forward(read_ff_weights(original_blocks[block].ff), x)
+            got = ff_forward(read_ff_weights(tied_blocks[block].ff), x)
+            error += float(np.square(got - target).sum())
+    return error
+
+
+def test_refit_reconstructs_the_original_ffs_better_than_averaging(tiny):
+    path = tiny.model("llama")
+    plan = plan_merge(path, MergeRequest(ranges=[(1, 3)], method="vanilla"))
+    batches = _random_batches(path, 512)
+    averaged = _reconstruction_error(path, plan, batches)
+    plan.refit_weights = refit_down_projections(path, plan, batches, provider="cpu")
+    assert plan.refit_weights[0]["down"].shape == (64, 32)
+    refitted = _reconstruction_error(path, plan, batches)
+    assert refitted < 0.9 * averaged
+
+
+def test_refit_is_kept_only_when_validation_improves(tiny):
+    request = MergeRequest(
+        ranges=[(1, 3)], calib="random", calib_tokens=512, valid_tokens=256, seq_len=16, refit=True
+    )
+    plan = plan_merge(tiny.model("llama"), request)
+    assert plan.refit["kept"] == (plan.refit["after"] < plan.refit["before"])
+    assert bool(plan.refit_weights) == plan.refit["kept"]
+
+
+def test_bad_ratio_and_windows_are_clear_errors(tiny, tmp_path, capsys):
+    path = tiny.model("llama")
+    out = tmp_path / "x" / "model.onnx"
+    cases = [
+        (["--ratio", "1/100"], "removes none"),
+        (["--ratio", "3/2"], "between 0 and 1"),
+        (["--ratio", "abc"], "not a fraction"),
+        (["--blocks", "2-9"], "does not fit a model of 4 blocks"),
+        (["--ratio", "1/2", "--windows", "3"], "3 windows cannot remove only 2"),
+    ]
+    for extra, message in cases:
+        capsys.readouterr()
+        assert main(["merge", str(path), "-o", str(out), "--method", "vanilla", *extra]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and message in err[0], (extra, err)
+    assert not out.parent.exists()
+    assert parse_ratio("all-but-one", 30) == 29
+    assert parse_ratio("1/3", 30) == 10
+
+
+def test_ffs_of_different_shapes_cannot_share_weights(tmp_path):
+    path = graphs.ff_stack(tmp_path / "stack.onnx", [8, 8, 16])
+    plan_merge(path, MergeRequest(ranges=[(0, 1)], method="vanilla"))
+    with pytest.raises(PlanError, match=r"differ in kind, shape or layout"):
+        plan_merge(path, MergeRequest(ranges=[(1, 2)], method="vanilla"))
+
+
+def test_calibration_data_must_match_the_model(tiny, tmp_path):
+    with pytest.raises(DataError, match="vision model"):
+        plan_merge(tiny.model("vit"), MergeRequest(ranges=[(0, 1)], calib="fortunes"))
+    stack = graphs.ff_stack(tmp_path / "stack.onnx", [8, 8])
+    with pytest.raises(DataError, match=r"no layerfuse\.json"):
+        plan_merge(stack, MergeRequest(ranges=[(0, 1)], method="permute"))
+
+
+def test_plan_for_another_model_is_refused(tiny):
+    plan = plan_merge(tiny.model("llama"), MergeRequest(ranges=[(0, 1)], method="vanilla"))
+    with pytest.raises(PlanError, match="fingerprint"):
+        apply_merge_plan(tiny.model("llama", "torchscript"), plan)
