@@ -163,6 +163,51 @@ def _cmd_merge(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_prune(args: argparse.Namespace) -> int:
+    from layerfuse.export.manifest import carry_manifest
+    from layerfuse.passes.merge import MergePlan
+    from layerfuse.passes.model_io import save_model
+    from layerfuse.passes.prune import PrunePlan, PruneRequest, apply_prune_plan, plan_prune
+    from layerfuse.tables import human_bytes, human_count
+
+    output = _output_path(args.output)
+    plan_path = Path(args.plan_out) if args.plan_out else output.with_suffix(".plan.json")
+    if args.plan:
+        plan = PrunePlan.load(args.plan)
+    else:
+        budget = args.params
+        if args.match_plan:
+            budget = MergePlan.load(args.match_plan).parameters_removed
+        blocks = None
+        if args.blocks:
+            try:
+                blocks = [int(b) for b in args.blocks.split(",")]
+            except ValueError:
+                raise LayerfuseError(f"--blocks '{args.blocks}' is not a list like 3,5,7") from None
+        request = PruneRequest(
+            target=args.target,
+            count=args.count,
+            parameters=budget,
+            blocks=blocks,
+            select=args.select,
+            data=args.data,
+            tokens=args.tokens,
+            provider=args.provider,
+        )
+        plan = plan_prune(args.model, request, ConsoleReporter())
+    model = apply_prune_plan(args.model, plan)
+    save_model(model, output)
+    carry_manifest(args.model, output)
+    plan.save(plan_path)
+    before, after = _model_file_bytes(Path(args.model)), _model_file_bytes(output)
+    _console().print(
+        f"pruned {plan.target} {', '.join(map(str, plan.blocks))}: removed "
+        f"{human_count(plan.parameters_removed)} parameters; "
+        f"files {human_bytes(before)} -> {human_bytes(after)}\nwrote {output} and {plan_path}"
+    )
+    return 0
+
+
 def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="layerfuse",
@@ -237,6 +282,25 @@ def _build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--plan-out", help="where to write the plan (default: OUTPUT.plan.json)")
     merge.add_argument("--provider", default="auto", help="auto, cpu or cuda")
     merge.set_defaults(handler=_cmd_merge)
+
+    prune = commands.add_parser(
+        "prune", help="drop blocks or sublayers (the baseline merging is judged against)"
+    )
+    prune.add_argument("model", help="the original .onnx model")
+    prune.add_argument("-o", "--output", required=True, help="pruned model (.onnx)")
+    prune.add_argument("--target", default="block", choices=["block", "ff", "attention"])
+    budget = prune.add_mutually_exclusive_group()
+    budget.add_argument("--count", type=int, help="how many blocks or sublayers to drop")
+    budget.add_argument("--params", type=int, help="parameters to remove (rounded to units)")
+    budget.add_argument("--match-plan", help="remove as many parameters as this merge plan")
+    budget.add_argument("--blocks", help="explicit block indices, e.g. 3,5,7")
+    prune.add_argument("--select", default="influence", choices=["influence", "sliding"])
+    prune.add_argument("--data", default="fortunes", help="fortunes, random or a .txt file")
+    prune.add_argument("--tokens", type=int, default=4096)
+    prune.add_argument("--plan", help="apply a saved prune plan")
+    prune.add_argument("--plan-out", help="where to write the plan (default: OUTPUT.plan.json)")
+    prune.add_argument("--provider", default="auto", help="auto, cpu or cuda")
+    prune.set_defaults(handler=_cmd_prune)
     return parser
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 __all__ = [
     "VIEW_OPS",
+    "bypass",
     "constant_array",
     "constant_source",
     "consumers",
@@ -129,3 +130,25 @@ def values_by_name(graph: ir.Graph) -> dict[str, ir.Value]:
 
 def nodes_by_name(nodes: Iterable[ir.Node]) -> dict[str, ir.Node]:
     return {node.name: node for node in nodes if node.name}
+
+
+def bypass(value: ir.Value, replacement: ir.Value) -> None:
+    """Make every reader of ``value`` read ``replacement`` instead (the residual pass-through).
+
+    A graph output keeps its name and position: an Identity from ``replacement`` produces it,
+    so removing the last block does not rename the model's output.
+    """
+    graph = value.graph
+    if value.is_graph_output() and graph is not None:
+        name = value.name
+        value.name = f"{name}.bypassed"
+        identity = ir.node(
+            "Identity", [replacement], outputs=[ir.Value(name=name)], name=f"{name}.bypass"
+        )
+        identity.outputs[0].type = value.type
+        identity.outputs[0].shape = value.shape
+        graph.append(identity)
+        for index, output in enumerate(graph.outputs):
+            if output is value:
+                graph.outputs[index] = identity.outputs[0]
+    value.replace_all_uses_with(replacement)

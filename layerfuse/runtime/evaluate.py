@@ -6,7 +6,7 @@ encoders; with a ``reference`` graph, output fidelity to it on the same inputs a
 
 from __future__ import annotations
 
-__all__ = ["QUALITY_DIRECTION", "evaluate_model", "quality_metric"]
+__all__ = ["QUALITY_DIRECTION", "evaluate_model", "quality_metric", "topic_accuracy"]
 
 import os
 from pathlib import Path
@@ -41,7 +41,8 @@ def quality_metric(task: str, data: str) -> str:
     return "mean_cosine"
 
 
-def _topic_accuracy(session, tokenizer_dir: Path, reporter: Reporter) -> float:
+def topic_accuracy(session, tokenizer_dir: Path, reporter: Reporter = SILENT) -> float:
+    """Test accuracy of a ridge classifier on this graph's embeddings of the topic data."""
     tokenizer = load_tokenizer(tokenizer_dir)
     splits = {}
     for split in ("train", "test"):
@@ -82,7 +83,7 @@ def evaluate_model(
         result["perplexity"] = perplexity(session, batches, reporter)
     elif metric == "topic_accuracy":
         tokenizer_dir = model_path.parent / (manifest.tokenizer or "tokenizer")
-        result["topic_accuracy"] = _topic_accuracy(session, tokenizer_dir, reporter)
+        result["topic_accuracy"] = topic_accuracy(session, tokenizer_dir, reporter)
     if reference is not None:
         reference_session = create_session(reference, provider=provider)
         fidelity = output_fidelity(reference_session, session, batches, reporter)

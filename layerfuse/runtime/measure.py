@@ -10,10 +10,14 @@ from __future__ import annotations
 
 __all__ = ["LatencyStats", "MemoryStats", "measure_latency", "measure_memory", "rss_bytes"]
 
-import multiprocessing
+import json
 import os
+import subprocess
+import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -75,15 +79,23 @@ class MemoryStats:
         return asdict(self)
 
 
-def _memory_child(model_path: str, feeds: dict, provider: str, prepacking, queue) -> None:
+def _probe(model_path: str, feeds_path: str, provider: str, prepacking: str) -> dict:
+    """Child-process side of :func:`measure_memory`."""
     from layerfuse.runtime.calibration import adapt_feeds
     from layerfuse.runtime.session import create_session
 
+    with np.load(feeds_path) as data:
+        feeds = {name: data[name] for name in data.files}
     before = rss_bytes()
-    session = create_session(model_path, provider=provider, prepacking=prepacking, threads=1)
+    session = create_session(
+        model_path,
+        provider=provider,
+        prepacking={"auto": None, "on": True, "off": False}[prepacking],
+        threads=1,
+    )
     loaded = rss_bytes()
     session.run(None, adapt_feeds(session, feeds))
-    queue.put((loaded - before, rss_bytes() - before))
+    return {"load_bytes": loaded - before, "after_run_bytes": rss_bytes() - before}
 
 
 def measure_memory(
@@ -94,14 +106,29 @@ def measure_memory(
     prepacking: bool | None = None,
 ) -> MemoryStats:
     """Build a session for ``model_path`` in a fresh process and report its RSS growth."""
-    context = multiprocessing.get_context("spawn")
-    queue = context.Queue()
-    child = context.Process(
-        target=_memory_child, args=(str(model_path), feeds, provider, prepacking, queue)
-    )
-    child.start()
-    child.join()
-    if child.exitcode != 0:
-        raise RuntimeError(f"memory measurement of {model_path} failed (exit {child.exitcode})")
-    loaded, after_run = queue.get(timeout=5)
-    return MemoryStats(loaded, after_run)
+    mode = "auto" if prepacking is None else ("on" if prepacking else "off")
+    with tempfile.TemporaryDirectory() as tmp:
+        feeds_path = Path(tmp) / "feeds.npz"
+        np.savez(feeds_path, **feeds)
+        result = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "layerfuse.runtime.measure",
+                str(model_path),
+                str(feeds_path),
+                provider,
+                mode,
+            ],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+    if result.returncode != 0:
+        last = (result.stderr.strip() or "no output").splitlines()[-1]
+        raise RuntimeError(f"memory measurement of {model_path} failed: {last}")
+    return MemoryStats(**json.loads(result.stdout.strip().splitlines()[-1]))
+
+
+if __name__ == "__main__":
+    print(json.dumps(_probe(*sys.argv[1:5])))

@@ -22,7 +22,7 @@ from layerfuse.errors import DetectionError
 from layerfuse.passes.detect.attention import Attention, find_attentions
 from layerfuse.passes.detect.feedforward import FeedForward, find_feedforwards
 from layerfuse.passes.detect.norms import Norm, Residual, find_norm, find_residual, same_tensor
-from layerfuse.passes.graph import node_index
+from layerfuse.passes.graph import consumers, node_index
 from layerfuse.passes.model_io import weight_bytes
 
 SCHEMA = "layerfuse.structure/1"
@@ -30,17 +30,30 @@ SCHEMA = "layerfuse.structure/1"
 
 @dataclass
 class Sublayer:
-    """Norm and residual bookkeeping shared by attention and FF sublayers."""
+    """Norm and residual bookkeeping shared by attention and FF sublayers.
+
+    ``post_norm`` is the norm applied after the residual Add in post-norm models; its output
+    is the residual stream the next sublayer reads.
+    """
 
     norm: Norm | None
     norm_position: str | None
     residual: Residual | None
+    post_norm: Norm | None = None
+
+    @property
+    def stream_out(self) -> ir.Value | None:
+        """The residual stream after this sublayer (after its post-norm, if any)."""
+        if self.post_norm is not None:
+            return self.post_norm.output
+        return None if self.residual is None else self.residual.output
 
     def to_json(self) -> dict:
         return {
             "norm": None if self.norm is None else self.norm.to_json(),
             "norm_position": self.norm_position,
             "residual": None if self.residual is None else self.residual.to_json(),
+            "post_norm": None if self.post_norm is None else self.post_norm.to_json(),
         }
 
 
@@ -63,8 +76,8 @@ class Block:
 
     @property
     def stream_out(self) -> ir.Value | None:
-        residual = self.ff_wiring.residual
-        return None if residual is None else residual.output
+        """The residual stream leaving the block."""
+        return self.ff_wiring.stream_out
 
     def to_json(self) -> dict:
         ff = self.ff
@@ -185,9 +198,17 @@ def _wiring(
         if norm is not None and same_tensor(norm.input, residual.operand):
             position = "pre"
         elif sublayer_input is not None and same_tensor(sublayer_input, residual.operand):
-            position = "post"
-            norm = None
+            return Sublayer(None, "post", residual, _post_norm(residual, width, order))
     return Sublayer(norm, position, residual)
+
+
+def _post_norm(residual: Residual, width: int, order: dict[ir.Node, int]) -> Norm | None:
+    """The norm reading the residual Add's output (post-norm models such as BERT)."""
+    for node in consumers(residual.output):
+        norm = find_norm(node.outputs[0], width, order) if node.outputs else None
+        if norm is not None and same_tensor(norm.input, residual.output):
+            return norm
+    return None
 
 
 def detect_structure(model: ir.Model) -> ModelStructure:

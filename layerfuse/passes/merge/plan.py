@@ -11,7 +11,6 @@ from __future__ import annotations
 __all__ = ["MergePlan", "MergeWindow", "anchor_of", "parse_ratio", "window_sizes"]
 
 import hashlib
-import json
 import os
 from dataclasses import dataclass, field
 from fractions import Fraction
@@ -20,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from layerfuse.errors import PlanError
+from layerfuse.passes.plan_io import read_plan_json, write_json_atomic
 
 SCHEMA = "layerfuse.merge-plan/1"
 METHODS = ("permute", "vanilla")
@@ -134,20 +134,12 @@ class MergePlan:
                 "file": sidecar.name,
                 "sha256": hashlib.sha256(sidecar.read_bytes()).hexdigest(),
             }
-        tmp_json = path.with_name(path.name + ".tmp")
-        tmp_json.write_text(json.dumps(data, indent=1) + "\n")
-        os.replace(tmp_json, path)
-        return path
+        return write_json_atomic(path, data)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> MergePlan:
         path = Path(path)
-        try:
-            data = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as exc:
-            raise PlanError(f"{path}: cannot read the plan ({exc})") from None
-        if data.get("schema") != SCHEMA:
-            raise PlanError(f"{path}: not a merge plan (schema {data.get('schema')!r})")
+        data = read_plan_json(path, SCHEMA)
         refit_weights: dict[int, dict[str, np.ndarray]] = {}
         refit = data.get("refit")
         if refit and refit.get("file"):

@@ -33,7 +33,6 @@ import onnx_ir as ir
 
 from layerfuse.errors import PlanError
 from layerfuse.export.datasets import InputBatch, make_batches
-from layerfuse.export.manifest import require_manifest
 from layerfuse.passes.detect import ModelStructure, detect_structure
 from layerfuse.passes.merge.correlation import PairStatistics, align, pair_groups
 from layerfuse.passes.merge.ff_weights import ff_forward, hidden_activations, read_ff_weights
@@ -47,10 +46,9 @@ from layerfuse.passes.merge.plan import (
 from layerfuse.passes.merge.tie import TieFeedForwardsPass, merged_window_weights
 from layerfuse.passes.model_io import load_model, weight_bytes
 from layerfuse.passes.running import run_pass
+from layerfuse.passes.scoring import CandidateScorer
 from layerfuse.progress import SILENT, Reporter
 from layerfuse.runtime.calibration import ActivationTap, stream_rows
-from layerfuse.runtime.quality import output_fidelity, perplexity
-from layerfuse.runtime.session import create_session, session_for_ir
 
 FEATURES = ("pre_activation", "hidden")
 
@@ -89,28 +87,7 @@ def parse_ranges(text: str) -> list[tuple[int, int]]:
     return ranges
 
 
-class _Scorer:
-    """Scores in-memory candidates on fixed validation batches (lower is better)."""
-
-    def __init__(self, model_path: Path, task: str, batches: list[InputBatch], provider: str):
-        self.model_path = model_path
-        self.task = task
-        self.batches = batches
-        self.provider = provider
-        self.metric = "perplexity" if task == "causal-lm" else "output_cosine"
-        self._reference = None
-
-    def __call__(self, model: ir.Model) -> float:
-        session = session_for_ir(model, self.model_path.parent, provider=self.provider)
-        if self.metric == "perplexity":
-            return perplexity(session, self.batches)
-        if self._reference is None:
-            self._reference = create_session(self.model_path, provider=self.provider)
-        # Lower is better everywhere in the search: use 1 - cosine.
-        return 1.0 - output_fidelity(self._reference, session, self.batches).mean_cosine
-
-
-def score_candidate(model_path: Path, plan: MergePlan, scorer: _Scorer) -> float:
+def score_candidate(model_path: Path, plan: MergePlan, scorer: CandidateScorer) -> float:
     model = load_model(model_path)
     run_pass(TieFeedForwardsPass(plan), model)
     return scorer(model)
@@ -217,7 +194,7 @@ def _select_windows(
     base_plan: dict,
     candidates: list[list[list[int]]],
     alignments: dict,
-    scorer: _Scorer | None,
+    scorer: CandidateScorer | None,
     request: MergeRequest,
     reporter: Reporter,
 ) -> tuple[list[MergeWindow], list]:
@@ -288,8 +265,14 @@ def plan_merge(
         alignments = _alignments(model_path, structure, candidates, calibration, request, reporter)
     scorer = None
     if request.refit or any(len(options) > 1 for options in candidates):
-        task = require_manifest(model_path).task
-        scorer = _Scorer(model_path, task, batches("valid", request.valid_tokens), request.provider)
+        scorer = CandidateScorer(
+            model_path,
+            request.calib,
+            tokens=request.valid_tokens,
+            seq_len=request.seq_len,
+            batch_size=request.batch_size,
+            provider=request.provider,
+        )
     chosen, selection_scores = _select_windows(
         model_path, base_plan, candidates, alignments, scorer, request, reporter
     )
@@ -374,7 +357,7 @@ def _refit_if_it_helps(
     model_path: Path,
     plan: MergePlan,
     batches: list[InputBatch],
-    scorer: _Scorer,
+    scorer: CandidateScorer,
     request: MergeRequest,
     reporter: Reporter,
 ) -> None:

@@ -19,10 +19,11 @@ import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
 
 from layerfuse.errors import PlanError
-from layerfuse.passes.detect import FeedForward, detect_structure, fingerprint
+from layerfuse.passes.detect import FeedForward, detect_structure
 from layerfuse.passes.graph import constant_array
 from layerfuse.passes.merge.ff_weights import FFWeights, average, read_ff_weights
 from layerfuse.passes.merge.plan import MergePlan, MergeWindow
+from layerfuse.passes.plan_io import check_fingerprint
 
 _PREFIX = "layerfuse.tied"
 
@@ -122,11 +123,7 @@ class TieFeedForwardsPass(ir.passes.InPlacePass):
         self.plan = plan
 
     def requires(self, model: ir.Model) -> None:
-        if fingerprint(model) != self.plan.fingerprint:
-            raise PlanError(
-                f"the plan was made for a model with fingerprint {self.plan.fingerprint}, "
-                f"this one has {fingerprint(model)}"
-            )
+        check_fingerprint(model, self.plan.fingerprint)
         blocks = detect_structure(model).blocks
         if len(blocks) != self.plan.num_blocks:
             raise PlanError(f"the plan expects {self.plan.num_blocks} blocks, found {len(blocks)}")

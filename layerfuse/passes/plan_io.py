@@ -1,0 +1,43 @@
+"""What every plan shares: atomic JSON files, schema checks, and the model fingerprint check."""
+
+from __future__ import annotations
+
+__all__ = ["check_fingerprint", "read_plan_json", "write_json_atomic"]
+
+import json
+import os
+from pathlib import Path
+
+import onnx_ir as ir
+
+from layerfuse.errors import PlanError
+from layerfuse.passes.detect import fingerprint
+
+
+def write_json_atomic(path: str | os.PathLike, data: dict) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=1) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def read_plan_json(path: str | os.PathLike, schema: str) -> dict:
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise PlanError(f"{path}: cannot read the plan ({exc})") from None
+    if not isinstance(data, dict) or data.get("schema") != schema:
+        found = data.get("schema") if isinstance(data, dict) else None
+        raise PlanError(f"{path}: not a {schema} plan (schema {found!r})")
+    return data
+
+
+def check_fingerprint(model: ir.Model, expected: str) -> None:
+    actual = fingerprint(model)
+    if actual != expected:
+        raise PlanError(
+            f"the plan was made for a model with fingerprint {expected}, this one has {actual}"
+        )

@@ -1,0 +1,20 @@
+"""Layer pruning: drop whole blocks, FF sublayers or attention sublayers (the baseline)."""
+
+from layerfuse.passes.prune.plan import TARGETS, PrunePlan
+from layerfuse.passes.prune.planner import (
+    PruneRequest,
+    apply_prune_plan,
+    block_influence,
+    plan_prune,
+)
+from layerfuse.passes.prune.rewrite import PruneSublayersPass
+
+__all__ = [
+    "TARGETS",
+    "PrunePlan",
+    "PruneRequest",
+    "PruneSublayersPass",
+    "apply_prune_plan",
+    "block_influence",
+    "plan_prune",
+]

@@ -1,0 +1,209 @@
+"""Choose what to prune: the layer-dropping baseline every merge and fusion is judged against.
+
+Budget: a number of blocks/sublayers, or a number of parameters (e.g. what a merge plan
+removes), converted to a count using the model's own per-block sizes.
+
+Selection:
+
+- ``influence`` (ShortGPT's block influence): ``1 - cos(input, output)`` of each block (or
+  sublayer) on the residual stream, averaged over calibration tokens; the least influential
+  are dropped. One pass over the data.
+- ``sliding``: a contiguous run, every position scored on validation data in memory (like
+  the merge pass's window search).
+"""
+
+from __future__ import annotations
+
+__all__ = ["PruneRequest", "apply_prune_plan", "block_influence", "plan_prune"]
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx_ir as ir
+
+from layerfuse.errors import PlanError
+from layerfuse.export.datasets import make_batches
+from layerfuse.passes.detect import ModelStructure, detect_structure
+from layerfuse.passes.model_io import load_model
+from layerfuse.passes.prune.plan import PrunePlan
+from layerfuse.passes.prune.rewrite import PruneSublayersPass
+from layerfuse.passes.running import run_pass
+from layerfuse.passes.scoring import CandidateScorer
+from layerfuse.progress import SILENT, Reporter
+from layerfuse.runtime.calibration import ActivationTap, stream_rows
+
+SELECTIONS = ("influence", "sliding")
+
+
+@dataclass
+class PruneRequest:
+    target: str = "block"
+    count: int | None = None
+    parameters: int | None = None
+    blocks: list[int] | None = None
+    select: str = "influence"
+    data: str = "fortunes"
+    tokens: int = 4096
+    valid_tokens: int = 4096
+    seq_len: int = 128
+    batch_size: int = 8
+    provider: str = "auto"
+
+
+def _unit_parameters(structure: ModelStructure, target: str) -> list[int]:
+    units = []
+    for block in structure.blocks:
+        attention = 0 if block.attention is None else block.attention.parameter_count
+        units.append(
+            {"ff": block.ff.parameter_count, "attention": attention}.get(
+                target, block.ff.parameter_count + attention
+            )
+        )
+    return units
+
+
+def _count(structure: ModelStructure, request: PruneRequest) -> int:
+    if request.count is not None and request.parameters is not None:
+        raise PlanError("give either a count or a parameter budget, not both")
+    if request.count is not None:
+        count = request.count
+    elif request.parameters is not None:
+        per_unit = float(np.mean(_unit_parameters(structure, request.target)))
+        count = max(1, round(request.parameters / per_unit))
+    else:
+        raise PlanError("say how much to prune: a count, a parameter budget or explicit blocks")
+    if count < 1:
+        raise PlanError(f"cannot prune {count} {request.target}s")
+    return count
+
+
+def _stream_pairs(structure: ModelStructure, target: str) -> list[tuple[str, str]]:
+    """(input, output) residual-stream tensors per block for the influence score."""
+    pairs = []
+    for block in structure.blocks:
+        if target == "block":
+            start, end = block.stream_in, block.stream_out
+        else:
+            wiring = block.ff_wiring if target == "ff" else block.attention_wiring
+            residual = None if wiring is None else wiring.residual
+            start = None if residual is None else residual.operand
+            end = None if residual is None else residual.output
+        if start is None or end is None:
+            raise PlanError(f"block {block.index}: cannot trace the residual stream around it")
+        pairs.append((start.name, end.name))
+    return pairs
+
+
+def block_influence(
+    model_path: str | os.PathLike,
+    target: str,
+    *,
+    data: str = "fortunes",
+    tokens: int = 4096,
+    seq_len: int = 128,
+    batch_size: int = 8,
+    provider: str = "auto",
+    reporter: Reporter = SILENT,
+) -> list[float]:
+    """ShortGPT block influence, ``1 - mean cos(input, output)``, per block or sublayer."""
+    structure = detect_structure(load_model(model_path))
+    pairs = _stream_pairs(structure, target)
+    names = sorted({name for pair in pairs for name in pair})
+    tap = ActivationTap(model_path, names, provider=provider)
+    batches = make_batches(
+        model_path, data, "calib", tokens=tokens, seq_len=seq_len, batch_size=batch_size
+    )
+    sums, count = np.zeros(len(pairs)), 0
+    for rows in stream_rows(
+        tap, batches, total=len(batches), reporter=reporter, description="block influence"
+    ):
+        for index, (start, end) in enumerate(pairs):
+            a, b = rows[start], rows[end]
+            norms = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
+            sums[index] += float((1.0 - (a * b).sum(axis=1) / np.maximum(norms, 1e-12)).sum())
+        count += next(iter(rows.values())).shape[0]
+    return (sums / max(count, 1)).tolist()
+
+
+def _parameters_removed(model_path: Path, plan: PrunePlan) -> int:
+    before = load_model(model_path)
+    after = load_model(model_path)
+    run_pass(PruneSublayersPass(plan), after)
+
+    def count(model: ir.Model) -> int:
+        return sum(
+            v.const_value.size
+            for v in model.graph.initializers.values()
+            if v.const_value is not None
+        )
+
+    return int(count(before) - count(after))
+
+
+def plan_prune(
+    model_path: str | os.PathLike, request: PruneRequest, reporter: Reporter = SILENT
+) -> PrunePlan:
+    model_path = Path(model_path)
+    structure = detect_structure(load_model(model_path))
+    num_blocks = len(structure.blocks)
+
+    def make(blocks: list[int], selection: dict | None = None) -> PrunePlan:
+        return PrunePlan(structure.fingerprint, num_blocks, request.target, blocks, selection)
+
+    if request.blocks is not None:
+        plan = make(list(request.blocks), {"method": "fixed"})
+    else:
+        count = _count(structure, request)
+        make(list(range(min(count, num_blocks))))  # validates the count before any work
+        if request.select == "influence":
+            scores = block_influence(
+                model_path,
+                request.target,
+                data=request.data,
+                tokens=request.tokens,
+                seq_len=request.seq_len,
+                batch_size=request.batch_size,
+                provider=request.provider,
+                reporter=reporter,
+            )
+            chosen = sorted(np.argsort(scores, kind="stable")[:count].tolist())
+            plan = make(chosen, {"method": "influence", "scores": scores})
+        elif request.select == "sliding":
+            scorer = CandidateScorer(
+                model_path,
+                request.data,
+                tokens=request.valid_tokens,
+                seq_len=request.seq_len,
+                batch_size=request.batch_size,
+                provider=request.provider,
+            )
+            scored = []
+            starts = range(num_blocks - count + 1)
+            for start in reporter.track(starts, len(starts), "scoring prune positions"):
+                candidate = make(list(range(start, start + count)))
+                model = load_model(model_path)
+                run_pass(PruneSublayersPass(candidate), model)
+                scored.append((scorer(model), start))
+            best = min(scored)[1]
+            plan = make(
+                list(range(best, best + count)),
+                {
+                    "method": "sliding",
+                    "metric": scorer.metric,
+                    "candidates": [{"start": s, "score": v} for v, s in scored],
+                },
+            )
+        else:
+            raise PlanError(
+                f"unknown selection '{request.select}' (choose {', '.join(SELECTIONS)})"
+            )
+    plan.parameters_removed = _parameters_removed(model_path, plan)
+    return plan
+
+
+def apply_prune_plan(model_path: str | os.PathLike, plan: PrunePlan) -> ir.Model:
+    model = load_model(model_path)
+    run_pass(PruneSublayersPass(plan), model)
+    return model
