@@ -208,6 +208,42 @@ def _cmd_prune(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_analyze(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from layerfuse.passes.plan_io import write_json_atomic
+    from layerfuse.passes.similarity import sublayer_cka
+    from layerfuse.plots import heatmap
+
+    out_dir = Path(args.out) if args.out else Path(args.model).parent / "analysis"
+    result = sublayer_cka(
+        args.model,
+        data=args.calib,
+        tokens=args.tokens,
+        provider=args.provider,
+        reporter=ConsoleReporter(),
+    )
+    write_json_atomic(out_dir / "cka.json", {"model": str(args.model), **result})
+    written = [out_dir / "cka.json"]
+    for kind, title in (("ff", "FF sublayer outputs"), ("attention", "attention outputs")):
+        matrix = np.asarray(result[kind]["cka"])
+        if matrix.size:
+            path = out_dir / f"cka_{kind}.png"
+            heatmap(matrix, result[kind]["blocks"], f"Linear CKA of {title}", path, colorbar="CKA")
+            written.append(path)
+    console = _console()
+    for kind in ("ff", "attention"):
+        matrix = np.asarray(result[kind]["cka"])
+        if matrix.size > 1:
+            adjacent = np.diag(matrix, k=1)
+            console.print(
+                f"{kind}: mean CKA of adjacent blocks {adjacent.mean():.3f}, "
+                f"of all pairs {matrix[np.triu_indices(len(matrix), 1)].mean():.3f}"
+            )
+    console.print(f"{result['tokens']} tokens; wrote {', '.join(str(p) for p in written)}")
+    return 0
+
+
 def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="layerfuse",
@@ -301,6 +337,16 @@ def _build_parser() -> argparse.ArgumentParser:
     prune.add_argument("--plan-out", help="where to write the plan (default: OUTPUT.plan.json)")
     prune.add_argument("--provider", default="auto", help="auto, cpu or cuda")
     prune.set_defaults(handler=_cmd_prune)
+
+    analyze = commands.add_parser(
+        "analyze", help="CKA between every pair of FF and of attention sublayer outputs"
+    )
+    analyze.add_argument("model", help="an .onnx file with layerfuse.json beside it")
+    analyze.add_argument("--calib", default="fortunes", help="fortunes, random or a .txt file")
+    analyze.add_argument("--tokens", type=int, default=4096)
+    analyze.add_argument("--out", help="output folder (default: MODEL_DIR/analysis)")
+    analyze.add_argument("--provider", default="auto", help="auto, cpu or cuda")
+    analyze.set_defaults(handler=_cmd_analyze)
     return parser
 
 
