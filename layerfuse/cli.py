@@ -244,6 +244,52 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from layerfuse.passes.plan_io import write_json_atomic
+    from layerfuse.reports import bench_figure, bench_markdown, bench_table
+    from layerfuse.runtime.bench import BenchConfig, run_bench
+    from layerfuse.runtime.gate import find_regressions, load_baseline, parse_tolerance
+    from layerfuse.runtime.inputs import parse_shapes
+
+    tolerance = parse_tolerance(args.max_regression)
+    baseline = load_baseline(args.baseline) if args.baseline else None
+    config = BenchConfig(
+        shapes=parse_shapes(args.inputs),
+        provider=args.provider,
+        warmup=args.warmup,
+        runs=args.runs,
+        threads=args.threads,
+        memory=not args.no_memory,
+        eval_data=args.eval,
+        eval_tokens=args.eval_tokens,
+    )
+    names = args.names.split(",") if args.names else None
+    document = run_bench(args.models, config, names=names, reporter=ConsoleReporter())
+    console = _console()
+    console.print(bench_table(document))
+    if args.json:
+        console.print(f"wrote {write_json_atomic(args.json, document)}")
+    if args.markdown:
+        Path(args.markdown).write_text(bench_markdown(document))
+        console.print(f"wrote {args.markdown}")
+    if args.plot:
+        console.print(f"wrote {bench_figure(document, args.plot)}")
+    if baseline is None:
+        return 0
+    regressions = find_regressions(document, baseline, tolerance)
+    for regression in regressions:
+        print(f"layerfuse: regression: {regression.describe()}", file=sys.stderr)
+    if regressions:
+        print(
+            f"layerfuse: {len(regressions)} ratio(s) worse than {args.baseline} by more than "
+            f"{tolerance:.0%}",
+            file=sys.stderr,
+        )
+        return 1
+    console.print(f"no ratio worse than {args.baseline} by more than {tolerance:.0%}")
+    return 0
+
+
 def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="layerfuse",
@@ -347,6 +393,30 @@ def _build_parser() -> argparse.ArgumentParser:
     analyze.add_argument("--out", help="output folder (default: MODEL_DIR/analysis)")
     analyze.add_argument("--provider", default="auto", help="auto, cpu or cuda")
     analyze.set_defaults(handler=_cmd_analyze)
+
+    bench = commands.add_parser(
+        "bench", help="latency, memory, size and quality of graphs side by side"
+    )
+    bench.add_argument("models", nargs="+", help="the reference graph first, then variants")
+    bench.add_argument("--names", help="comma-separated names for the graphs")
+    bench.add_argument(
+        "--inputs", default="1x32,1x128", help="BATCHxSEQUENCE shapes, e.g. 1x32,8x512"
+    )
+    bench.add_argument("--provider", default="auto", help="auto, cpu or cuda")
+    bench.add_argument("--warmup", type=int, default=3)
+    bench.add_argument("--runs", type=int, default=20)
+    bench.add_argument("--threads", type=int, help="intra-op threads (default: onnxruntime's)")
+    bench.add_argument("--no-memory", action="store_true", help="skip memory measurement")
+    bench.add_argument("--eval", help="quality data (fortunes, random or a .txt file)")
+    bench.add_argument("--eval-tokens", type=int, default=8192)
+    bench.add_argument("--json", help="write the result JSON here")
+    bench.add_argument("--markdown", help="write a Markdown table here")
+    bench.add_argument("--plot", help="write a PNG bar chart here")
+    bench.add_argument("--baseline", help="a previous --json result to gate against")
+    bench.add_argument(
+        "--max-regression", default="10%", help="allowed worsening of any ratio (default 10%%)"
+    )
+    bench.set_defaults(handler=_cmd_bench)
     return parser
 
 

@@ -88,6 +88,7 @@ def evaluate_model(
         reference_session = create_session(reference, provider=provider)
         fidelity = output_fidelity(reference_session, session, batches, reporter)
         result["fidelity"] = fidelity.to_json()
+        result["mean_cosine"] = fidelity.mean_cosine
     first = {name: value[:1] for name, value in batches[0].feeds.items()}
     latency = measure_latency(session, adapt_feeds(session, first), runs=latency_runs)
     shape = {name: list(value.shape) for name, value in first.items()}

@@ -70,10 +70,15 @@ def measure_latency(session, feeds: dict, *, warmup: int = 3, runs: int = 20) ->
 
 @dataclass
 class MemoryStats:
-    """RSS growth of a process that builds one session and runs it once."""
+    """Memory growth of a process that builds one session and runs it once.
+
+    On CPU: resident set size. On CUDA: device memory the process holds (nvidia-smi), with
+    the host RSS growth kept in ``host_bytes``.
+    """
 
     load_bytes: int
     after_run_bytes: int
+    host_bytes: int | None = None
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -95,7 +100,25 @@ def _probe(model_path: str, feeds_path: str, provider: str, prepacking: str) -> 
     )
     loaded = rss_bytes()
     session.run(None, adapt_feeds(session, feeds))
-    return {"load_bytes": loaded - before, "after_run_bytes": rss_bytes() - before}
+    host = rss_bytes() - before
+    if provider == "cuda":
+        return {"load_bytes": 0, "after_run_bytes": _device_bytes(os.getpid()), "host_bytes": host}
+    return {"load_bytes": loaded - before, "after_run_bytes": host}
+
+
+def _device_bytes(pid: int) -> int:
+    """GPU memory held by process ``pid``, as nvidia-smi reports it (MiB resolution)."""
+    result = subprocess.run(
+        ["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    for line in result.stdout.splitlines():
+        owner, used = (part.strip() for part in line.split(","))
+        if int(owner) == pid:
+            return int(used) * 1024 * 1024
+    return 0
 
 
 def measure_memory(

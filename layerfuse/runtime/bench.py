@@ -1,0 +1,218 @@
+"""Benchmark several graphs of one model family side by side, under the same conditions.
+
+Timing is interleaved: every repetition runs each graph once, starting from a different graph
+each round, so drifts in machine load (another process, thermal state) spread over all graphs
+instead of biasing whichever ran last. On CUDA inputs and outputs are bound to the device
+(IO binding), so host-device copies are not timed. Every ratio is taken against the first
+graph measured in the same run; absolute times are reported but never compared across runs.
+"""
+
+from __future__ import annotations
+
+__all__ = ["SCHEMA", "BenchConfig", "GraphResult", "run_bench"]
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from layerfuse.errors import LayerfuseError
+from layerfuse.passes.model_stats import ModelStats, model_stats
+from layerfuse.progress import SILENT, Reporter
+from layerfuse.runtime.environment import environment
+from layerfuse.runtime.inputs import InputShape, graph_inputs, synthetic_feeds
+from layerfuse.runtime.measure import LatencyStats, MemoryStats, measure_memory
+from layerfuse.runtime.session import PROVIDERS, create_session, resolve_provider
+
+SCHEMA = "layerfuse.bench/1"
+
+
+@dataclass
+class BenchConfig:
+    shapes: list[InputShape]
+    provider: str = "auto"
+    warmup: int = 3
+    runs: int = 20
+    threads: int | None = None
+    memory: bool = True
+    eval_data: str | None = None
+    eval_tokens: int = 8192
+
+    def to_json(self) -> dict:
+        return {
+            "shapes": [str(s) for s in self.shapes],
+            "provider": self.provider,
+            "warmup": self.warmup,
+            "runs": self.runs,
+            "threads": self.threads,
+            "eval_data": self.eval_data,
+            "eval_tokens": self.eval_tokens,
+        }
+
+
+@dataclass
+class GraphResult:
+    name: str
+    path: Path
+    stats: ModelStats
+    latency: dict[str, LatencyStats] = field(default_factory=dict)
+    memory: MemoryStats | None = None
+    quality: dict | None = None
+
+    def tokens_per_second(self, shape: InputShape) -> float:
+        return shape.batch * shape.sequence / (self.latency[str(shape)].p50_ms / 1000.0)
+
+
+def _check_same_inputs(paths: list[Path]) -> None:
+    signatures = {path: graph_inputs(path) for path in paths}
+    first = paths[0]
+    for path in paths[1:]:
+        if [(n, t) for n, t, _ in signatures[path]] != [(n, t) for n, t, _ in signatures[first]]:
+            names = ", ".join(n for n, _, _ in signatures[path]) or "none"
+            expected = ", ".join(n for n, _, _ in signatures[first]) or "none"
+            raise LayerfuseError(
+                f"{path} takes inputs ({names}) but {first} takes ({expected}); "
+                f"only graphs with the same inputs can be compared"
+            )
+
+
+class _Runner:
+    """Runs one graph on fixed feeds; binds to the device once on CUDA."""
+
+    def __init__(self, session, feeds: dict, provider: str) -> None:
+        self.session = session
+        self.binding = None
+        if provider == PROVIDERS["cuda"]:
+            import onnxruntime as ort
+
+            self.binding = session.io_binding()
+            for name, value in feeds.items():
+                self.binding.bind_ortvalue_input(
+                    name, ort.OrtValue.ortvalue_from_numpy(value, "cuda", 0)
+                )
+            for output in session.get_outputs():
+                self.binding.bind_output(output.name, "cuda")
+        self.feeds = feeds
+
+    def __call__(self) -> None:
+        if self.binding is not None:
+            self.session.run_with_iobinding(self.binding)
+        else:
+            self.session.run(None, self.feeds)
+
+
+def _time_interleaved(runners: list[_Runner], warmup: int, runs: int) -> list[list[float]]:
+    import time
+
+    for runner in runners:
+        for _ in range(warmup):
+            runner()
+    samples: list[list[float]] = [[] for _ in runners]
+    count = len(runners)
+    for repetition in range(runs):
+        for offset in range(count):
+            index = (repetition + offset) % count
+            start = time.perf_counter()
+            runners[index]()
+            samples[index].append(time.perf_counter() - start)
+    return samples
+
+
+def run_bench(
+    paths: list[str | os.PathLike],
+    config: BenchConfig,
+    *,
+    names: list[str] | None = None,
+    reporter: Reporter = SILENT,
+) -> dict:
+    """Measure every graph; the result is the ``layerfuse.bench/1`` JSON document."""
+    paths = [Path(p) for p in paths]
+    if len(paths) < 1:
+        raise LayerfuseError("give at least one graph to benchmark")
+    if names is not None and len(names) != len(paths):
+        raise LayerfuseError(f"{len(names)} names given for {len(paths)} graphs")
+    provider = resolve_provider(config.provider)
+    results = []
+    for index, path in enumerate(paths):
+        name = (
+            names[index] if names else path.parent.name if path.name == "model.onnx" else path.stem
+        )
+        results.append(GraphResult(name, path, model_stats(path)))
+    if len({r.name for r in results}) != len(results):
+        raise LayerfuseError("graph names must be unique; pass --names")
+    _check_same_inputs(paths)
+    reporter.step(f"building {len(paths)} sessions on {provider}")
+    sessions = [
+        create_session(path, provider=config.provider, threads=config.threads) for path in paths
+    ]
+    for shape in reporter.track(config.shapes, len(config.shapes), "timing shapes"):
+        feeds = synthetic_feeds(paths[0], shape)
+        runners = [_Runner(session, feeds, provider) for session in sessions]
+        samples = _time_interleaved(runners, config.warmup, config.runs)
+        for result, timings in zip(results, samples, strict=True):
+            result.latency[str(shape)] = LatencyStats.from_samples(timings)
+    if config.memory:
+        feeds = synthetic_feeds(paths[0], config.shapes[0])
+        device = "cuda" if provider == PROVIDERS["cuda"] else "cpu"
+        for result in reporter.track(results, len(results), "memory"):
+            result.memory = measure_memory(result.path, feeds, provider=device)
+    if config.eval_data:
+        _add_quality(results, config, reporter)
+    return _document(results, config, provider)
+
+
+def _add_quality(results: list[GraphResult], config: BenchConfig, reporter: Reporter) -> None:
+    from layerfuse.runtime.evaluate import evaluate_model
+
+    reference = results[0].path
+    for result in reporter.track(results, len(results), "quality"):
+        evaluation = evaluate_model(
+            result.path,
+            data=config.eval_data,
+            tokens=config.eval_tokens,
+            provider=config.provider,
+            reference=None if result.path == reference else reference,
+            latency_runs=1,
+        )
+        metric = evaluation["metric"]
+        # The reference's task-free fidelity to itself is 1 by definition.
+        value = evaluation.get(metric, 1.0 if metric == "mean_cosine" else None)
+        result.quality = {"metric": metric, "value": value}
+        if "fidelity" in evaluation:
+            result.quality["fidelity"] = evaluation["fidelity"]
+
+
+def _document(results: list[GraphResult], config: BenchConfig, provider: str) -> dict:
+    first = results[0]
+    graphs = []
+    for result in results:
+        ratios: dict = {
+            "speedup": {
+                shape: first.latency[shape].p50_ms / result.latency[shape].p50_ms
+                for shape in result.latency
+            },
+            "file_size": result.stats.file_bytes / first.stats.file_bytes,
+            "parameters": result.stats.parameters / max(first.stats.parameters, 1),
+        }
+        if result.memory is not None and first.memory is not None:
+            ratios["memory"] = result.memory.after_run_bytes / max(first.memory.after_run_bytes, 1)
+        graphs.append(
+            {
+                "name": result.name,
+                "path": str(result.path),
+                "stats": result.stats.to_json(),
+                "latency": {shape: stats.to_json() for shape, stats in result.latency.items()},
+                "tokens_per_second": {
+                    str(shape): result.tokens_per_second(shape) for shape in config.shapes
+                },
+                "memory": None if result.memory is None else result.memory.to_json(),
+                "quality": result.quality,
+                "ratios": ratios,
+            }
+        )
+    return {
+        "schema": SCHEMA,
+        "provider": provider,
+        "config": config.to_json(),
+        "environment": environment(),
+        "graphs": graphs,
+    }
