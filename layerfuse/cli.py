@@ -290,6 +290,85 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _parse_drop_attention(text: str | None):
+    if text is None or text == "auto":
+        return text
+    try:
+        return (
+            int(text)
+            if "," not in text and "-" not in text
+            else [int(part) for part in text.split(",")]
+        )
+    except ValueError:
+        raise LayerfuseError(
+            f"--drop-attention '{text}' is not a count, 'auto' or a list like 3,5,7"
+        ) from None
+
+
+def _cmd_fuse(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from layerfuse.export.manifest import carry_manifest
+    from layerfuse.passes.fuse import FusePlan, FuseRequest, apply_fuse_plan, plan_fuse
+    from layerfuse.passes.merge.planner import parse_ranges
+    from layerfuse.passes.model_io import save_model
+    from layerfuse.plots import bar_chart, heatmap
+
+    output = _output_path(args.output)
+    plan_path = Path(args.plan_out) if args.plan_out else output.with_suffix(".plan.json")
+    if args.plan:
+        plan = FusePlan.load(args.plan)
+    else:
+        request = FuseRequest(
+            drop_attention=_parse_drop_attention(args.drop_attention),
+            runs="auto" if args.runs == "auto" else parse_ranges(args.runs),
+            include_last=args.include_last,
+            max_dependency=args.max_dependency,
+            tolerance=args.tolerance,
+            data=args.calib,
+            tokens=args.tokens,
+            provider=args.provider,
+        )
+        plan = plan_fuse(args.model, request, ConsoleReporter())
+    model = apply_fuse_plan(args.model, plan)
+    save_model(model, output)
+    carry_manifest(args.model, output)
+    plan.save(plan_path)
+    written = [output, plan_path]
+    for entry in plan.dependency:
+        first, last = entry["run"]
+        path = output.with_name(f"{output.stem}.dependency-{first}-{last}.png")
+        heatmap(
+            np.asarray(entry["matrix"]),
+            list(range(first, last + 1)),
+            f"Dependency of FFN j (col) on FFN i (row), blocks {first}-{last}",
+            path,
+            colorbar="mean cosine distance",
+            vmax=None,
+        )
+        written.append(path)
+    if plan.attention_scores:
+        labels = [str(i) for i, s in enumerate(plan.attention_scores) if s is not None]
+        values = [s for s in plan.attention_scores if s is not None]
+        path = output.with_name(f"{output.stem}.attention.png")
+        bar_chart(
+            labels,
+            {"without this attention": values},
+            f"Validation {plan.metric} with one attention sublayer removed",
+            plan.metric,
+            path,
+            reference_line=plan.baseline_score,
+        )
+        written.append(path)
+    groups = ", ".join(f"{a}-{b}" for a, b in plan.groups) or "none"
+    dropped = ", ".join(map(str, plan.drop_attention)) or "none"
+    _console().print(
+        f"removed attention of blocks {dropped}; fused FFN runs {groups}\n"
+        f"wrote {', '.join(str(p) for p in written)}"
+    )
+    return 0
+
+
 def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="layerfuse",
@@ -393,6 +472,37 @@ def _build_parser() -> argparse.ArgumentParser:
     analyze.add_argument("--out", help="output folder (default: MODEL_DIR/analysis)")
     analyze.add_argument("--provider", default="auto", help="auto, cpu or cuda")
     analyze.set_defaults(handler=_cmd_analyze)
+
+    fuse = commands.add_parser(
+        "fuse", help="remove attention and fuse runs of FFN-only blocks into one wide FFN"
+    )
+    fuse.add_argument("model", help="the original .onnx model")
+    fuse.add_argument("-o", "--output", required=True, help="fused model (.onnx)")
+    fuse.add_argument(
+        "--drop-attention",
+        help="N least important attention sublayers, 'auto', or explicit blocks like 3,5,7",
+    )
+    fuse.add_argument("--runs", default="auto", help="'auto' or block ranges like 10-14,20-23")
+    fuse.add_argument(
+        "--include-last",
+        action="store_true",
+        help="also fuse the last FFN of each run (the paper leaves it out)",
+    )
+    fuse.add_argument(
+        "--max-dependency", type=float, help="split runs where a block depends more than this"
+    )
+    fuse.add_argument(
+        "--tolerance",
+        type=float,
+        default=0.1,
+        help="with --drop-attention auto: allowed relative validation loss (default 0.1)",
+    )
+    fuse.add_argument("--calib", default="fortunes", help="fortunes, random or a .txt file")
+    fuse.add_argument("--tokens", type=int, default=2048)
+    fuse.add_argument("--plan", help="apply a saved fuse plan")
+    fuse.add_argument("--plan-out", help="where to write the plan (default: OUTPUT.plan.json)")
+    fuse.add_argument("--provider", default="auto", help="auto, cpu or cuda")
+    fuse.set_defaults(handler=_cmd_fuse)
 
     bench = commands.add_parser(
         "bench", help="latency, memory, size and quality of graphs side by side"

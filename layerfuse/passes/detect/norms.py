@@ -57,6 +57,27 @@ class Norm:
     bias: ir.Value | None
     nodes: tuple[ir.Node, ...]
 
+    @property
+    def epsilon(self) -> float | None:
+        """The variance epsilon: a fused op's attribute, or the scalar added to the mean."""
+        if self.fused:
+            # ONNX's LayerNormalization and RMSNormalization default to 1e-5.
+            return self.nodes[0].attributes.get_float("epsilon", 1e-5)
+        for node in self.nodes:
+            if node.op_type == "Add":
+                for value in node.inputs:
+                    data = constant_array(value)
+                    other = [v for v in node.inputs if v is not value]
+                    if (
+                        data is not None
+                        and data.size == 1
+                        and other
+                        and other[0].producer() is not None
+                        and other[0].producer().op_type == "ReduceMean"
+                    ):
+                        return float(data.reshape(-1)[0])
+        return None
+
     def to_json(self) -> dict:
         return {
             "kind": self.kind,
@@ -133,6 +154,8 @@ def _decomposed_norm(output: ir.Value, width: int, order: dict[ir.Node, int]) ->
         source = mean.inputs[0]
         producer = source.producer()
         if producer is not None and producer.op_type == "Pow":
+            if producer not in region:
+                region.append(producer)
             source = producer.inputs[0]
         source = _skip_casts_up(source)
         node = source.producer()

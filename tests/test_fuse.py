@@ -1,0 +1,192 @@
+"""FFN Fusion: the fused node is exactly the parallel sum, the graph stays valid everywhere."""
+
+from __future__ import annotations
+
+import collections
+import json
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import pytest
+
+from layerfuse.cli import main
+from layerfuse.errors import PlanError
+from layerfuse.export.datasets import make_batches
+from layerfuse.passes.detect import detect_structure
+from layerfuse.passes.fuse import (
+    FuseFeedForwardsPass,
+    FusePlan,
+    FuseRequest,
+    apply_fuse_plan,
+    find_runs,
+    parallel_reference,
+    plan_fuse,
+)
+from layerfuse.passes.model_io import load_model, save_model
+from layerfuse.passes.prune import PrunePlan, PruneSublayersPass
+from layerfuse.passes.running import run_pass
+from layerfuse.runtime.calibration import ActivationTap, token_rows
+from layerfuse.runtime.session import create_session, session_for_ir
+from tests import graphs
+
+
+def _without_attention(path, blocks):
+    model = load_model(path)
+    structure = detect_structure(model)
+    plan = PrunePlan(structure.fingerprint, len(structure.blocks), "attention", blocks)
+    run_pass(PruneSublayersPass(plan), model)
+    return model
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_fused_node_equals_the_sum_of_the_parallel_ffns(tiny, family):
+    path = tiny.model(family)
+    model = _without_attention(path, [2, 3])
+    # The reference reads the original weights from an untouched copy of the graph.
+    run = detect_structure(_without_attention(path, [2, 3])).blocks[1:4]
+    run_input = run[0].ff_wiring.norm.input.name
+    run_pass(FuseFeedForwardsPass([(1, 3)]), model)
+    tap = ActivationTap(
+        model,
+        [run_input, "layerfuse.fused.1-3.ffn"],
+        external_data_dir=path.parent,
+        provider="cpu",
+    )
+    for batch in make_batches(path, "random", "calib", tokens=128, seq_len=16, batch_size=4):
+        _, tapped = tap.run(batch.feeds)
+        x = token_rows(tapped[run_input], batch.mask)
+        fused = token_rows(tapped["layerfuse.fused.1-3.ffn"], batch.mask)
+        assert np.max(np.abs(fused - parallel_reference(run, x))) <= 1e-5
+
+
+def test_fused_relu_stack_equals_the_parallel_sum(tmp_path):
+    path = graphs.ff_stack(tmp_path / "stack.onnx", [8, 8, 8], kind="relu")
+    model = load_model(path)
+    run = detect_structure(load_model(path)).blocks
+    run_pass(FuseFeedForwardsPass([(0, 2)]), model)
+    x = np.random.default_rng(0).standard_normal((3, 5, 16)).astype(np.float32)
+    tap = ActivationTap(
+        model, ["layerfuse.fused.0-2.ffn"], external_data_dir=tmp_path, provider="cpu"
+    )
+    _, tapped = tap.run({"hidden": x})
+    expected = parallel_reference(run, x.reshape(-1, 16))
+    assert np.max(np.abs(tapped["layerfuse.fused.0-2.ffn"].reshape(-1, 16) - expected)) <= 1e-5
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "vit"])
+def test_fusing_a_run_of_one_block_is_a_no_op(tiny, family):
+    path = tiny.model(family)
+    batch = make_batches(path, "random", "calib", tokens=64, seq_len=16, batch_size=4)[0]
+    reference = create_session(path, provider="cpu").run(None, batch.feeds)[0]
+    model = load_model(path)
+    run_pass(FuseFeedForwardsPass([(2, 2)]), model)
+    assert any(node.domain == "layerfuse" for node in model.graph)
+    fused = session_for_ir(model, path.parent, provider="cpu").run(None, batch.feeds)[0]
+    assert np.max(np.abs(fused - reference)) <= 1e-5
+
+
+def test_fused_graph_is_valid_optimizable_and_smaller_in_nodes(tiny, tmp_path):
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    path = tiny.model("llama")
+    plan = plan_fuse(
+        path,
+        FuseRequest(
+            drop_attention=[2, 3], include_last=True, data="random", tokens=128, seq_len=16
+        ),
+    )
+    assert plan.groups == [(1, 3)]
+    out = save_model(apply_fuse_plan(path, plan), tmp_path / "fused" / "model.onnx")
+    onnx.checker.check_model(str(out), full_check=True)
+    batch = make_batches(path, "random", "calib", tokens=64, seq_len=16, batch_size=4)[0]
+    plain = create_session(out, provider="cpu", optimization="all").run(None, batch.feeds)[0]
+    optimized = optimize_model(
+        str(out), model_type="gpt2", num_heads=4, hidden_size=32, opt_level=0
+    )
+    ops = collections.Counter(node.op_type for node in optimized.model.graph.node)
+    assert ops["FusedSwiGLU"] == 1 and ops["SkipSimplifiedLayerNormalization"] > 0
+    optimized.save_model_to_file(str(tmp_path / "optimized.onnx"))
+    after = create_session(tmp_path / "optimized.onnx", provider="cpu").run(None, batch.feeds)[0]
+    assert np.max(np.abs(after - plain)) <= 1e-4
+    matmuls = [n for n in load_model(out).graph if n.op_type == "MatMul"]
+    original_matmuls = [n for n in load_model(path).graph if n.op_type == "MatMul"]
+    # Three FFNs of three MatMuls each became one node; two attentions were removed.
+    assert len(original_matmuls) - len(matmuls) == 9 + 2 * 6
+
+
+def test_runs_and_dependency_follow_the_removed_attention(tiny):
+    path = tiny.model("llama")
+    assert find_runs(detect_structure(_without_attention(path, [1, 2]))) == [(0, 2)]
+    plan = plan_fuse(
+        path, FuseRequest(drop_attention=[1, 2], data="random", tokens=128, seq_len=16)
+    )
+    assert plan.runs == [(0, 2)] and plan.groups == [(0, 1)]  # the last FFN stays out
+    (entry,) = plan.dependency
+    matrix = np.asarray(entry["matrix"])
+    assert matrix.shape == (3, 3)
+    assert np.all(np.tril(matrix) == 0) and np.all(matrix[np.triu_indices(3, 1)] > 0)
+
+
+def test_attention_importance_picks_the_least_harmful(tiny, tmp_path):
+    path = tiny.model("llama")
+    out = tmp_path / "fused" / "model.onnx"
+    assert (
+        main(
+            [
+                "fuse",
+                str(path),
+                "-o",
+                str(out),
+                "--drop-attention",
+                "2",
+                "--calib",
+                "random",
+                "--tokens",
+                "128",
+                "--include-last",
+            ]
+        )
+        == 0
+    )
+    saved = json.loads(out.with_suffix(".plan.json").read_text())
+    scores = saved["attention_scores"]
+    assert saved["drop_attention"] == sorted(np.argsort(scores)[:2].tolist())
+    assert out.with_name("model.attention.png").is_file()
+    again = tmp_path / "again" / "model.onnx"
+    assert (
+        main(["fuse", str(path), "-o", str(again), "--plan", str(out.with_suffix(".plan.json"))])
+        == 0
+    )
+    first, second = load_model(out), load_model(again)
+    assert sorted(first.graph.initializers) == sorted(second.graph.initializers)
+    assert FusePlan.load(out.with_suffix(".plan.json")).groups == [
+        tuple(g) for g in saved["groups"]
+    ]
+
+
+def test_bad_fusion_requests_are_clear_errors(tiny, tmp_path, capsys):
+    path = tiny.model("llama")
+    with pytest.raises(PlanError, match="block 2 still has attention"):
+        plan_fuse(path, FuseRequest(runs=[(1, 3)], include_last=True))
+    out = tmp_path / "x" / "model.onnx"
+    for extra, message in (
+        (["--runs", "1-3", "--include-last"], "still has attention"),
+        (["--runs", "3-1"], "not a range of at least two consecutive blocks"),
+        (["--runs", "1-2,2-3", "--drop-attention", "2,3"], "overlaps another run"),
+        (["--drop-attention", "9"], "cannot drop 9 attention sublayers"),
+    ):
+        capsys.readouterr()
+        assert (
+            main(["fuse", str(path), "-o", str(out), "--calib", "random", "--tokens", "64", *extra])
+            == 2
+        )
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and message in err[0], (extra, err)
+    assert not out.parent.exists()
+
+
+def test_post_norm_models_are_refused(tiny):
+    model = load_model(tiny.model("bert"))
+    with pytest.raises(ir.passes.PreconditionError):
+        FuseFeedForwardsPass([(1, 1)])(model)
