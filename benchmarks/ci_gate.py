@@ -34,8 +34,12 @@ def prepare(work: Path) -> tuple[Path, Path]:
         tiny_models.save_folder("llama", work / "hf")
         export_model(load_source(str(work / "hf")), original.parent)
     tied = work / "tied" / "model.onnx"
-    if layerfuse(["merge", str(original), "-o", str(tied), "--blocks", "0-3",
-                  "--method", "vanilla"]) != 0:
+    if (
+        layerfuse(
+            ["merge", str(original), "-o", str(tied), "--blocks", "0-3", "--method", "vanilla"]
+        )
+        != 0
+    ):
         raise SystemExit("merging the tiny model failed")
     return original, tied
 
@@ -46,8 +50,19 @@ def main() -> int:
     parser.add_argument("--work", default=str(ROOT / "runs" / "ci-gate"))
     args = parser.parse_args()
     original, tied = prepare(Path(args.work))
-    command = ["bench", str(original), str(tied), "--names", "original,tied",
-               "--inputs", "1x32,4x64", "--runs", "40", "--threads", "1"]
+    command = [
+        "bench",
+        str(original),
+        str(tied),
+        "--names",
+        "original,tied",
+        "--inputs",
+        "1x32,4x64",
+        "--runs",
+        "40",
+        "--threads",
+        "1",
+    ]
     if args.update:
         return layerfuse([*command, "--json", str(BASELINE)])
     return layerfuse([*command, "--baseline", str(BASELINE), "--max-regression", TOLERANCE])

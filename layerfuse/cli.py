@@ -321,6 +321,7 @@ def _cmd_fuse(args: argparse.Namespace) -> int:
     else:
         request = FuseRequest(
             drop_attention=_parse_drop_attention(args.drop_attention),
+            contiguous=args.contiguous,
             runs="auto" if args.runs == "auto" else parse_ranges(args.runs),
             include_last=args.include_last,
             max_dependency=args.max_dependency,
@@ -481,6 +482,11 @@ def _build_parser() -> argparse.ArgumentParser:
     fuse.add_argument(
         "--drop-attention",
         help="N least important attention sublayers, 'auto', or explicit blocks like 3,5,7",
+    )
+    fuse.add_argument(
+        "--contiguous",
+        action="store_true",
+        help="drop N consecutive attention sublayers (best window) so one long run appears",
     )
     fuse.add_argument("--runs", default="auto", help="'auto' or block ranges like 10-14,20-23")
     fuse.add_argument(

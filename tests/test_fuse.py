@@ -190,3 +190,17 @@ def test_post_norm_models_are_refused(tiny):
     model = load_model(tiny.model("bert"))
     with pytest.raises(ir.passes.PreconditionError):
         FuseFeedForwardsPass([(1, 1)])(model)
+
+
+def test_contiguous_attention_removal_yields_one_long_run(tiny):
+    path = tiny.model("llama")
+    request = FuseRequest(
+        drop_attention=2, contiguous=True, data="random", tokens=128, seq_len=16, include_last=True
+    )
+    plan = plan_fuse(path, request)
+    first = plan.drop_attention[0]
+    assert plan.drop_attention == [first, first + 1]
+    scored = [i for i, s in enumerate(plan.attention_scores) if s is not None]
+    assert scored == [0, 1, 2]
+    assert plan.attention_scores[first] == min(plan.attention_scores[i] for i in scored)
+    assert plan.groups == [(max(first - 1, 0), first + 1)]

@@ -48,6 +48,7 @@ from layerfuse.runtime.calibration import ActivationTap, token_rows
 @dataclass
 class FuseRequest:
     drop_attention: int | str | list[int] | None = None
+    contiguous: bool = False
     runs: str | list[tuple[int, int]] = "auto"
     include_last: bool = False
     max_dependency: float | None = None
@@ -91,6 +92,11 @@ def _choose_attention(
             f"cannot drop {request.drop_attention} attention sublayers; the model has {available}"
         )
     baseline = scorer(load_model(model_path))
+    if request.contiguous:
+        return (
+            *_best_window(model_path, structure, int(request.drop_attention), scorer, reporter),
+            baseline,
+        )
     scores = attention_importance(model_path, structure, scorer, reporter)
     order = sorted((s, i) for i, s in enumerate(scores) if s is not None)
     if request.drop_attention == "auto":
@@ -107,6 +113,32 @@ def _choose_attention(
             chosen = trial
         return chosen, scores, baseline
     return sorted(i for _, i in order[: int(request.drop_attention)]), scores, baseline
+
+
+def _best_window(
+    model_path: Path,
+    structure: ModelStructure,
+    count: int,
+    scorer: CandidateScorer,
+    reporter: Reporter,
+) -> tuple[list[int], list[float | None]]:
+    """Remove ``count`` consecutive attention sublayers where validation suffers least.
+
+    Removing the individually least important sublayers scatters them and leaves few runs
+    to fuse; a contiguous window yields one run of ``count + 1`` FFNs. Scores are indexed by
+    the window's first block.
+    """
+    starts = [
+        start
+        for start in range(len(structure.blocks) - count + 1)
+        if all(structure.blocks[b].attention is not None for b in range(start, start + count))
+    ]
+    scores: list[float | None] = [None] * len(structure.blocks)
+    for start in reporter.track(starts, len(starts), "attention windows"):
+        blocks = list(range(start, start + count))
+        scores[start] = scorer(_without_attention(model_path, structure, blocks))
+    best = min(starts, key=lambda start: scores[start])
+    return list(range(best, best + count)), scores
 
 
 def find_runs(structure: ModelStructure) -> list[tuple[int, int]]:
