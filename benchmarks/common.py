@@ -70,3 +70,39 @@ def markdown_table(headers: list[str], rows: list[list]) -> str:
     lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
     return "\n".join(lines) + "\n"
+
+
+def plot_quality_vs_removed(rows: list[dict], path: Path, series) -> None:
+    """One panel per model: quality against % of parameters removed, a line per series.
+
+    ``series(row)`` names the line a row belongs to; the original model (``method ==
+    "original"``) starts every line at 0%.
+    """
+    from layerfuse.plots import pyplot, save_figure
+
+    plt = pyplot()
+    models = list(dict.fromkeys(r["model"] for r in rows))
+    figure, axes = plt.subplots(1, len(models), figsize=(6.5 * len(models), 4.5), squeeze=False)
+    for axis, model in zip(axes[0], models, strict=True):
+        own = [r for r in rows if r["model"] == model]
+        base = next(r for r in own if r["method"] == "original")
+        for name in dict.fromkeys(series(r) for r in own if r["method"] != "original"):
+            line = sorted(
+                (r for r in own if r["method"] != "original" and series(r) == name),
+                key=lambda r: r["parameters_removed_pct"],
+            )
+            axis.plot(
+                [0.0] + [r["parameters_removed_pct"] for r in line],
+                [base["value"]] + [r["value"] for r in line],
+                marker="o",
+                linestyle="--" if "refit" in name else "-",
+                label=name,
+            )
+        axis.set_title(model)
+        axis.set_xlabel("% of model parameters removed")
+        axis.set_ylabel(base["metric"].replace("_", " "))
+        if base["metric"] == "perplexity":
+            axis.set_yscale("log")
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize=8)
+    save_figure(figure, path)

@@ -17,7 +17,16 @@ import argparse
 import json
 from pathlib import Path
 
-from common import WORK, exported_model, log, markdown_table, model_bytes, write_results
+from common import (
+    RESULTS,
+    WORK,
+    exported_model,
+    log,
+    markdown_table,
+    model_bytes,
+    plot_quality_vs_removed,
+    write_results,
+)
 
 from layerfuse.export.datasets import make_batches
 from layerfuse.export.manifest import carry_manifest, require_manifest
@@ -94,7 +103,8 @@ def run_model(model: str, rows: list[dict], done: set) -> None:
         )
         log(f"{model} original: {metric} {value:.4g}")
     calibration = make_batches(original, "fortunes", "calib", tokens=CALIB_TOKENS, seq_len=128)
-    scorer = CandidateScorer(original, "fortunes", tokens=VALID_TOKENS, provider="cpu")
+    valid = make_batches(original, "fortunes", "valid", tokens=VALID_TOKENS, seq_len=128)
+    scorer = CandidateScorer(original, valid, provider="cpu")
     for ratio in RATIOS:
         for method in METHODS:
             key = (model, ratio, method)
@@ -149,38 +159,6 @@ def save_checkpoint(rows: list[dict]) -> None:
     checkpoint = WORK / "merge_quality.partial.json"
     checkpoint.parent.mkdir(parents=True, exist_ok=True)
     checkpoint.write_text(json.dumps(rows, indent=1))
-
-
-def plot(rows: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    models = list(dict.fromkeys(r["model"] for r in rows))
-    figure, axes = plt.subplots(1, len(models), figsize=(6 * len(models), 4.2), squeeze=False)
-    for axis, model in zip(axes[0], models, strict=True):
-        own = [r for r in rows if r["model"] == model]
-        base = next(r for r in own if r["method"] == "original")
-        for method in METHODS:
-            for refit in (False, True):
-                line = sorted(
-                    (r for r in own if r["method"] == method and r["refit"] == refit),
-                    key=lambda r: r["parameters_removed_pct"],
-                )
-                xs = [0.0] + [r["parameters_removed_pct"] for r in line]
-                ys = [base["value"]] + [r["value"] for r in line]
-                label = method + (" + refit" if refit else "")
-                axis.plot(xs, ys, marker="o", linestyle="--" if refit else "-", label=label)
-        axis.set_title(model)
-        axis.set_xlabel("% of model parameters removed")
-        axis.set_ylabel(base["metric"].replace("_", " "))
-        if base["metric"] == "perplexity":
-            axis.set_yscale("log")
-        axis.grid(alpha=0.3)
-        axis.legend()
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
 
 
 def markdown(rows: list[dict]) -> str:
@@ -239,10 +217,11 @@ def main() -> None:
     }
     for model in args.models.split(","):
         run_model(model, rows, done)
-    from common import RESULTS
-
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    plot(rows, RESULTS / "merge_quality.png")
+    plot_quality_vs_removed(
+        rows,
+        RESULTS / "merge_quality.png",
+        lambda r: r["method"] + (" + refit" if r["refit"] else ""),
+    )
     write_results("merge_quality", {"rows": rows}, markdown(rows))
 
 

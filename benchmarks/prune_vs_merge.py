@@ -18,9 +18,19 @@ import argparse
 import json
 
 import numpy as np
-from common import RESULTS, WORK, exported_model, log, markdown_table, model_bytes, write_results
+from common import (
+    RESULTS,
+    WORK,
+    exported_model,
+    log,
+    markdown_table,
+    model_bytes,
+    plot_quality_vs_removed,
+    write_results,
+)
 from merge_quality import quality
 
+from layerfuse.export.datasets import make_batches
 from layerfuse.export.manifest import carry_manifest
 from layerfuse.passes.detect import detect_structure
 from layerfuse.passes.model_io import load_model, save_model
@@ -85,7 +95,9 @@ def prune_rows(model: str, merges: list[dict]) -> list[dict]:
 
 
 def cka(model: str) -> dict:
-    result = sublayer_cka(exported_model(model), tokens=CKA_TOKENS, provider="cpu")
+    path = exported_model(model)
+    batches = make_batches(path, "fortunes", "calib", tokens=CKA_TOKENS, seq_len=128)
+    result = sublayer_cka(path, batches, provider="cpu")
     for kind, title in (("ff", "FF sublayer outputs"), ("attention", "attention outputs")):
         heatmap(
             np.asarray(result[kind]["cka"]),
@@ -95,38 +107,6 @@ def cka(model: str) -> dict:
             colorbar="CKA",
         )
     return result
-
-
-def plot(rows: list[dict], path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    models = list(dict.fromkeys(r["model"] for r in rows))
-    figure, axes = plt.subplots(1, len(models), figsize=(6.5 * len(models), 4.5), squeeze=False)
-    for axis, model in zip(axes[0], models, strict=True):
-        own = [r for r in rows if r["model"] == model]
-        base = next(r for r in own if r["method"] == "original")
-        for method in dict.fromkeys(r["method"] for r in own if r["method"] != "original"):
-            line = sorted(
-                (r for r in own if r["method"] == method), key=lambda r: r["parameters_removed_pct"]
-            )
-            axis.plot(
-                [0.0] + [r["parameters_removed_pct"] for r in line],
-                [base["value"]] + [r["value"] for r in line],
-                marker="o",
-                label=method,
-            )
-        axis.set_title(model)
-        axis.set_xlabel("% of model parameters removed")
-        axis.set_ylabel(base["metric"].replace("_", " "))
-        if base["metric"] == "perplexity":
-            axis.set_yscale("log")
-        axis.grid(alpha=0.3)
-        axis.legend(fontsize=8)
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
 
 
 def markdown(rows: list[dict], similarity: dict) -> str:
@@ -174,7 +154,7 @@ def main() -> None:
         rows.extend(prune_rows(model, merges))
         similarity[model] = cka(model)
         log(f"{model}: CKA done")
-    plot(rows, RESULTS / "prune_vs_merge.png")
+    plot_quality_vs_removed(rows, RESULTS / "prune_vs_merge.png", lambda r: r["method"])
     write_results("prune_vs_merge", {"rows": rows, "cka": similarity}, markdown(rows, similarity))
 
 

@@ -119,15 +119,30 @@ def _output_path(text: str) -> Path:
     return path
 
 
-def _cmd_merge(args: argparse.Namespace) -> int:
+def _plan_path(args: argparse.Namespace, output: Path) -> Path:
+    return Path(args.plan_out) if args.plan_out else output.with_suffix(".plan.json")
+
+
+def _write_variant(source: str, output: Path, model, plan, plan_path: Path) -> str:
+    """Save a rewritten model with its manifest and plan; describe the size change."""
     from layerfuse.export.manifest import carry_manifest
+    from layerfuse.passes.model_io import save_model
+    from layerfuse.tables import human_bytes
+
+    save_model(model, output)
+    carry_manifest(source, output)
+    plan.save(plan_path)
+    before, after = _model_file_bytes(Path(source)), _model_file_bytes(output)
+    return f"files {human_bytes(before)} -> {human_bytes(after)}; wrote {output} and {plan_path}"
+
+
+def _cmd_merge(args: argparse.Namespace) -> int:
     from layerfuse.passes.merge import MergePlan, MergeRequest, apply_merge_plan, plan_merge
     from layerfuse.passes.merge.planner import parse_ranges
-    from layerfuse.passes.model_io import save_model
     from layerfuse.tables import human_bytes, human_count
 
     output = _output_path(args.output)
-    plan_path = Path(args.plan_out) if args.plan_out else output.with_suffix(".plan.json")
+    plan_path = _plan_path(args, output)
     if args.plan:
         plan = MergePlan.load(args.plan)
     else:
@@ -146,32 +161,25 @@ def _cmd_merge(args: argparse.Namespace) -> int:
             provider=args.provider,
         )
         plan = plan_merge(args.model, request, ConsoleReporter())
-    model = apply_merge_plan(args.model, plan)
-    save_model(model, output)
-    carry_manifest(args.model, output)
-    plan.save(plan_path)
-    before, after = _model_file_bytes(Path(args.model)), _model_file_bytes(output)
+    written = _write_variant(
+        args.model, output, apply_merge_plan(args.model, plan), plan, plan_path
+    )
     windows = ", ".join(f"{w.blocks[0]}-{w.blocks[-1]} (anchor {w.anchor})" for w in plan.windows)
     _console().print(
         f"tied {plan.merged_blocks + len(plan.windows)} FF sublayers in windows {windows} "
-        f"with the {plan.method} method\n"
-        f"removed {human_count(plan.parameters_removed)} parameters "
-        f"({human_bytes(plan.bytes_removed)}); "
-        f"files {human_bytes(before)} -> {human_bytes(after)}\n"
-        f"wrote {output} and {plan_path}"
+        f"with the {plan.method} method; removed {human_count(plan.parameters_removed)} "
+        f"parameters ({human_bytes(plan.bytes_removed)})\n{written}"
     )
     return 0
 
 
 def _cmd_prune(args: argparse.Namespace) -> int:
-    from layerfuse.export.manifest import carry_manifest
     from layerfuse.passes.merge import MergePlan
-    from layerfuse.passes.model_io import save_model
     from layerfuse.passes.prune import PrunePlan, PruneRequest, apply_prune_plan, plan_prune
-    from layerfuse.tables import human_bytes, human_count
+    from layerfuse.tables import human_count
 
     output = _output_path(args.output)
-    plan_path = Path(args.plan_out) if args.plan_out else output.with_suffix(".plan.json")
+    plan_path = _plan_path(args, output)
     if args.plan:
         plan = PrunePlan.load(args.plan)
     else:
@@ -195,15 +203,12 @@ def _cmd_prune(args: argparse.Namespace) -> int:
             provider=args.provider,
         )
         plan = plan_prune(args.model, request, ConsoleReporter())
-    model = apply_prune_plan(args.model, plan)
-    save_model(model, output)
-    carry_manifest(args.model, output)
-    plan.save(plan_path)
-    before, after = _model_file_bytes(Path(args.model)), _model_file_bytes(output)
+    written = _write_variant(
+        args.model, output, apply_prune_plan(args.model, plan), plan, plan_path
+    )
     _console().print(
         f"pruned {plan.target} {', '.join(map(str, plan.blocks))}: removed "
-        f"{human_count(plan.parameters_removed)} parameters; "
-        f"files {human_bytes(before)} -> {human_bytes(after)}\nwrote {output} and {plan_path}"
+        f"{human_count(plan.parameters_removed)} parameters\n{written}"
     )
     return 0
 
@@ -211,19 +216,17 @@ def _cmd_prune(args: argparse.Namespace) -> int:
 def _cmd_analyze(args: argparse.Namespace) -> int:
     import numpy as np
 
+    from layerfuse.export.datasets import make_batches
     from layerfuse.passes.plan_io import write_json_atomic
     from layerfuse.passes.similarity import sublayer_cka
     from layerfuse.plots import heatmap
 
     out_dir = Path(args.out) if args.out else Path(args.model).parent / "analysis"
-    result = sublayer_cka(
-        args.model,
-        data=args.calib,
-        tokens=args.tokens,
-        provider=args.provider,
-        reporter=ConsoleReporter(),
+    batches = make_batches(args.model, args.calib, "calib", tokens=args.tokens)
+    result = sublayer_cka(args.model, batches, provider=args.provider, reporter=ConsoleReporter())
+    write_json_atomic(
+        out_dir / "cka.json", {"model": str(args.model), "data": args.calib, **result}
     )
-    write_json_atomic(out_dir / "cka.json", {"model": str(args.model), **result})
     written = [out_dir / "cka.json"]
     for kind, title in (("ff", "FF sublayer outputs"), ("attention", "attention outputs")):
         matrix = np.asarray(result[kind]["cka"])
@@ -308,14 +311,12 @@ def _parse_drop_attention(text: str | None):
 def _cmd_fuse(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from layerfuse.export.manifest import carry_manifest
     from layerfuse.passes.fuse import FusePlan, FuseRequest, apply_fuse_plan, plan_fuse
     from layerfuse.passes.merge.planner import parse_ranges
-    from layerfuse.passes.model_io import save_model
     from layerfuse.plots import bar_chart, heatmap
 
     output = _output_path(args.output)
-    plan_path = Path(args.plan_out) if args.plan_out else output.with_suffix(".plan.json")
+    plan_path = _plan_path(args, output)
     if args.plan:
         plan = FusePlan.load(args.plan)
     else:
@@ -331,11 +332,8 @@ def _cmd_fuse(args: argparse.Namespace) -> int:
             provider=args.provider,
         )
         plan = plan_fuse(args.model, request, ConsoleReporter())
-    model = apply_fuse_plan(args.model, plan)
-    save_model(model, output)
-    carry_manifest(args.model, output)
-    plan.save(plan_path)
-    written = [output, plan_path]
+    summary = _write_variant(args.model, output, apply_fuse_plan(args.model, plan), plan, plan_path)
+    written = []
     for entry in plan.dependency:
         first, last = entry["run"]
         path = output.with_name(f"{output.stem}.dependency-{first}-{last}.png")
@@ -363,9 +361,9 @@ def _cmd_fuse(args: argparse.Namespace) -> int:
         written.append(path)
     groups = ", ".join(f"{a}-{b}" for a, b in plan.groups) or "none"
     dropped = ", ".join(map(str, plan.drop_attention)) or "none"
+    figures = f"\nwrote {', '.join(str(p) for p in written)}" if written else ""
     _console().print(
-        f"removed attention of blocks {dropped}; fused FFN runs {groups}\n"
-        f"wrote {', '.join(str(p) for p in written)}"
+        f"removed attention of blocks {dropped}; fused FFN runs {groups}\n{summary}{figures}"
     )
     return 0
 

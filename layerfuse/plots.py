@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["bar_chart", "heatmap"]
+__all__ = ["bar_chart", "heatmap", "pyplot", "save_figure"]
 
 import os
 from pathlib import Path
@@ -10,13 +10,23 @@ from pathlib import Path
 import numpy as np
 
 
-def _pyplot():
+def pyplot():
+    """matplotlib's pyplot on the non-interactive Agg backend (no display needed)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def save_figure(figure, path: str | os.PathLike) -> Path:
+    figure.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=120)
+    pyplot().close(figure)
+    return path
 
 
 def heatmap(
@@ -29,7 +39,7 @@ def heatmap(
     vmin: float | None = 0.0,
     vmax: float | None = 1.0,
 ) -> Path:
-    plt = _pyplot()
+    plt = pyplot()
     size = max(4.0, min(10.0, 0.28 * len(labels) + 2.5))
     figure, axis = plt.subplots(figsize=(size + 1.0, size))
     image = axis.imshow(np.asarray(matrix, dtype=float), cmap="viridis", vmin=vmin, vmax=vmax)
@@ -41,12 +51,7 @@ def heatmap(
     axis.set_ylabel("block")
     axis.set_title(title)
     figure.colorbar(image, ax=axis, label=colorbar, fraction=0.046, pad=0.04)
-    figure.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
-    return path
+    return save_figure(figure, path)
 
 
 def bar_chart(
@@ -59,7 +64,7 @@ def bar_chart(
     reference_line: float | None = None,
 ) -> Path:
     """Grouped bars: one group per x label, one bar per series."""
-    plt = _pyplot()
+    plt = pyplot()
     figure, axis = plt.subplots(figsize=(max(6.0, 1.1 * len(groups) * max(1, len(series))), 4.2))
     width = 0.8 / max(1, len(series))
     for index, (name, values) in enumerate(series.items()):
@@ -73,9 +78,4 @@ def bar_chart(
     axis.grid(axis="y", alpha=0.3)
     if len(series) > 1:
         axis.legend()
-    figure.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
-    return path
+    return save_figure(figure, path)

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from rich.table import Table
 
+from layerfuse.plots import pyplot, save_figure
 from layerfuse.tables import human_bytes, human_count
 
 
@@ -102,11 +103,9 @@ def bench_markdown(document: dict) -> str:
 
 def bench_figure(document: dict, path: str | os.PathLike) -> Path:
     """Speedup per input shape and memory/file ratios, one bar per graph."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     import numpy as np
+
+    plt = pyplot()
 
     graphs = document["graphs"]
     shapes = document["config"]["shapes"]
@@ -134,9 +133,4 @@ def bench_figure(document: dict, path: str | os.PathLike) -> Path:
     right.set_ylabel(f"ratio vs {graphs[0]['name']}")
     right.grid(axis="y", alpha=0.3)
     figure.suptitle(f"onnxruntime {document['provider']}")
-    figure.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
-    return path
+    return save_figure(figure, path)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["check_fingerprint", "read_plan_json", "write_json_atomic"]
+__all__ = ["check_fingerprint", "check_plan_fits", "read_plan_json", "write_json_atomic"]
 
 import json
 import os
@@ -11,7 +11,7 @@ from pathlib import Path
 import onnx_ir as ir
 
 from layerfuse.errors import PlanError
-from layerfuse.passes.detect import fingerprint
+from layerfuse.passes.detect import Block, detect_structure, fingerprint
 
 
 def write_json_atomic(path: str | os.PathLike, data: dict) -> Path:
@@ -41,3 +41,12 @@ def check_fingerprint(model: ir.Model, expected: str) -> None:
         raise PlanError(
             f"the plan was made for a model with fingerprint {expected}, this one has {actual}"
         )
+
+
+def check_plan_fits(model: ir.Model, expected_fingerprint: str, num_blocks: int) -> list[Block]:
+    """The model's blocks, after checking the plan was made for this model."""
+    check_fingerprint(model, expected_fingerprint)
+    blocks = detect_structure(model).blocks
+    if len(blocks) != num_blocks:
+        raise PlanError(f"the plan expects {num_blocks} blocks, found {len(blocks)}")
+    return blocks

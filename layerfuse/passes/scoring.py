@@ -15,32 +15,28 @@ from pathlib import Path
 
 import onnx_ir as ir
 
-from layerfuse.export.datasets import make_batches
+from layerfuse.export.datasets import InputBatch
 from layerfuse.export.manifest import require_manifest
 from layerfuse.runtime.quality import output_fidelity, perplexity
 from layerfuse.runtime.session import create_session, session_for_ir
 
 
 class CandidateScorer:
+    """Scores rewrites of the model at ``model_path`` on fixed validation ``batches``."""
+
     def __init__(
         self,
         model_path: str | os.PathLike,
-        data: str,
+        batches: list[InputBatch],
         *,
-        tokens: int,
-        seq_len: int = 128,
-        batch_size: int = 8,
+        data: str = "fortunes",
         provider: str = "auto",
-        split: str = "valid",
     ) -> None:
         self.model_path = Path(model_path)
         self.provider = provider
-        self.batches = make_batches(
-            self.model_path, data, split, tokens=tokens, seq_len=seq_len, batch_size=batch_size
-        )
+        self.batches = batches
         task = require_manifest(self.model_path).task
-        random_data = data == "random"
-        self.metric = "perplexity" if task == "causal-lm" and not random_data else "output_cosine"
+        self.metric = "perplexity" if task == "causal-lm" and data != "random" else "output_cosine"
         self._reference = None
 
     def __call__(self, model: ir.Model) -> float:

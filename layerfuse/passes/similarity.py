@@ -20,7 +20,7 @@ from itertools import combinations_with_replacement
 import numpy as np
 
 from layerfuse.errors import DetectionError
-from layerfuse.export.datasets import make_batches
+from layerfuse.export.datasets import InputBatch
 from layerfuse.passes.detect import detect_structure
 from layerfuse.passes.model_io import load_model
 from layerfuse.progress import SILENT, Reporter
@@ -81,11 +81,8 @@ class MinibatchCKA:
 
 def sublayer_cka(
     model_path: str | os.PathLike,
+    batches: list[InputBatch],
     *,
-    data: str = "fortunes",
-    tokens: int = 4096,
-    seq_len: int = 128,
-    batch_size: int = 8,
     provider: str = "auto",
     reporter: Reporter = SILENT,
 ) -> dict:
@@ -97,9 +94,6 @@ def sublayer_cka(
     if len(ff_names) < 2:
         raise DetectionError("CKA needs at least two blocks")
     tap = ActivationTap(model_path, ff_names + attention_names, provider=provider)
-    batches = make_batches(
-        model_path, data, "calib", tokens=tokens, seq_len=seq_len, batch_size=batch_size
-    )
     ff_cka, attention_cka = MinibatchCKA(ff_names), MinibatchCKA(attention_names or ff_names)
     seen = 0
     for rows in stream_rows(tap, batches, total=len(batches), reporter=reporter, description="CKA"):
@@ -109,7 +103,6 @@ def sublayer_cka(
         seen += rows[ff_names[0]].shape[0]
     return {
         "tokens": seen,
-        "data": data,
         "ff": {"blocks": [b.index for b in structure.blocks], "cka": ff_cka.matrix().tolist()},
         "attention": {
             "blocks": [b.index for b in attention_blocks],

@@ -213,14 +213,15 @@ def plan_fuse(
         if missing:
             raise PlanError(f"block {missing[0]} has no attention sublayer to drop")
     elif request.drop_attention is not None:
-        scorer = CandidateScorer(
+        valid = make_batches(
             model_path,
             request.data,
+            "valid",
             tokens=request.tokens,
             seq_len=request.seq_len,
             batch_size=request.batch_size,
-            provider=request.provider,
         )
+        scorer = CandidateScorer(model_path, valid, data=request.data, provider=request.provider)
         dropped, scores, baseline = _choose_attention(
             model_path, structure, request, scorer, reporter
         )

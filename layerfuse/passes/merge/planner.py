@@ -268,14 +268,8 @@ def plan_merge(
         alignments = _alignments(model_path, structure, candidates, calibration, request, reporter)
     scorer = None
     if request.refit or any(len(options) > 1 for options in candidates):
-        scorer = CandidateScorer(
-            model_path,
-            request.calib,
-            tokens=request.valid_tokens,
-            seq_len=request.seq_len,
-            batch_size=request.batch_size,
-            provider=request.provider,
-        )
+        valid = batches("valid", request.valid_tokens)
+        scorer = CandidateScorer(model_path, valid, data=request.calib, provider=request.provider)
     chosen, selection_scores = _select_windows(
         model_path, base_plan, candidates, alignments, scorer, request, reporter
     )

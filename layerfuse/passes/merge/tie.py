@@ -23,7 +23,7 @@ from layerfuse.passes.detect import FeedForward, detect_structure
 from layerfuse.passes.graph import constant_array
 from layerfuse.passes.merge.ff_weights import FFWeights, average, read_ff_weights
 from layerfuse.passes.merge.plan import MergePlan, MergeWindow
-from layerfuse.passes.plan_io import check_fingerprint
+from layerfuse.passes.plan_io import check_plan_fits
 
 _PREFIX = "layerfuse.tied"
 
@@ -123,10 +123,7 @@ class TieFeedForwardsPass(ir.passes.InPlacePass):
         self.plan = plan
 
     def requires(self, model: ir.Model) -> None:
-        check_fingerprint(model, self.plan.fingerprint)
-        blocks = detect_structure(model).blocks
-        if len(blocks) != self.plan.num_blocks:
-            raise PlanError(f"the plan expects {self.plan.num_blocks} blocks, found {len(blocks)}")
+        blocks = check_plan_fits(model, self.plan.fingerprint, self.plan.num_blocks)
         for window in self.plan.windows:
             signatures = {_signature(blocks[i].ff) for i in window.blocks}
             if len(signatures) != 1:

@@ -24,7 +24,7 @@ import numpy as np
 import onnx_ir as ir
 
 from layerfuse.errors import PlanError
-from layerfuse.export.datasets import make_batches
+from layerfuse.export.datasets import InputBatch, make_batches
 from layerfuse.passes.detect import ModelStructure, detect_structure
 from layerfuse.passes.model_io import load_model
 from layerfuse.passes.prune.plan import PrunePlan
@@ -99,11 +99,8 @@ def _stream_pairs(structure: ModelStructure, target: str) -> list[tuple[str, str
 def block_influence(
     model_path: str | os.PathLike,
     target: str,
+    batches: list[InputBatch],
     *,
-    data: str = "fortunes",
-    tokens: int = 4096,
-    seq_len: int = 128,
-    batch_size: int = 8,
     provider: str = "auto",
     reporter: Reporter = SILENT,
 ) -> list[float]:
@@ -112,9 +109,6 @@ def block_influence(
     pairs = _stream_pairs(structure, target)
     names = sorted({name for pair in pairs for name in pair})
     tap = ActivationTap(model_path, names, provider=provider)
-    batches = make_batches(
-        model_path, data, "calib", tokens=tokens, seq_len=seq_len, batch_size=batch_size
-    )
     sums, count = np.zeros(len(pairs)), 0
     for rows in stream_rows(
         tap, batches, total=len(batches), reporter=reporter, description="block influence"
@@ -125,6 +119,17 @@ def block_influence(
             sums[index] += float((1.0 - (a * b).sum(axis=1) / np.maximum(norms, 1e-12)).sum())
         count += next(iter(rows.values())).shape[0]
     return (sums / max(count, 1)).tolist()
+
+
+def _batches(model_path: Path, request: PruneRequest, split: str, tokens: int) -> list:
+    return make_batches(
+        model_path,
+        request.data,
+        split,
+        tokens=tokens,
+        seq_len=request.seq_len,
+        batch_size=request.batch_size,
+    )
 
 
 def _parameters_removed(model_path: Path, plan: PrunePlan) -> int:
@@ -158,26 +163,20 @@ def plan_prune(
         count = _count(structure, request)
         make(list(range(min(count, num_blocks))))  # validates the count before any work
         if request.select == "influence":
+            calibration = _batches(model_path, request, "calib", request.tokens)
             scores = block_influence(
                 model_path,
                 request.target,
-                data=request.data,
-                tokens=request.tokens,
-                seq_len=request.seq_len,
-                batch_size=request.batch_size,
+                calibration,
                 provider=request.provider,
                 reporter=reporter,
             )
             chosen = sorted(np.argsort(scores, kind="stable")[:count].tolist())
             plan = make(chosen, {"method": "influence", "scores": scores})
         elif request.select == "sliding":
+            valid = _batches(model_path, request, "valid", request.valid_tokens)
             scorer = CandidateScorer(
-                model_path,
-                request.data,
-                tokens=request.valid_tokens,
-                seq_len=request.seq_len,
-                batch_size=request.batch_size,
-                provider=request.provider,
+                model_path, valid, data=request.data, provider=request.provider
             )
             scored = []
             starts = range(num_blocks - count + 1)

@@ -17,7 +17,7 @@ import onnx_ir.passes.common as common_passes
 from layerfuse.errors import PlanError
 from layerfuse.passes.detect import Block, Sublayer, detect_structure
 from layerfuse.passes.graph import bypass
-from layerfuse.passes.plan_io import check_fingerprint
+from layerfuse.passes.plan_io import check_plan_fits
 from layerfuse.passes.prune.plan import PrunePlan
 
 
@@ -40,10 +40,7 @@ class PruneSublayersPass(ir.passes.InPlacePass):
         self.plan = plan
 
     def requires(self, model: ir.Model) -> None:
-        check_fingerprint(model, self.plan.fingerprint)
-        blocks = detect_structure(model).blocks
-        if len(blocks) != self.plan.num_blocks:
-            raise PlanError(f"the plan expects {self.plan.num_blocks} blocks, found {len(blocks)}")
+        blocks = check_plan_fits(model, self.plan.fingerprint, self.plan.num_blocks)
         if self.plan.target == "attention":
             missing = [b for b in self.plan.blocks if blocks[b].attention is None]
             if missing:
