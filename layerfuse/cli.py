@@ -198,7 +198,7 @@ def _cmd_prune(args: argparse.Namespace) -> int:
             parameters=budget,
             blocks=blocks,
             select=args.select,
-            data=args.data,
+            data=args.calib,
             tokens=args.tokens,
             provider=args.provider,
         )
@@ -368,6 +368,25 @@ def _cmd_fuse(args: argparse.Namespace) -> int:
     return 0
 
 
+_DATA_HELP = "fortunes, random or a .txt file"
+_PROVIDER_HELP = "auto, cpu or cuda"
+
+
+def _rewrite_command(commands, name: str, description: str, output: str):
+    """A command that reads a model, plans a rewrite and writes OUTPUT with its plan."""
+    parser = commands.add_parser(name, help=description)
+    parser.add_argument("model", help="the original .onnx model")
+    parser.add_argument("-o", "--output", required=True, help=f"{output} (.onnx)")
+    return parser
+
+
+def _add_plan_options(parser) -> None:
+    parser.add_argument("--calib", default="fortunes", help=_DATA_HELP)
+    parser.add_argument("--plan", help="apply a saved plan instead of computing one")
+    parser.add_argument("--plan-out", help="where to write the plan (default: OUTPUT.plan.json)")
+    parser.add_argument("--provider", default="auto", help=_PROVIDER_HELP)
+
+
 def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="layerfuse",
@@ -401,18 +420,20 @@ def _build_parser() -> argparse.ArgumentParser:
         "evaluate", help="quality on real data and latency of a graph in onnxruntime"
     )
     evaluate.add_argument("model", help="an .onnx file with layerfuse.json beside it")
-    evaluate.add_argument("--data", default="fortunes", help="fortunes, random or a .txt file")
+    evaluate.add_argument("--data", default="fortunes", help=_DATA_HELP)
     evaluate.add_argument("--tokens", type=int, default=8192, help="evaluation tokens")
     evaluate.add_argument("--reference", help="original graph to measure output fidelity against")
-    evaluate.add_argument("--provider", default="auto", help="auto, cpu or cuda")
+    evaluate.add_argument("--provider", default="auto", help=_PROVIDER_HELP)
     evaluate.add_argument("--json", action="store_true", help="print the result as JSON")
     evaluate.set_defaults(handler=_cmd_evaluate)
 
-    merge = commands.add_parser(
-        "merge", help="align, average and tie consecutive FF sublayers (shared initializers)"
+    merge = _rewrite_command(
+        commands,
+        "merge",
+        "align, average and tie consecutive FF sublayers (shared initializers)",
+        "tied model",
     )
-    merge.add_argument("model", help="the original .onnx model")
-    merge.add_argument("-o", "--output", required=True, help="tied model (.onnx)")
+    _add_plan_options(merge)
     merge.add_argument(
         "--ratio", default="1/3", help="share of FF sublayers removed: 1/3, 0.5, all-but-one"
     )
@@ -432,22 +453,20 @@ def _build_parser() -> argparse.ArgumentParser:
         choices=["pre_activation", "hidden"],
         help="activations aligned on (the paper: before the nonlinearity)",
     )
-    merge.add_argument("--calib", default="fortunes", help="fortunes, random or a .txt file")
     merge.add_argument("--calib-tokens", type=int, default=10240)
     merge.add_argument("--valid-tokens", type=int, default=4096)
     merge.add_argument(
         "--refit", action="store_true", help="least-squares refit of the shared down-projection"
     )
-    merge.add_argument("--plan", help="apply a saved plan instead of computing one")
-    merge.add_argument("--plan-out", help="where to write the plan (default: OUTPUT.plan.json)")
-    merge.add_argument("--provider", default="auto", help="auto, cpu or cuda")
     merge.set_defaults(handler=_cmd_merge)
 
-    prune = commands.add_parser(
-        "prune", help="drop blocks or sublayers (the baseline merging is judged against)"
+    prune = _rewrite_command(
+        commands,
+        "prune",
+        "drop blocks or sublayers (the baseline merging is judged against)",
+        "pruned model",
     )
-    prune.add_argument("model", help="the original .onnx model")
-    prune.add_argument("-o", "--output", required=True, help="pruned model (.onnx)")
+    _add_plan_options(prune)
     prune.add_argument("--target", default="block", choices=["block", "ff", "attention"])
     budget = prune.add_mutually_exclusive_group()
     budget.add_argument("--count", type=int, help="how many blocks or sublayers to drop")
@@ -455,28 +474,26 @@ def _build_parser() -> argparse.ArgumentParser:
     budget.add_argument("--match-plan", help="remove as many parameters as this merge plan")
     budget.add_argument("--blocks", help="explicit block indices, e.g. 3,5,7")
     prune.add_argument("--select", default="influence", choices=["influence", "sliding"])
-    prune.add_argument("--data", default="fortunes", help="fortunes, random or a .txt file")
     prune.add_argument("--tokens", type=int, default=4096)
-    prune.add_argument("--plan", help="apply a saved prune plan")
-    prune.add_argument("--plan-out", help="where to write the plan (default: OUTPUT.plan.json)")
-    prune.add_argument("--provider", default="auto", help="auto, cpu or cuda")
     prune.set_defaults(handler=_cmd_prune)
 
     analyze = commands.add_parser(
         "analyze", help="CKA between every pair of FF and of attention sublayer outputs"
     )
     analyze.add_argument("model", help="an .onnx file with layerfuse.json beside it")
-    analyze.add_argument("--calib", default="fortunes", help="fortunes, random or a .txt file")
+    analyze.add_argument("--calib", default="fortunes", help=_DATA_HELP)
     analyze.add_argument("--tokens", type=int, default=4096)
     analyze.add_argument("--out", help="output folder (default: MODEL_DIR/analysis)")
-    analyze.add_argument("--provider", default="auto", help="auto, cpu or cuda")
+    analyze.add_argument("--provider", default="auto", help=_PROVIDER_HELP)
     analyze.set_defaults(handler=_cmd_analyze)
 
-    fuse = commands.add_parser(
-        "fuse", help="remove attention and fuse runs of FFN-only blocks into one wide FFN"
+    fuse = _rewrite_command(
+        commands,
+        "fuse",
+        "remove attention and fuse runs of FFN-only blocks into one wide FFN",
+        "fused model",
     )
-    fuse.add_argument("model", help="the original .onnx model")
-    fuse.add_argument("-o", "--output", required=True, help="fused model (.onnx)")
+    _add_plan_options(fuse)
     fuse.add_argument(
         "--drop-attention",
         help="N least important attention sublayers, 'auto', or explicit blocks like 3,5,7",
@@ -501,11 +518,7 @@ def _build_parser() -> argparse.ArgumentParser:
         default=0.1,
         help="with --drop-attention auto: allowed relative validation loss (default 0.1)",
     )
-    fuse.add_argument("--calib", default="fortunes", help="fortunes, random or a .txt file")
     fuse.add_argument("--tokens", type=int, default=2048)
-    fuse.add_argument("--plan", help="apply a saved fuse plan")
-    fuse.add_argument("--plan-out", help="where to write the plan (default: OUTPUT.plan.json)")
-    fuse.add_argument("--provider", default="auto", help="auto, cpu or cuda")
     fuse.set_defaults(handler=_cmd_fuse)
 
     bench = commands.add_parser(
@@ -516,7 +529,7 @@ def _build_parser() -> argparse.ArgumentParser:
     bench.add_argument(
         "--inputs", default="1x32,1x128", help="BATCHxSEQUENCE shapes, e.g. 1x32,8x512"
     )
-    bench.add_argument("--provider", default="auto", help="auto, cpu or cuda")
+    bench.add_argument("--provider", default="auto", help=_PROVIDER_HELP)
     bench.add_argument("--warmup", type=int, default=3)
     bench.add_argument("--runs", type=int, default=20)
     bench.add_argument("--threads", type=int, help="intra-op threads (default: onnxruntime's)")

@@ -111,7 +111,7 @@ def test_sliding_selection_and_merge_budget(tiny, tmp_path):
                 "sliding",
                 "--match-plan",
                 str(tmp_path / "merge.plan.json"),
-                "--data",
+                "--calib",
                 "random",
             ]
         )
