@@ -94,3 +94,43 @@ def test_graph_without_ff_is_a_clear_error(tmp_path, capsys):
     assert main(["inspect", str(path)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("layerfuse: error: no feed-forward sublayer")
+
+
+def test_graphs_fused_by_the_onnxruntime_optimizer_are_read_and_merged(tiny, tmp_path):
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    from layerfuse.export.datasets import make_batches
+    from layerfuse.export.manifest import carry_manifest
+    from layerfuse.passes.merge import MergeRequest, apply_merge_plan, plan_merge
+    from layerfuse.runtime.session import session_for_ir
+
+    path = tiny.model("llama")
+    optimized = tmp_path / "optimized" / "model.onnx"
+    optimized.parent.mkdir()
+    optimize_model(
+        str(path), model_type="gpt2", num_heads=4, hidden_size=32, opt_level=0
+    ).save_model_to_file(str(optimized))
+    carry_manifest(path, optimized)
+    structure = detect_structure(load_model(optimized))
+    assert [b.ff.kind for b in structure.blocks] == ["swiglu"] * tiny_models.LAYERS
+    residuals = {b.ff_wiring.residual.node.op_type for b in structure.blocks}
+    assert residuals == {"SkipSimplifiedLayerNormalization"}
+    batch = make_batches(path, "random", "calib", tokens=64, seq_len=16, batch_size=4)[0]
+    outputs = []
+    for graph in (path, optimized):
+        plan = plan_merge(graph, MergeRequest(ranges=[(1, 2)], method="vanilla"))
+        merged = apply_merge_plan(graph, plan)
+        outputs.append(
+            session_for_ir(merged, graph.parent, provider="cpu").run(None, batch.feeds)[0]
+        )
+    np.testing.assert_allclose(outputs[0], outputs[1], atol=1e-4)
+    # Rewrites of the residual stream refuse fused residual Adds instead of guessing.
+    from layerfuse.errors import PlanError
+    from layerfuse.passes.fuse import FuseFeedForwardsPass
+    from layerfuse.passes.prune import PruneRequest, plan_prune
+    from layerfuse.passes.running import run_pass
+
+    with pytest.raises(PlanError, match="fused into SkipSimplifiedLayerNormalization"):
+        plan_prune(optimized, PruneRequest(target="ff", blocks=[1]))
+    with pytest.raises(PlanError, match="fused into SkipSimplifiedLayerNormalization"):
+        run_pass(FuseFeedForwardsPass([(1, 1)]), load_model(optimized))

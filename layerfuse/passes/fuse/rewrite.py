@@ -38,6 +38,11 @@ def _check_group(blocks: list[Block], first: int, last: int) -> None:
             )
     for block in run:
         wiring = block.ff_wiring
+        if wiring.residual is not None and wiring.residual.node.op_type != "Add":
+            raise PlanError(
+                f"block {block.index}: its residual Add is fused into "
+                f"{wiring.residual.node.op_type}; fuse before onnxruntime's optimizer runs"
+            )
         if wiring.norm_position != "pre" or wiring.norm is None or wiring.residual is None:
             raise PlanError(
                 f"block {block.index}: FFN fusion needs pre-norm FFNs with a residual Add "

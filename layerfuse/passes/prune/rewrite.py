@@ -41,6 +41,17 @@ class PruneSublayersPass(ir.passes.InPlacePass):
 
     def requires(self, model: ir.Model) -> None:
         blocks = check_plan_fits(model, self.plan.fingerprint, self.plan.num_blocks)
+        for index in self.plan.blocks:
+            wirings = [blocks[index].ff_wiring, blocks[index].attention_wiring]
+            if any(
+                w is not None and w.residual is not None and w.residual.node.op_type != "Add"
+                for w in wirings
+            ):
+                raise PlanError(
+                    f"block {index}: its residual Add is fused into "
+                    f"{blocks[index].ff_wiring.residual.node.op_type}; prune the graph before "
+                    f"onnxruntime's optimizer fuses it"
+                )
         if self.plan.target == "attention":
             missing = [b for b in self.plan.blocks if blocks[b].attention is None]
             if missing:
