@@ -1,10 +1,17 @@
 #!/usr/bin/env bash
 # Set up, then the main job on a real packaged model (SmolLM2-135M): export to ONNX with
-# verification against torch, map its blocks and FF sublayers, and measure it in onnxruntime.
+# verification against torch, map its blocks and FF sublayers, tie the FF sublayers of its
+# last blocks with aligned merging, and measure original and tied graphs side by side.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-RUN=runs/smollm2
-.venv/bin/layerfuse export smollm2-135m -o "$RUN"
-.venv/bin/layerfuse inspect "$RUN/model.onnx"
-.venv/bin/layerfuse evaluate "$RUN/model.onnx" --tokens 4096
+RUN=runs/demo
+LF=.venv/bin/layerfuse
+[ -f "$RUN/original/model.onnx" ] || $LF export smollm2-135m -o "$RUN/original"
+$LF inspect "$RUN/original/model.onnx"
+$LF merge "$RUN/original/model.onnx" -o "$RUN/tied/model.onnx" --blocks 25-28 \
+    --method permute --refit --calib-tokens 4096 --valid-tokens 2048
+$LF bench "$RUN/original/model.onnx" "$RUN/tied/model.onnx" --names original,tied \
+    --inputs 1x32,1x128 --runs 10 --eval fortunes --eval-tokens 4096 \
+    --json "$RUN/report.json" --markdown "$RUN/report.md" --plot "$RUN/report.png"
+echo "report: $RUN/report.md and $RUN/report.png"

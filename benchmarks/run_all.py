@@ -1,0 +1,53 @@
+"""Regenerate every committed result in benchmarks/results/ and its summary page.
+
+    python benchmarks/run_all.py          # about 2.5 hours on 2 CPU cores
+
+Runs, in order: merge quality (issue 4), pruning vs merging and CKA (issue 6), FFN Fusion
+latency (issue 5), the side-by-side harness run (issue 7), then writes SUMMARY.md.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results"
+STEPS = ("merge_quality.py", "prune_vs_merge.py", "ffn_fusion.py", "side_by_side.py")
+
+
+def summary() -> str:
+    lines = [
+        "# Benchmark results\n",
+        "Every file here comes from one script in `benchmarks/`; "
+        "`python benchmarks/run_all.py` regenerates all of them.\n",
+        "| result | produced by | command | date | machine |",
+        "|---|---|---|---|---|",
+    ]
+    for path in sorted(RESULTS.glob("*.json")):
+        data = json.loads(path.read_text())
+        machine = data.get("environment", {}).get("machine", {})
+        described = f"{machine.get('cpu', '?')}, {machine.get('cores', '?')} cores"
+        if machine.get("gpu"):
+            described += f", {machine['gpu']}"
+        lines.append(
+            f"| [{path.stem}]({path.stem}.md) | `{data.get('benchmark', path.stem)}` | "
+            f"`{data.get('command', '')}` | {data.get('date', '')} | {described} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main() -> int:
+    for step in STEPS:
+        print(f"== {step}", flush=True)
+        if subprocess.run([sys.executable, str(HERE / step)], check=False).returncode != 0:
+            print(f"{step} failed", file=sys.stderr)
+            return 1
+    (RESULTS / "SUMMARY.md").write_text(summary())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
