@@ -2,7 +2,7 @@
 
     python benchmarks/run_all.py          # about 2.5 hours on 2 CPU cores
 
-Runs, in order: merge quality (issue 4), pruning vs merging and CKA (issue 6), FFN Fusion
+Runs, in order: merge quality and ablations (issue 4), pruning vs merging and CKA (issue 6), FFN Fusion
 latency (issue 5), the side-by-side harness run (issue 7), then writes SUMMARY.md.
 """
 
@@ -15,7 +15,13 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
-STEPS = ("merge_quality.py", "prune_vs_merge.py", "ffn_fusion.py", "side_by_side.py")
+STEPS = (
+    "merge_quality.py",
+    "merge_ablations.py",
+    "prune_vs_merge.py",
+    "ffn_fusion.py",
+    "side_by_side.py",
+)
 
 
 def summary() -> str:
