@@ -1,0 +1,70 @@
+"""Real text and labels: stable disjoint splits, balanced classes, batches of the right shape."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from layerfuse.cli import main
+from layerfuse.errors import DataError
+from layerfuse.export import corpus
+from layerfuse.export.batches import packed_batches
+from layerfuse.export.datasets import make_batches, parse_spec
+from tests import tiny_models
+
+
+def test_fortune_splits_are_disjoint_stable_and_sized():
+    splits = {name: corpus.split_texts(name) for name in corpus.SPLITS}
+    sets = {name: set(texts) for name, texts in splits.items()}
+    assert not sets["calib"] & sets["valid"] and not sets["calib"] & sets["test"]
+    assert not sets["valid"] & sets["test"]
+    total = sum(len(texts) for texts in splits.values())
+    assert total > 10_000
+    assert 0.45 < len(splits["calib"]) / total < 0.55
+    assert corpus.split_texts("test")[:5] == splits["test"][:5]
+
+
+def test_topic_dataset_is_balanced_and_labelled():
+    for split in ("train", "test"):
+        texts, labels, names = corpus.topic_dataset(split)
+        assert names == list(corpus.TOPIC_CLASSES)
+        assert np.bincount(labels).tolist() == [150] * len(names)
+        assert len(set(texts)) == len(texts)
+    train, _, _ = corpus.topic_dataset("train")
+    test, _, _ = corpus.topic_dataset("test")
+    assert not set(train) & set(test)
+
+
+def test_packed_batches_have_no_padding_and_respect_the_budget():
+    tokenizer = tiny_models.make_tokenizer()
+    texts = ["the quick brown fox jumps over the lazy dog"] * 40
+    batches = list(packed_batches(tokenizer, texts, seq_len=16, batch_size=4, max_tokens=160))
+    assert sum(b.input_ids.shape[0] for b in batches) == 10
+    assert all(b.input_ids.shape[1] == 16 and b.attention_mask.all() for b in batches)
+
+
+def test_text_file_spec_and_bad_specs(tiny, tmp_path):
+    text = tmp_path / "notes.txt"
+    text.write_text("\n\n".join(f"paragraph {i} of the world and the people" for i in range(80)))
+    batches = make_batches(tiny.model("llama"), str(text), "calib", tokens=64, seq_len=16)
+    assert batches and batches[0].feeds["input_ids"].shape[1] == 16
+    with pytest.raises(DataError, match="does not exist"):
+        parse_spec(str(tmp_path / "missing.txt"))
+    with pytest.raises(DataError, match="unknown data"):
+        parse_spec("wikipedia")
+
+
+def test_evaluate_reports_quality_and_latency(tiny, capsys):
+    path = str(tiny.model("llama"))
+    capsys.readouterr()
+    assert main(["evaluate", path, "--tokens", "256", "--reference", path, "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["metric"] == "perplexity" and 1.0 < result["perplexity"] < 10 * 256
+    assert result["fidelity"]["max_abs_diff"] == 0.0
+    assert result["latency_batch1"]["runs"] == 10 and result["latency_batch1"]["p50_ms"] > 0
+    capsys.readouterr()
+    assert main(["evaluate", str(tiny.model("bert")), "--json"]) == 0
+    accuracy = json.loads(capsys.readouterr().out)["topic_accuracy"]
+    assert 0.0 <= accuracy <= 1.0
