@@ -138,7 +138,7 @@ def _write_variant(source: str, output: Path, model, plan, plan_path: Path) -> s
 
 def _cmd_merge(args: argparse.Namespace) -> int:
     from layerfuse.passes.merge import MergePlan, MergeRequest, apply_merge_plan, plan_merge
-    from layerfuse.passes.merge.planner import parse_ranges
+    from layerfuse.passes.plan_io import parse_ranges
     from layerfuse.tables import human_bytes, human_count
 
     output = _output_path(args.output)
@@ -312,7 +312,7 @@ def _cmd_fuse(args: argparse.Namespace) -> int:
     import numpy as np
 
     from layerfuse.passes.fuse import FusePlan, FuseRequest, apply_fuse_plan, plan_fuse
-    from layerfuse.passes.merge.planner import parse_ranges
+    from layerfuse.passes.plan_io import parse_ranges
     from layerfuse.plots import bar_chart, heatmap
 
     output = _output_path(args.output)

@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
-__all__ = ["check_fingerprint", "check_plan_fits", "read_plan_json", "write_json_atomic"]
+__all__ = [
+    "check_fingerprint",
+    "check_plan_fits",
+    "parse_ranges",
+    "read_plan_json",
+    "write_json_atomic",
+]
 
 import json
 import os
@@ -50,3 +56,15 @@ def check_plan_fits(model: ir.Model, expected_fingerprint: str, num_blocks: int)
     if len(blocks) != num_blocks:
         raise PlanError(f"the plan expects {num_blocks} blocks, found {len(blocks)}")
     return blocks
+
+
+def parse_ranges(text: str) -> list[tuple[int, int]]:
+    """``"3-8,12-15"`` -> ``[(3, 8), (12, 15)]`` (inclusive block indices)."""
+    ranges = []
+    for part in text.split(","):
+        try:
+            first, last = (int(x) for x in part.strip().split("-"))
+        except ValueError:
+            raise PlanError(f"window '{part}' is not a range like 3-8") from None
+        ranges.append((first, last))
+    return ranges

@@ -18,7 +18,6 @@ from __future__ import annotations
 __all__ = [
     "MergeRequest",
     "apply_merge_plan",
-    "parse_ranges",
     "plan_merge",
     "refit_down_projections",
     "refit_systems",
@@ -26,7 +25,7 @@ __all__ = [
 ]
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -75,19 +74,6 @@ class MergeRequest:
     refit: bool = False
     provider: str = "auto"
     memory_budget_bytes: int = 2 * 1024**3
-    extra: dict = field(default_factory=dict)
-
-
-def parse_ranges(text: str) -> list[tuple[int, int]]:
-    """``"3-8,12-15"`` -> ``[(3, 8), (12, 15)]`` (inclusive block indices)."""
-    ranges = []
-    for part in text.split(","):
-        try:
-            first, last = (int(x) for x in part.strip().split("-"))
-        except ValueError:
-            raise PlanError(f"window '{part}' is not a range like 3-8") from None
-        ranges.append((first, last))
-    return ranges
 
 
 def score_candidate(model_path: Path, plan: MergePlan, scorer: CandidateScorer) -> float:
