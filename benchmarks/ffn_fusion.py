@@ -65,7 +65,7 @@ def main() -> None:
     log("choosing attention to remove and measuring block dependency")
     plan = plan_fuse(
         original,
-        FuseRequest(drop_attention=args.drop, contiguous=True, tokens=2048, provider="cpu"),
+        FuseRequest(drop_attention=args.drop, contiguous=True, tokens=2048, provider=args.provider),
     )
     (run,) = plan.runs
     first, last = run

@@ -282,3 +282,18 @@ def test_plan_for_another_model_is_refused(tiny):
     plan = plan_merge(tiny.model("llama"), MergeRequest(ranges=[(0, 1)], method="vanilla"))
     with pytest.raises(PlanError, match="fingerprint"):
         apply_merge_plan(tiny.model("llama", "torchscript"), plan)
+
+
+def test_several_windows_are_placed_without_overlap(tiny):
+    path = tiny.model("llama")
+    request = MergeRequest(
+        ratio="1/2", windows=2, method="vanilla", calib="random", valid_tokens=256, seq_len=16
+    )
+    plan = plan_merge(path, request)
+    first, second = (w.blocks for w in plan.windows)
+    assert len(first) == len(second) == 2 and not set(first) & set(second)
+    assert plan.selection["candidates"][0], "the first window was chosen by validation score"
+    assert plan.merged_blocks == 2
+    tied = apply_merge_plan(path, plan)
+    shared = {b.ff.linears["up"].consumed_weight.name for b in detect_structure(tied).blocks}
+    assert len(shared) == 2

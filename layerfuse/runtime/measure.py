@@ -92,6 +92,7 @@ def _probe(model_path: str, feeds_path: str, provider: str, prepacking: str) -> 
     with np.load(feeds_path) as data:
         feeds = {name: data[name] for name in data.files}
     before = rss_bytes()
+    device_before = _device_used_bytes() if provider == "cuda" else 0
     session = create_session(
         model_path,
         provider=provider,
@@ -102,23 +103,28 @@ def _probe(model_path: str, feeds_path: str, provider: str, prepacking: str) -> 
     session.run(None, adapt_feeds(session, feeds))
     host = rss_bytes() - before
     if provider == "cuda":
-        return {"load_bytes": 0, "after_run_bytes": _device_bytes(os.getpid()), "host_bytes": host}
+        return {
+            "load_bytes": 0,
+            "after_run_bytes": _device_used_bytes() - device_before,
+            "host_bytes": host,
+        }
     return {"load_bytes": loaded - before, "after_run_bytes": host}
 
 
-def _device_bytes(pid: int) -> int:
-    """GPU memory held by process ``pid``, as nvidia-smi reports it (MiB resolution)."""
+def _device_used_bytes() -> int:
+    """Memory in use on GPU 0, as nvidia-smi reports it (MiB resolution).
+
+    Read for the whole device rather than per process: inside containers and VMs the
+    process ids nvidia-smi lists often belong to another PID namespace. The probe runs
+    alone in its own process, so the growth between two readings is its own.
+    """
     result = subprocess.run(
-        ["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"],
+        ["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits", "-i", "0"],
         capture_output=True,
         text=True,
         check=True,
     )
-    for line in result.stdout.splitlines():
-        owner, used = (part.strip() for part in line.split(","))
-        if int(owner) == pid:
-            return int(used) * 1024 * 1024
-    return 0
+    return int(result.stdout.strip().splitlines()[0]) * 1024 * 1024
 
 
 def measure_memory(
