@@ -2,8 +2,10 @@
 
     python benchmarks/run_all.py          # about 2.5 hours on 2 CPU cores
 
-Runs, in order: merge quality and ablations (issue 4), pruning vs merging and CKA (issue 6), FFN Fusion
-latency (issue 5), the side-by-side harness run (issue 7), then writes SUMMARY.md.
+Runs, in order: merge quality and ablations (issue 4), pruning vs merging and CKA (issue 6),
+FFN Fusion latency (issue 5), the side-by-side harness run (issue 7), then writes SUMMARY.md.
+The CUDA results (``*_cuda.*``) come from ``ffn_fusion.py --provider cuda --tag cuda`` and the
+``layerfuse bench`` command recorded in ``harness_cuda.json``, run on a GPU machine.
 """
 
 from __future__ import annotations

@@ -73,14 +73,15 @@ def bench_markdown(document: dict) -> str:
     headers, rows = _rows(document)
     config = document["config"]
     machine = document["environment"]["machine"]
-    packages = document["environment"]["packages"]
+    environment = document["environment"]
+    loaded = environment.get("onnxruntime_loaded") or environment["packages"].get("onnxruntime")
     lines = [
         f"Provider `{document['provider']}`; {config['runs']} interleaved runs after "
         f"{config['warmup']} warm-up runs per input shape (batch x sequence); speedup and "
         f"memory are ratios against `{rows[0][0]}` measured in the same run.",
         f"Machine: {machine['cpu']}, {machine['cores']} cores"
         + (f", GPU {machine['gpu']}" if machine.get("gpu") else "")
-        + f"; onnxruntime {packages.get('onnxruntime') or packages.get('onnxruntime-gpu')}.",
+        + f"; onnxruntime {loaded}.",
         "",
         "| " + " | ".join(headers) + " |",
         "|" + "---|" * len(headers),

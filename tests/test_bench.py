@@ -35,7 +35,7 @@ def _two_matmuls(path, duplicate: bool, side: int = SIDE) -> None:
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", side])],
         weights,
     )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=10)
     if side * side * 4 >= 1 << 20:
         onnx.save(model, path, save_as_external_data=True, location=path.name + ".data")
     else:

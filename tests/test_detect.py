@@ -88,7 +88,9 @@ def test_graph_without_ff_is_a_clear_error(tmp_path, capsys):
         [weight],
     )
     path = tmp_path / "linear.onnx"
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), path)
+    onnx.save(
+        helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=10), path
+    )
     with pytest.raises(DetectionError):
         detect_structure(load_model(path))
     assert main(["inspect", str(path)]) == 2

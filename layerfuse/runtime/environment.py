@@ -77,5 +77,7 @@ def environment() -> dict:
         },
         "python": platform.python_version(),
         "packages": {name: v for name in packages if (v := _version(name)) is not None},
+        # The module actually imported: onnxruntime and onnxruntime-gpu can both be installed.
+        "onnxruntime_loaded": onnxruntime.__version__,
         "onnxruntime_providers": onnxruntime.get_available_providers(),
     }
