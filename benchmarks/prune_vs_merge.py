@@ -49,13 +49,19 @@ def merge_rows(model: str) -> list[dict]:
     return [r for r in json.loads(source.read_text())["rows"] if r["model"] == model]
 
 
+RATIO_ORDER = {"0": 0, "1/3": 1, "1/2": 2, "all-but-one": 3}
+
+
 def prune_rows(model: str, merges: list[dict]) -> list[dict]:
     original = exported_model(model)
     structure = detect_structure(load_model(original))
     total = structure.parameter_count
     ff_parameters = structure.blocks[0].ff.parameter_count
     rows = []
-    budgets = sorted({(r["ratio"], r["parameters_removed"]) for r in merges if r["ratio"] != "0"})
+    budgets = sorted(
+        {(r["ratio"], r["parameters_removed"]) for r in merges if r["ratio"] != "0"},
+        key=lambda budget: budget[1],
+    )
     for ratio, budget in budgets:
         for target, select in PRUNING:
             request = PruneRequest(
@@ -116,7 +122,10 @@ def markdown(rows: list[dict], similarity: dict) -> str:
         "Merge rows come from that benchmark (`refit` = least-squares refit).\n",
     ]
     for model in dict.fromkeys(r["model"] for r in rows):
-        own = [r for r in rows if r["model"] == model]
+        own = sorted(
+            (r for r in rows if r["model"] == model),
+            key=lambda r: RATIO_ORDER.get(r["ratio"], len(RATIO_ORDER)),
+        )
         table = [
             [r["ratio"], r["method"], f"{r['parameters_removed_pct']:.1f}%", f"{r['value']:.4g}"]
             for r in own

@@ -23,6 +23,7 @@ STEPS = (
     "prune_vs_merge.py",
     "ffn_fusion.py",
     "side_by_side.py",
+    "prepacking.py",
 )
 
 

@@ -1,7 +1,8 @@
 """The variants of the other benchmarks against the original SmolLM2, in one harness run.
 
 Uses the graphs that ``merge_quality.py``, ``prune_vs_merge.py`` and ``ffn_fusion.py`` wrote:
-the best 1/3 merge (tied weights), block pruning at the same budget, and the fused model.
+the best 1/3 merge (tied weights), block pruning at the same budget, and the fused model
+(`fused`: the run fused except its last FFN, as in the paper).
 All are measured together by ``layerfuse bench`` (interleaved, with memory and perplexity).
 
     python benchmarks/side_by_side.py
@@ -33,7 +34,7 @@ def main() -> None:
         "original": exported_model(MODEL),
         f"merged ({merge})": WORK / "merge" / MODEL / merge / "model.onnx",
         "pruned (1/3, blocks)": WORK / "prune" / MODEL / "1_3-block-influence" / "model.onnx",
-        "fused": WORK / "fusion" / "fused-all" / "model.onnx",
+        "fused (paper: last FFN of the run unfused)": WORK / "fusion" / "fused" / "model.onnx",
     }
     missing = [str(path) for path in graphs.values() if not path.exists()]
     if missing:

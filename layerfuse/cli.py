@@ -262,6 +262,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         warmup=args.warmup,
         runs=args.runs,
         threads=args.threads,
+        prepacking={"auto": None, "on": True, "off": False}[args.prepacking],
         memory=not args.no_memory,
         eval_data=args.eval,
         eval_tokens=args.eval_tokens,
@@ -533,6 +534,12 @@ def _build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--warmup", type=int, default=3)
     bench.add_argument("--runs", type=int, default=20)
     bench.add_argument("--threads", type=int, help="intra-op threads (default: onnxruntime's)")
+    bench.add_argument(
+        "--prepacking",
+        default="auto",
+        choices=["auto", "on", "off"],
+        help="CPU MatMul weight pre-packing; auto turns it off where weights are shared",
+    )
     bench.add_argument("--no-memory", action="store_true", help="skip memory measurement")
     bench.add_argument("--eval", help="quality data (fortunes, random or a .txt file)")
     bench.add_argument("--eval-tokens", type=int, default=8192)

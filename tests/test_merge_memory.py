@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
+from layerfuse.cli import main
 from layerfuse.passes.merge import MergeRequest, apply_merge_plan, plan_merge
 from layerfuse.passes.model_io import load_model, save_model
 from layerfuse.runtime.measure import measure_memory
@@ -43,3 +46,24 @@ def test_tied_smollm2_saves_at_least_95_percent_of_removed_bytes(real, tmp_path)
     assert plan.bytes_removed == 10 * 3 * 576 * 1536 * 4
     feeds = {"input_ids": np.ones((1, 32), np.int64), "attention_mask": np.ones((1, 32), np.int64)}
     assert _saving(original, tied, feeds) >= 0.95 * plan.bytes_removed
+
+
+def test_bench_prepacking_switch_reaches_the_sessions(tmp_path):
+    # Pre-packing on brings back per-MatMul copies of the shared weight; --prepacking on/off
+    # must reach both the timed sessions and the memory probe.
+    source = graphs.ff_stack(tmp_path / "src.onnx", [2048] * 8, model_dim=512, kind="relu")
+    original = save_model(load_model(source), tmp_path / "a" / "model.onnx", external_data=True)
+    plan = plan_merge(original, MergeRequest(ranges=[(0, 7)], method="vanilla"))
+    tied = save_model(
+        apply_merge_plan(original, plan), tmp_path / "b" / "model.onnx", external_data=True
+    )
+    memory = {}
+    for switch in ("on", "off"):
+        out = tmp_path / f"{switch}.json"
+        argv = ["bench", str(tied), "--inputs", "1x64", "--runs", "2", "--warmup", "1"]
+        assert main([*argv, "--prepacking", switch, "--json", str(out)]) == 0
+        document = json.loads(out.read_text())
+        assert document["config"]["prepacking"] == (switch == "on")
+        memory[switch] = document["graphs"][0]["memory"]["after_run_bytes"]
+    one_weight = 512 * 2048 * 4
+    assert memory["on"] - memory["off"] >= one_weight

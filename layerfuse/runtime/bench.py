@@ -33,6 +33,8 @@ class BenchConfig:
     warmup: int = 3
     runs: int = 20
     threads: int | None = None
+    # None: layerfuse's policy (off when MatMul weights are shared); True/False force it.
+    prepacking: bool | None = None
     memory: bool = True
     eval_data: str | None = None
     eval_tokens: int = 8192
@@ -44,6 +46,7 @@ class BenchConfig:
             "warmup": self.warmup,
             "runs": self.runs,
             "threads": self.threads,
+            "prepacking": self.prepacking,
             "eval_data": self.eval_data,
             "eval_tokens": self.eval_tokens,
         }
@@ -142,7 +145,10 @@ def run_bench(
     _check_same_inputs(paths)
     reporter.step(f"building {len(paths)} sessions on {provider}")
     sessions = [
-        create_session(path, provider=config.provider, threads=config.threads) for path in paths
+        create_session(
+            path, provider=config.provider, threads=config.threads, prepacking=config.prepacking
+        )
+        for path in paths
     ]
     for shape in reporter.track(config.shapes, len(config.shapes), "timing shapes"):
         feeds = synthetic_feeds(paths[0], shape)
@@ -154,7 +160,9 @@ def run_bench(
         feeds = synthetic_feeds(paths[0], config.shapes[0])
         device = "cuda" if provider == PROVIDERS["cuda"] else "cpu"
         for result in reporter.track(results, len(results), "memory"):
-            result.memory = measure_memory(result.path, feeds, provider=device)
+            result.memory = measure_memory(
+                result.path, feeds, provider=device, prepacking=config.prepacking
+            )
     if config.eval_data:
         _add_quality(results, config, reporter)
     return _document(results, config, provider)
