@@ -22,15 +22,20 @@ def _saving(original, tied, feeds) -> int:
     )
 
 
-def test_tied_stack_saves_at_least_95_percent_of_removed_bytes(tmp_path):
-    # 8 FFs of 512 x 2048 (8 MiB each): the shape where ORT's per-node pre-packing would keep
-    # a private copy of a shared weight for every MatMul that reads it.
+def _tied_stack(tmp_path):
+    """8 FFs of 512 x 2048 (8 MiB each) and the same stack tied into one: the shape where ORT's
+    per-node pre-packing keeps a private copy of a shared weight for every MatMul reading it."""
     source = graphs.ff_stack(tmp_path / "src.onnx", [2048] * 8, model_dim=512, kind="relu")
     original = save_model(load_model(source), tmp_path / "a" / "model.onnx", external_data=True)
     plan = plan_merge(original, MergeRequest(ranges=[(0, 7)], method="vanilla"))
     tied = save_model(
         apply_merge_plan(original, plan), tmp_path / "b" / "model.onnx", external_data=True
     )
+    return original, tied, plan
+
+
+def test_tied_stack_saves_at_least_95_percent_of_removed_bytes(tmp_path):
+    original, tied, plan = _tied_stack(tmp_path)
     import onnx
 
     assert has_shared_matmul_weights(onnx.load(tied, load_external_data=False))
@@ -51,12 +56,7 @@ def test_tied_smollm2_saves_at_least_95_percent_of_removed_bytes(real, tmp_path)
 def test_bench_prepacking_switch_reaches_the_sessions(tmp_path):
     # Pre-packing on brings back per-MatMul copies of the shared weight; --prepacking on/off
     # must reach both the timed sessions and the memory probe.
-    source = graphs.ff_stack(tmp_path / "src.onnx", [2048] * 8, model_dim=512, kind="relu")
-    original = save_model(load_model(source), tmp_path / "a" / "model.onnx", external_data=True)
-    plan = plan_merge(original, MergeRequest(ranges=[(0, 7)], method="vanilla"))
-    tied = save_model(
-        apply_merge_plan(original, plan), tmp_path / "b" / "model.onnx", external_data=True
-    )
+    _, tied, _ = _tied_stack(tmp_path)
     memory = {}
     for switch in ("on", "off"):
         out = tmp_path / f"{switch}.json"
