@@ -32,7 +32,7 @@ from layerfuse.export.datasets import make_batches
 from layerfuse.export.manifest import carry_manifest, require_manifest
 from layerfuse.passes.detect import detect_structure
 from layerfuse.passes.merge import MergeRequest, apply_merge_plan, plan_merge
-from layerfuse.passes.merge.planner import REFIT_SHRINKAGE, refit_systems, score_candidate
+from layerfuse.passes.merge.planner import choose_shrinkage, refit_systems
 from layerfuse.passes.model_io import load_model, save_model
 from layerfuse.passes.scoring import CandidateScorer
 from layerfuse.runtime.evaluate import topic_accuracy
@@ -138,21 +138,7 @@ def choose_refit(original: Path, plan, calibration: list, scorer: CandidateScore
     """Refit with the shrinkage that scores best on validation (always applied, so the table
     shows what refit does even where the merge command's guard would drop it)."""
     systems = refit_systems(original, plan, calibration, provider="cpu")
-    plan.refit_weights = {}
-    baseline = score_candidate(original, plan, scorer)
-    trials = []
-    for shrinkage in REFIT_SHRINKAGE:
-        plan.refit_weights = {i: system.solve(shrinkage) for i, system in enumerate(systems)}
-        trials.append((score_candidate(original, plan, scorer), shrinkage))
-    best_score, best = min(trials)
-    plan.refit_weights = {i: system.solve(best) for i, system in enumerate(systems)}
-    plan.refit = {
-        "metric": scorer.metric,
-        "before": baseline,
-        "after": best_score,
-        "shrinkage": best,
-        "kept": best_score < baseline,
-    }
+    plan.refit = choose_shrinkage(original, plan, systems, scorer)
 
 
 def save_checkpoint(rows: list[dict]) -> None:

@@ -371,6 +371,36 @@ def refit_down_projections(
     return {index: system.solve(shrinkage) for index, system in enumerate(systems)}
 
 
+def choose_shrinkage(
+    model_path: Path,
+    plan: MergePlan,
+    systems: list[RefitSystem],
+    scorer: CandidateScorer,
+    reporter: Reporter = SILENT,
+) -> dict:
+    """Score plain averaging and every refit strength on validation data.
+
+    Leaves ``plan.refit_weights`` at the best strength and returns the record stored as
+    ``plan.refit``; whether to keep a refit that lost to averaging is the caller's choice.
+    """
+    plan.refit_weights = {}
+    baseline = score_candidate(model_path, plan, scorer)
+    trials = []
+    for shrinkage in reporter.track(REFIT_SHRINKAGE, len(REFIT_SHRINKAGE), "refit shrinkage"):
+        plan.refit_weights = {i: system.solve(shrinkage) for i, system in enumerate(systems)}
+        trials.append((score_candidate(model_path, plan, scorer), shrinkage))
+    best_score, best_shrinkage = min(trials)
+    plan.refit_weights = {i: system.solve(best_shrinkage) for i, system in enumerate(systems)}
+    return {
+        "metric": scorer.metric,
+        "before": baseline,
+        "after": best_score,
+        "shrinkage": best_shrinkage,
+        "trials": [{"shrinkage": lam, "score": score} for score, lam in trials],
+        "kept": best_score < baseline,
+    }
+
+
 def _refit_if_it_helps(
     model_path: Path,
     plan: MergePlan,
@@ -379,30 +409,17 @@ def _refit_if_it_helps(
     request: MergeRequest,
     reporter: Reporter,
 ) -> None:
-    """Choose the shrinkage on validation data; keep the refit only if it beats averaging."""
+    """Refit at the strength validation prefers, and keep it only if it beats averaging."""
     systems = refit_systems(model_path, plan, batches, provider=request.provider, reporter=reporter)
-    baseline = score_candidate(model_path, plan, scorer)
-    trials = []
-    for shrinkage in reporter.track(REFIT_SHRINKAGE, len(REFIT_SHRINKAGE), "refit shrinkage"):
-        plan.refit_weights = {i: system.solve(shrinkage) for i, system in enumerate(systems)}
-        trials.append((score_candidate(model_path, plan, scorer), shrinkage))
-    best_score, best_shrinkage = min(trials)
-    kept = best_score < baseline
+    record = choose_shrinkage(model_path, plan, systems, scorer, reporter)
     reporter.step(
-        f"refit: validation {scorer.metric} {baseline:.4g} -> {best_score:.4g} at shrinkage "
-        f"{best_shrinkage:g} ({'kept' if kept else 'dropped: it did not help'})"
+        f"refit: validation {scorer.metric} {record['before']:.4g} -> {record['after']:.4g} at "
+        f"shrinkage {record['shrinkage']:g} "
+        f"({'kept' if record['kept'] else 'dropped: it did not help'})"
     )
-    plan.refit = {
-        "metric": scorer.metric,
-        "before": baseline,
-        "after": best_score,
-        "shrinkage": best_shrinkage,
-        "trials": [{"shrinkage": lam, "score": score} for score, lam in trials],
-        "kept": kept,
-    }
-    plan.refit_weights = (
-        {i: system.solve(best_shrinkage) for i, system in enumerate(systems)} if kept else {}
-    )
+    plan.refit = record
+    if not record["kept"]:
+        plan.refit_weights = {}
 
 
 def apply_merge_plan(model_path: str | os.PathLike, plan: MergePlan) -> ir.Model:
