@@ -253,6 +253,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     from layerfuse.runtime.bench import BenchConfig, run_bench
     from layerfuse.runtime.gate import find_regressions, load_baseline, parse_tolerance
     from layerfuse.runtime.inputs import parse_shapes
+    from layerfuse.runtime.session import PREPACKING
 
     tolerance = parse_tolerance(args.max_regression)
     baseline = load_baseline(args.baseline) if args.baseline else None
@@ -262,7 +263,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         warmup=args.warmup,
         runs=args.runs,
         threads=args.threads,
-        prepacking={"auto": None, "on": True, "off": False}[args.prepacking],
+        prepacking=PREPACKING[args.prepacking],
         memory=not args.no_memory,
         eval_data=args.eval,
         eval_tokens=args.eval_tokens,

@@ -15,6 +15,7 @@ __all__ = [
     "EXTERNAL_DATA_THRESHOLD",
     "external_data_path",
     "load_model",
+    "parameter_count",
     "save_model",
     "weight_bytes",
 ]
@@ -110,6 +111,17 @@ def weight_bytes(model: ir.Model) -> int:
         value.const_value.nbytes
         for value in model.graph.initializers.values()
         if value.const_value is not None
+    )
+
+
+def parameter_count(model: ir.Model) -> int:
+    """Elements of the main graph's initializers, each counted once however often it is read."""
+    return int(
+        sum(
+            value.const_value.size
+            for value in model.graph.initializers.values()
+            if value.const_value is not None
+        )
     )
 
 

@@ -87,7 +87,7 @@ class MemoryStats:
 def _probe(model_path: str, feeds_path: str, provider: str, prepacking: str) -> dict:
     """Child-process side of :func:`measure_memory`."""
     from layerfuse.runtime.calibration import adapt_feeds
-    from layerfuse.runtime.session import create_session
+    from layerfuse.runtime.session import PREPACKING, create_session
 
     with np.load(feeds_path) as data:
         feeds = {name: data[name] for name in data.files}
@@ -96,7 +96,7 @@ def _probe(model_path: str, feeds_path: str, provider: str, prepacking: str) -> 
     session = create_session(
         model_path,
         provider=provider,
-        prepacking={"auto": None, "on": True, "off": False}[prepacking],
+        prepacking=PREPACKING[prepacking],
         threads=1,
     )
     loaded = rss_bytes()

@@ -14,6 +14,7 @@ MatMul/Gemm nodes pre-packing is turned off by default (``prepacking=None``).
 from __future__ import annotations
 
 __all__ = [
+    "PREPACKING",
     "PROVIDERS",
     "available_providers",
     "create_session",
@@ -34,6 +35,8 @@ import onnxruntime as ort
 from layerfuse.errors import LayerfuseError
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
+# Command-line spellings of ``create_session(prepacking=...)``; ``auto`` is layerfuse's policy.
+PREPACKING = {"auto": None, "on": True, "off": False}
 _WEIGHT_PATH_OPS = frozenset({"Transpose", "Cast", "Identity"})
 _fallback_reported = False
 

@@ -23,7 +23,7 @@ from layerfuse.passes.detect.attention import Attention, find_attentions
 from layerfuse.passes.detect.feedforward import FeedForward, find_feedforwards
 from layerfuse.passes.detect.norms import Norm, Residual, find_norm, find_residual, same_tensor
 from layerfuse.passes.graph import consumers, node_index
-from layerfuse.passes.model_io import weight_bytes
+from layerfuse.passes.model_io import parameter_count, weight_bytes
 
 SCHEMA = "layerfuse.structure/1"
 
@@ -247,7 +247,6 @@ def detect_structure(model: ir.Model) -> ModelStructure:
         )
         previous_end = order[ff.down.node]
     opset = model.opset_imports.get("", 0)
-    parameters = sum(
-        v.const_value.size for v in graph.initializers.values() if v.const_value is not None
+    return ModelStructure(
+        blocks, parameter_count(model), weight_bytes(model), fingerprint(model), opset
     )
-    return ModelStructure(blocks, int(parameters), weight_bytes(model), fingerprint(model), opset)

@@ -196,6 +196,17 @@ def dependency_matrix(
     return matrix
 
 
+def _batches(model_path: Path, request: FuseRequest, split: str) -> list:
+    return make_batches(
+        model_path,
+        request.data,
+        split,
+        tokens=request.tokens,
+        seq_len=request.seq_len,
+        batch_size=request.batch_size,
+    )
+
+
 def plan_fuse(
     model_path: str | os.PathLike, request: FuseRequest, reporter: Reporter = SILENT
 ) -> FusePlan:
@@ -213,14 +224,7 @@ def plan_fuse(
         if missing:
             raise PlanError(f"block {missing[0]} has no attention sublayer to drop")
     elif request.drop_attention is not None:
-        valid = make_batches(
-            model_path,
-            request.data,
-            "valid",
-            tokens=request.tokens,
-            seq_len=request.seq_len,
-            batch_size=request.batch_size,
-        )
+        valid = _batches(model_path, request, "valid")
         scorer = CandidateScorer(model_path, valid, data=request.data, provider=request.provider)
         dropped, scores, baseline = _choose_attention(
             model_path, structure, request, scorer, reporter
@@ -245,14 +249,7 @@ def plan_fuse(
             covered |= set(range(first, last + 1))
     dependency = []
     if request.max_dependency is not None or request.runs == "auto":
-        batches = make_batches(
-            model_path,
-            request.data,
-            "calib",
-            tokens=request.tokens,
-            seq_len=request.seq_len,
-            batch_size=request.batch_size,
-        )
+        batches = _batches(model_path, request, "calib")
         for run in reporter.track(candidates, len(candidates), "block dependency"):
             if run[1] - run[0] + 1 < 2:
                 continue

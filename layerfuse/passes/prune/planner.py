@@ -26,7 +26,7 @@ import onnx_ir as ir
 from layerfuse.errors import PlanError
 from layerfuse.export.datasets import InputBatch, make_batches
 from layerfuse.passes.detect import ModelStructure, detect_structure
-from layerfuse.passes.model_io import load_model
+from layerfuse.passes.model_io import load_model, parameter_count
 from layerfuse.passes.prune.plan import PrunePlan
 from layerfuse.passes.prune.rewrite import PruneSublayersPass
 from layerfuse.passes.running import run_pass
@@ -136,15 +136,7 @@ def _parameters_removed(model_path: Path, plan: PrunePlan) -> int:
     before = load_model(model_path)
     after = load_model(model_path)
     run_pass(PruneSublayersPass(plan), after)
-
-    def count(model: ir.Model) -> int:
-        return sum(
-            v.const_value.size
-            for v in model.graph.initializers.values()
-            if v.const_value is not None
-        )
-
-    return int(count(before) - count(after))
+    return parameter_count(before) - parameter_count(after)
 
 
 def plan_prune(
