@@ -108,7 +108,6 @@ def create_session(
     if threads:
         options.intra_op_num_threads = threads
     if isinstance(model, onnx.ModelProto):
-        proto = model
         payload: str | bytes = model.SerializeToString()
         if external_data_dir is not None:
             options.add_session_config_entry(
@@ -116,10 +115,16 @@ def create_session(
                 str(Path(external_data_dir).resolve()),
             )
     else:
-        proto = onnx.load(model, load_external_data=False)
         payload = str(model)
     if prepacking is None:
-        prepacking = not has_shared_matmul_weights(proto)
+        # Read the graph only when the policy needs it: a file without external data would
+        # otherwise be loaded whole once here and again by onnxruntime.
+        graph = (
+            model
+            if isinstance(model, onnx.ModelProto)
+            else onnx.load(model, load_external_data=False)
+        )
+        prepacking = not has_shared_matmul_weights(graph)
     if not prepacking:
         options.add_session_config_entry("session.disable_prepacking", "1")
     providers = [resolve_provider(provider)]
