@@ -28,7 +28,7 @@ from common import (
     plot_quality_vs_removed,
     write_results,
 )
-from merge_quality import quality
+from merge_quality import RATIOS, quality
 
 from layerfuse.export.datasets import make_batches
 from layerfuse.export.manifest import carry_manifest
@@ -47,9 +47,6 @@ def merge_rows(model: str) -> list[dict]:
     if not source.exists():
         raise SystemExit("run benchmarks/merge_quality.py first (its budgets are matched here)")
     return [r for r in json.loads(source.read_text())["rows"] if r["model"] == model]
-
-
-RATIO_ORDER = {"0": 0, "1/3": 1, "1/2": 2, "all-but-one": 3}
 
 
 def prune_rows(model: str, merges: list[dict]) -> list[dict]:
@@ -124,7 +121,7 @@ def markdown(rows: list[dict], similarity: dict) -> str:
     for model in dict.fromkeys(r["model"] for r in rows):
         own = sorted(
             (r for r in rows if r["model"] == model),
-            key=lambda r: RATIO_ORDER.get(r["ratio"], len(RATIO_ORDER)),
+            key=lambda r: ("0", *RATIOS).index(r["ratio"]),
         )
         table = [
             [r["ratio"], r["method"], f"{r['parameters_removed_pct']:.1f}%", f"{r['value']:.4g}"]
