@@ -36,7 +36,7 @@ def exported_model(name: str) -> Path:
 
 
 def model_bytes(path: Path) -> int:
-    from layerfuse.passes.model_io import external_data_path
+    from layerfuse.model.io import external_data_path
 
     data = external_data_path(path)
     return path.stat().st_size + (data.stat().st_size if data.exists() else 0)
@@ -78,7 +78,7 @@ def plot_quality_vs_removed(rows: list[dict], path: Path, series) -> None:
     ``series(row)`` names the line a row belongs to; the original model (``method ==
     "original"``) starts every line at 0%.
     """
-    from layerfuse.plots import pyplot, save_figure
+    from layerfuse.reports.plots import pyplot, save_figure
 
     plt = pyplot()
     models = list(dict.fromkeys(r["model"] for r in rows))

@@ -24,12 +24,12 @@ import onnx.utils
 from common import RESULTS, WORK, exported_model, log, markdown_table, write_results
 from merge_quality import quality
 
-from layerfuse.export.manifest import carry_manifest
+from layerfuse.model.io import load_model, save_model
+from layerfuse.model.manifest import carry_manifest
 from layerfuse.passes.detect import detect_structure
 from layerfuse.passes.fuse import FusePlan, FuseRequest, apply_fuse_plan, plan_fuse
-from layerfuse.passes.model_io import load_model, save_model
-from layerfuse.plots import bar_chart, heatmap
-from layerfuse.reports import bench_figure, bench_markdown
+from layerfuse.reports.bench import bench_figure, bench_markdown
+from layerfuse.reports.plots import bar_chart, heatmap
 from layerfuse.runtime.bench import BenchConfig, run_bench
 from layerfuse.runtime.inputs import parse_shapes
 

@@ -15,9 +15,9 @@ import json
 from common import RESULTS, WORK, exported_model, log, markdown_table, write_results
 from merge_quality import quality
 
-from layerfuse.export.manifest import carry_manifest
+from layerfuse.model.io import save_model
+from layerfuse.model.manifest import carry_manifest
 from layerfuse.passes.merge import MergeRequest, apply_merge_plan, plan_merge
-from layerfuse.passes.model_io import save_model
 
 SETTINGS = (
     ("first", "pre_activation", "permute"),

@@ -28,12 +28,12 @@ from common import (
     write_results,
 )
 
-from layerfuse.export.datasets import make_batches
-from layerfuse.export.manifest import carry_manifest, require_manifest
+from layerfuse.data.batches import make_batches
+from layerfuse.model.io import load_model, save_model
+from layerfuse.model.manifest import carry_manifest, require_manifest
 from layerfuse.passes.detect import detect_structure
 from layerfuse.passes.merge import MergeRequest, apply_merge_plan, plan_merge
 from layerfuse.passes.merge.planner import choose_shrinkage, refit_systems
-from layerfuse.passes.model_io import load_model, save_model
 from layerfuse.passes.scoring import CandidateScorer
 from layerfuse.runtime.evaluate import topic_accuracy
 from layerfuse.runtime.quality import perplexity

@@ -12,9 +12,9 @@ from __future__ import annotations
 
 from common import RESULTS, WORK, exported_model, log, markdown_table, write_results
 
+from layerfuse.reports.tables import human_bytes
 from layerfuse.runtime.bench import BenchConfig, run_bench
 from layerfuse.runtime.inputs import parse_shapes
-from layerfuse.tables import human_bytes
 
 MODEL = "smollm2-135m"
 SHAPES = "1x1,1x32,1x128,4x128"

@@ -30,13 +30,13 @@ from common import (
 )
 from merge_quality import RATIOS, quality
 
-from layerfuse.export.datasets import make_batches
-from layerfuse.export.manifest import carry_manifest
+from layerfuse.data.batches import make_batches
+from layerfuse.model.io import load_model, save_model
+from layerfuse.model.manifest import carry_manifest
 from layerfuse.passes.detect import detect_structure
-from layerfuse.passes.model_io import load_model, save_model
 from layerfuse.passes.prune import PruneRequest, apply_prune_plan, plan_prune
 from layerfuse.passes.similarity import sublayer_cka
-from layerfuse.plots import heatmap
+from layerfuse.reports.plots import heatmap
 
 PRUNING = (("block", "influence"), ("block", "sliding"), ("ff", "influence"), ("ff", "sliding"))
 CKA_TOKENS = 4096

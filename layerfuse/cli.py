@@ -53,9 +53,9 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
+    from layerfuse.model.io import load_model
     from layerfuse.passes.detect import detect_structure
-    from layerfuse.passes.model_io import load_model
-    from layerfuse.tables import human_bytes, human_count, structure_table
+    from layerfuse.reports.tables import human_bytes, human_count, structure_table
 
     structure = detect_structure(load_model(args.model))
     if args.json:
@@ -106,7 +106,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def _model_file_bytes(path: Path) -> int:
-    from layerfuse.passes.model_io import external_data_path
+    from layerfuse.model.io import external_data_path
 
     data = external_data_path(path)
     return path.stat().st_size + (data.stat().st_size if data.exists() else 0)
@@ -125,9 +125,9 @@ def _plan_path(args: argparse.Namespace, output: Path) -> Path:
 
 def _write_variant(source: str, output: Path, model, plan, plan_path: Path) -> str:
     """Save a rewritten model with its manifest and plan; describe the size change."""
-    from layerfuse.export.manifest import carry_manifest
-    from layerfuse.passes.model_io import save_model
-    from layerfuse.tables import human_bytes
+    from layerfuse.model.io import save_model
+    from layerfuse.model.manifest import carry_manifest
+    from layerfuse.reports.tables import human_bytes
 
     save_model(model, output)
     carry_manifest(source, output)
@@ -139,7 +139,7 @@ def _write_variant(source: str, output: Path, model, plan, plan_path: Path) -> s
 def _cmd_merge(args: argparse.Namespace) -> int:
     from layerfuse.passes.merge import MergePlan, MergeRequest, apply_merge_plan, plan_merge
     from layerfuse.passes.plan_io import parse_ranges
-    from layerfuse.tables import human_bytes, human_count
+    from layerfuse.reports.tables import human_bytes, human_count
 
     output = _output_path(args.output)
     plan_path = _plan_path(args, output)
@@ -176,7 +176,7 @@ def _cmd_merge(args: argparse.Namespace) -> int:
 def _cmd_prune(args: argparse.Namespace) -> int:
     from layerfuse.passes.merge import MergePlan
     from layerfuse.passes.prune import PrunePlan, PruneRequest, apply_prune_plan, plan_prune
-    from layerfuse.tables import human_count
+    from layerfuse.reports.tables import human_count
 
     output = _output_path(args.output)
     plan_path = _plan_path(args, output)
@@ -216,10 +216,10 @@ def _cmd_prune(args: argparse.Namespace) -> int:
 def _cmd_analyze(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from layerfuse.export.datasets import make_batches
+    from layerfuse.data.batches import make_batches
     from layerfuse.passes.plan_io import write_json_atomic
     from layerfuse.passes.similarity import sublayer_cka
-    from layerfuse.plots import heatmap
+    from layerfuse.reports.plots import heatmap
 
     out_dir = Path(args.out) if args.out else Path(args.model).parent / "analysis"
     batches = make_batches(args.model, args.calib, "calib", tokens=args.tokens)
@@ -249,7 +249,7 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
 
 def _cmd_bench(args: argparse.Namespace) -> int:
     from layerfuse.passes.plan_io import write_json_atomic
-    from layerfuse.reports import bench_figure, bench_markdown, bench_table
+    from layerfuse.reports.bench import bench_figure, bench_markdown, bench_table
     from layerfuse.runtime.bench import BenchConfig, run_bench
     from layerfuse.runtime.gate import find_regressions, load_baseline, parse_tolerance
     from layerfuse.runtime.inputs import parse_shapes
@@ -315,7 +315,7 @@ def _cmd_fuse(args: argparse.Namespace) -> int:
 
     from layerfuse.passes.fuse import FusePlan, FuseRequest, apply_fuse_plan, plan_fuse
     from layerfuse.passes.plan_io import parse_ranges
-    from layerfuse.plots import bar_chart, heatmap
+    from layerfuse.reports.plots import bar_chart, heatmap
 
     output = _output_path(args.output)
     plan_path = _plan_path(args, output)

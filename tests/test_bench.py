@@ -10,7 +10,7 @@ import pytest
 from onnx import TensorProto, helper
 
 from layerfuse.cli import main
-from layerfuse.passes.model_stats import model_stats
+from layerfuse.model.stats import model_stats
 from layerfuse.runtime.gate import find_regressions, parse_tolerance
 from layerfuse.runtime.measure import measure_memory
 

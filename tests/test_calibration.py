@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from layerfuse.export.datasets import make_batches
+from layerfuse.data.batches import make_batches
+from layerfuse.model.io import load_model
 from layerfuse.passes.detect import detect_structure
-from layerfuse.passes.model_io import load_model
 from layerfuse.runtime.calibration import ActivationTap, stream_rows, token_rows
 from tests import tiny_models
 

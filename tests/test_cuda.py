@@ -8,10 +8,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from layerfuse.export.datasets import make_batches
+from layerfuse.data.batches import make_batches
+from layerfuse.model.io import save_model
 from layerfuse.passes.fuse import FuseRequest, apply_fuse_plan, plan_fuse
 from layerfuse.passes.merge import MergeRequest, apply_merge_plan, plan_merge
-from layerfuse.passes.model_io import save_model
 from layerfuse.runtime.bench import BenchConfig, run_bench
 from layerfuse.runtime.inputs import parse_shapes
 from layerfuse.runtime.measure import measure_memory

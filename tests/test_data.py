@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 
 from layerfuse.cli import main
+from layerfuse.data import corpus
+from layerfuse.data.batches import make_batches, parse_spec
+from layerfuse.data.tokens import packed_batches
 from layerfuse.errors import DataError
-from layerfuse.export import corpus
-from layerfuse.export.batches import packed_batches
-from layerfuse.export.datasets import make_batches, parse_spec
 from tests import tiny_models
 
 

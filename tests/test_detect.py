@@ -9,8 +9,8 @@ import pytest
 
 from layerfuse.cli import main
 from layerfuse.errors import DetectionError
+from layerfuse.model.io import load_model
 from layerfuse.passes.detect import detect_structure
-from layerfuse.passes.model_io import load_model
 from tests import tiny_models
 from tests.conftest import EXPORTERS
 
@@ -101,8 +101,8 @@ def test_graph_without_ff_is_a_clear_error(tmp_path, capsys):
 def test_graphs_fused_by_the_onnxruntime_optimizer_are_read_and_merged(tiny, tmp_path):
     from onnxruntime.transformers.optimizer import optimize_model
 
-    from layerfuse.export.datasets import make_batches
-    from layerfuse.export.manifest import carry_manifest
+    from layerfuse.data.batches import make_batches
+    from layerfuse.model.manifest import carry_manifest
     from layerfuse.passes.merge import MergeRequest, apply_merge_plan, plan_merge
     from layerfuse.runtime.session import session_for_ir
 

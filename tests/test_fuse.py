@@ -11,8 +11,9 @@ import onnx_ir as ir
 import pytest
 
 from layerfuse.cli import main
+from layerfuse.data.batches import make_batches
 from layerfuse.errors import PlanError
-from layerfuse.export.datasets import make_batches
+from layerfuse.model.io import load_model, save_model
 from layerfuse.passes.detect import detect_structure
 from layerfuse.passes.fuse import (
     FuseFeedForwardsPass,
@@ -23,7 +24,6 @@ from layerfuse.passes.fuse import (
     parallel_reference,
     plan_fuse,
 )
-from layerfuse.passes.model_io import load_model, save_model
 from layerfuse.passes.prune import PrunePlan, PruneSublayersPass
 from layerfuse.passes.running import run_pass
 from layerfuse.runtime.calibration import ActivationTap, token_rows

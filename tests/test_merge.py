@@ -9,9 +9,10 @@ import onnx_ir as ir
 import pytest
 
 from layerfuse.cli import main
+from layerfuse.data.batches import make_batches
 from layerfuse.errors import DataError, PlanError
-from layerfuse.export.datasets import make_batches
-from layerfuse.export.manifest import carry_manifest
+from layerfuse.model.io import external_data_path, load_model, save_model, weight_bytes
+from layerfuse.model.manifest import carry_manifest
 from layerfuse.passes.detect import detect_structure
 from layerfuse.passes.merge import MergePlan, MergeRequest, apply_merge_plan, plan_merge
 from layerfuse.passes.merge.correlation import PairStatistics, align
@@ -19,7 +20,6 @@ from layerfuse.passes.merge.ff_weights import ff_forward, read_ff_weights
 from layerfuse.passes.merge.plan import parse_ratio
 from layerfuse.passes.merge.planner import refit_down_projections, refit_systems
 from layerfuse.passes.merge.tie import tie_weights
-from layerfuse.passes.model_io import external_data_path, load_model, save_model, weight_bytes
 from layerfuse.runtime.calibration import ActivationTap
 from layerfuse.runtime.session import create_session, session_for_ir
 from tests import graphs

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from layerfuse.cli import main
+from layerfuse.model.io import load_model, save_model
 from layerfuse.passes.merge import MergeRequest, apply_merge_plan, plan_merge
-from layerfuse.passes.model_io import load_model, save_model
 from layerfuse.runtime.measure import measure_memory
 from layerfuse.runtime.session import has_shared_matmul_weights
 from tests import graphs

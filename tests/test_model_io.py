@@ -10,7 +10,7 @@ import pytest
 
 from layerfuse.cli import main
 from layerfuse.errors import InvalidModelError
-from layerfuse.passes.model_io import external_data_path, load_model, save_model
+from layerfuse.model.io import external_data_path, load_model, save_model
 
 
 def _inspect_error(path, capsys) -> str:

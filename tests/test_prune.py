@@ -9,13 +9,13 @@ import pytest
 import torch
 
 from layerfuse.cli import main
+from layerfuse.data.batches import make_batches
 from layerfuse.errors import PlanError
-from layerfuse.export.datasets import make_batches
+from layerfuse.model.io import load_model
 from layerfuse.passes.detect import detect_structure
 from layerfuse.passes.merge import MergeRequest, plan_merge
 from layerfuse.passes.merge.ff_weights import read_ff_weights
 from layerfuse.passes.merge.tie import tie_weights
-from layerfuse.passes.model_io import load_model
 from layerfuse.passes.prune import PrunePlan, PruneRequest, apply_prune_plan, plan_prune
 from layerfuse.runtime.session import session_for_ir
 from tests import tiny_models

@@ -20,10 +20,10 @@ from pathlib import Path
 import numpy as np
 
 from layerfuse.errors import LayerfuseError
-from layerfuse.export.manifest import Manifest
 from layerfuse.export.sources import ModelSource
 from layerfuse.export.wrappers import TASK_IO, wrap_for_export
-from layerfuse.passes.model_io import external_data_path, load_model, save_model
+from layerfuse.model.io import external_data_path, load_model, save_model
+from layerfuse.model.manifest import Manifest
 from layerfuse.progress import SILENT, Reporter
 
 EXPORTERS = ("dynamo", "torchscript")

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_ir as ir
 
-from layerfuse.passes.graph import constant_array, consumers, is_constant
+from layerfuse.model.graph import constant_array, consumers, is_constant
 
 _WEIGHT_PATH_OPS = frozenset({"Transpose", "Cast", "Identity"})
 

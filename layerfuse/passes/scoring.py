@@ -15,8 +15,8 @@ from pathlib import Path
 
 import onnx_ir as ir
 
-from layerfuse.export.datasets import InputBatch
-from layerfuse.export.manifest import require_manifest
+from layerfuse.data.batches import InputBatch
+from layerfuse.model.manifest import require_manifest
 from layerfuse.runtime.quality import output_fidelity, perplexity
 from layerfuse.runtime.session import create_session, session_for_ir
 

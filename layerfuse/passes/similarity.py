@@ -19,10 +19,10 @@ from itertools import combinations_with_replacement
 
 import numpy as np
 
+from layerfuse.data.batches import InputBatch
 from layerfuse.errors import DetectionError
-from layerfuse.export.datasets import InputBatch
+from layerfuse.model.io import load_model
 from layerfuse.passes.detect import detect_structure
-from layerfuse.passes.model_io import load_model
 from layerfuse.progress import SILENT, Reporter
 from layerfuse.runtime.calibration import ActivationTap, stream_rows
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from layerfuse.errors import LayerfuseError
-from layerfuse.passes.model_stats import ModelStats, model_stats
+from layerfuse.model.stats import ModelStats, model_stats
 from layerfuse.progress import SILENT, Reporter
 from layerfuse.runtime.environment import environment
 from layerfuse.runtime.inputs import InputShape, graph_inputs, synthetic_feeds

@@ -13,10 +13,10 @@ from pathlib import Path
 
 import numpy as np
 
-from layerfuse.export import corpus
-from layerfuse.export.batches import load_tokenizer, sentence_batches
-from layerfuse.export.datasets import InputBatch, make_batches, parse_spec
-from layerfuse.export.manifest import require_manifest
+from layerfuse.data import corpus
+from layerfuse.data.batches import InputBatch, make_batches, parse_spec
+from layerfuse.data.tokens import load_tokenizer, sentence_batches
+from layerfuse.model.manifest import require_manifest
 from layerfuse.progress import SILENT, Reporter
 from layerfuse.runtime.calibration import adapt_feeds
 from layerfuse.runtime.measure import measure_latency

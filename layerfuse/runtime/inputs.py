@@ -18,7 +18,7 @@ import numpy as np
 import onnx
 
 from layerfuse.errors import LayerfuseError
-from layerfuse.export.manifest import read_manifest
+from layerfuse.model.manifest import read_manifest
 
 _INTEGER_TYPES = {onnx.TensorProto.INT64: np.int64, onnx.TensorProto.INT32: np.int32}
 _FLOAT_TYPES = {onnx.TensorProto.FLOAT: np.float32, onnx.TensorProto.FLOAT16: np.float16}

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import onnx_ir as ir
 
-from layerfuse.passes.graph import consumers, is_constant, skip_views_up
+from layerfuse.model.graph import consumers, is_constant, skip_views_up
 from layerfuse.passes.linears import Linear, as_linear
 
 FUSED_ATTENTION_OPS = frozenset(

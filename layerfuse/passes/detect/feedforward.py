@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import onnx_ir as ir
 
-from layerfuse.passes.graph import VIEW_OPS, constant_array, consumers, is_constant, skip_views_up
+from layerfuse.model.graph import VIEW_OPS, constant_array, consumers, is_constant, skip_views_up
 from layerfuse.passes.linears import Linear, as_linear
 
 # Op type (any domain) -> activation it implies.

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import onnx_ir as ir
 
-from layerfuse.passes.graph import (
+from layerfuse.model.graph import (
     constant_array,
     consumers,
     is_constant,

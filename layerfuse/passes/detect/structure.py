@@ -19,11 +19,11 @@ from dataclasses import dataclass
 import onnx_ir as ir
 
 from layerfuse.errors import DetectionError
+from layerfuse.model.graph import consumers, node_index
+from layerfuse.model.io import parameter_count, weight_bytes
 from layerfuse.passes.detect.attention import Attention, find_attentions
 from layerfuse.passes.detect.feedforward import FeedForward, find_feedforwards
 from layerfuse.passes.detect.norms import Norm, Residual, find_norm, find_residual, same_tensor
-from layerfuse.passes.graph import consumers, node_index
-from layerfuse.passes.model_io import parameter_count, weight_bytes
 
 SCHEMA = "layerfuse.structure/1"
 

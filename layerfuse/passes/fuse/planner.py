@@ -31,12 +31,12 @@ from pathlib import Path
 import numpy as np
 import onnx_ir as ir
 
+from layerfuse.data.batches import InputBatch, make_batches
 from layerfuse.errors import PlanError
-from layerfuse.export.datasets import InputBatch, make_batches
+from layerfuse.model.io import load_model
 from layerfuse.passes.detect import ModelStructure, detect_structure, fingerprint
 from layerfuse.passes.fuse.plan import FusePlan
 from layerfuse.passes.fuse.rewrite import FuseFeedForwardsPass
-from layerfuse.passes.model_io import load_model
 from layerfuse.passes.plan_io import check_fingerprint
 from layerfuse.passes.prune import PrunePlan, PruneSublayersPass
 from layerfuse.passes.running import run_pass

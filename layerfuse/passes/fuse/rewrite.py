@@ -20,9 +20,9 @@ import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
 
 from layerfuse.errors import PlanError
+from layerfuse.model.graph import bypass, constant_array
 from layerfuse.passes.detect import Block, detect_structure
 from layerfuse.passes.fuse.functions import DOMAIN, function_name, fused_function
-from layerfuse.passes.graph import bypass, constant_array
 from layerfuse.passes.merge.ff_weights import ff_forward, read_ff_weights
 
 _PREFIX = "layerfuse.fused"

@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy.special import erf
 
+from layerfuse.model.graph import constant_array
 from layerfuse.passes.detect import FeedForward
-from layerfuse.passes.graph import constant_array
 
 INPUT_ROLES = ("gate", "up")
 

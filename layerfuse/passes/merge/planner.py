@@ -31,8 +31,9 @@ from pathlib import Path
 import numpy as np
 import onnx_ir as ir
 
+from layerfuse.data.batches import InputBatch, make_batches
 from layerfuse.errors import PlanError
-from layerfuse.export.datasets import InputBatch, make_batches
+from layerfuse.model.io import load_model, weight_bytes
 from layerfuse.passes.detect import ModelStructure, detect_structure
 from layerfuse.passes.merge.correlation import PairStatistics, align, pair_groups
 from layerfuse.passes.merge.ff_weights import ff_forward, hidden_activations, read_ff_weights
@@ -44,7 +45,6 @@ from layerfuse.passes.merge.plan import (
     window_sizes,
 )
 from layerfuse.passes.merge.tie import TieFeedForwardsPass, merged_window_weights
-from layerfuse.passes.model_io import load_model, weight_bytes
 from layerfuse.passes.running import run_pass
 from layerfuse.passes.scoring import CandidateScorer
 from layerfuse.progress import SILENT, Reporter

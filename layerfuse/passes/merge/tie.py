@@ -19,8 +19,8 @@ import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
 
 from layerfuse.errors import PlanError
+from layerfuse.model.graph import constant_array
 from layerfuse.passes.detect import FeedForward, detect_structure
-from layerfuse.passes.graph import constant_array
 from layerfuse.passes.merge.ff_weights import FFWeights, average, read_ff_weights
 from layerfuse.passes.merge.plan import MergePlan, MergeWindow
 from layerfuse.passes.plan_io import check_plan_fits

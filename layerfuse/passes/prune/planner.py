@@ -23,10 +23,10 @@ from pathlib import Path
 import numpy as np
 import onnx_ir as ir
 
+from layerfuse.data.batches import InputBatch, make_batches
 from layerfuse.errors import PlanError
-from layerfuse.export.datasets import InputBatch, make_batches
+from layerfuse.model.io import load_model, parameter_count
 from layerfuse.passes.detect import ModelStructure, detect_structure
-from layerfuse.passes.model_io import load_model, parameter_count
 from layerfuse.passes.prune.plan import PrunePlan
 from layerfuse.passes.prune.rewrite import PruneSublayersPass
 from layerfuse.passes.running import run_pass

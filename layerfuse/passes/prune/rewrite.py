@@ -15,8 +15,8 @@ import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
 
 from layerfuse.errors import PlanError
+from layerfuse.model.graph import bypass
 from layerfuse.passes.detect import Block, Sublayer, detect_structure
-from layerfuse.passes.graph import bypass
 from layerfuse.passes.plan_io import check_plan_fits
 from layerfuse.passes.prune.plan import PrunePlan
 

@@ -9,8 +9,8 @@ from pathlib import Path
 
 from rich.table import Table
 
-from layerfuse.plots import pyplot, save_figure
-from layerfuse.tables import human_bytes, human_count
+from layerfuse.reports.plots import pyplot, save_figure
+from layerfuse.reports.tables import human_bytes, human_count
 
 
 def _memory(graph: dict) -> str:

@@ -16,7 +16,7 @@ import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from layerfuse.passes.model_io import external_data_path, load_model
+from layerfuse.model.io import external_data_path, load_model
 
 
 @dataclass

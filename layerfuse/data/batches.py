@@ -2,7 +2,7 @@
 
 A spec names where inputs come from:
 
-- ``fortunes`` (default): real English text, see :mod:`layerfuse.export.corpus`;
+- ``fortunes`` (default): real English text, see :mod:`layerfuse.data.corpus`;
 - a path to a UTF-8 ``.txt`` file: paragraphs (blank-line separated) split by hash like the
   corpus;
 - ``random``: seeded random token ids or pixels, for smoke tests and output-fidelity checks
@@ -23,10 +23,10 @@ from pathlib import Path
 
 import numpy as np
 
+from layerfuse.data import corpus
+from layerfuse.data.tokens import load_tokenizer, packed_batches, sentence_batches
 from layerfuse.errors import DataError
-from layerfuse.export import corpus
-from layerfuse.export.batches import load_tokenizer, packed_batches, sentence_batches
-from layerfuse.export.manifest import Manifest, require_manifest
+from layerfuse.model.manifest import Manifest, require_manifest
 
 
 @dataclass
