@@ -7,7 +7,6 @@ picture helps, ``<name>.png``.
 
 from __future__ import annotations
 
-import json
 import os
 import shlex
 import sys
@@ -35,19 +34,13 @@ def exported_model(name: str) -> Path:
     return path
 
 
-def model_bytes(path: Path) -> int:
-    from layerfuse.model.io import external_data_path
-
-    data = external_data_path(path)
-    return path.stat().st_size + (data.stat().st_size if data.exists() else 0)
-
-
 def command_line() -> str:
     script = Path(sys.argv[0]).resolve().relative_to(ROOT)
     return " ".join(["python", str(script), *map(shlex.quote, sys.argv[1:])])
 
 
 def write_results(name: str, results: dict, markdown: str) -> None:
+    from layerfuse.files import write_json_atomic, write_text_atomic
     from layerfuse.runtime.environment import environment
 
     RESULTS.mkdir(parents=True, exist_ok=True)
@@ -58,11 +51,8 @@ def write_results(name: str, results: dict, markdown: str) -> None:
         "environment": environment(),
         **results,
     }
-    for suffix, text in ((".json", json.dumps(payload, indent=1) + "\n"), (".md", markdown)):
-        target = RESULTS / f"{name}{suffix}"
-        tmp = target.with_name(target.name + ".tmp")
-        tmp.write_text(text)
-        os.replace(tmp, target)
+    write_json_atomic(RESULTS / f"{name}.json", payload)
+    write_text_atomic(RESULTS / f"{name}.md", markdown)
     log(f"wrote {RESULTS / name}.json and .md")
 
 

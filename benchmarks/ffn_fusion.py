@@ -27,7 +27,9 @@ from merge_quality import quality
 from layerfuse.model.io import load_model, save_model
 from layerfuse.model.manifest import carry_manifest
 from layerfuse.passes.detect import detect_structure
-from layerfuse.passes.fuse import FusePlan, FuseRequest, apply_fuse_plan, plan_fuse
+from layerfuse.passes.fuse import FusePlan, FuseRequest, plan_fuse
+from layerfuse.passes.plan import apply_plan
+from layerfuse.passes.planner import DataSettings
 from layerfuse.reports.bench import bench_figure, bench_markdown
 from layerfuse.reports.plots import bar_chart, heatmap
 from layerfuse.runtime.bench import BenchConfig, run_bench
@@ -41,7 +43,7 @@ RUN_SHAPES = "1x1,1x32,8x32,1x512,8x512"
 
 def variant(original, plan: FusePlan, name: str):
     path = WORK / "fusion" / name / "model.onnx"
-    save_model(apply_fuse_plan(original, plan), path)
+    save_model(apply_plan(original, plan), path)
     carry_manifest(original, path)
     plan.save(path.with_suffix(".plan.json"))
     return path
@@ -65,9 +67,13 @@ def main() -> None:
     log("choosing attention to remove and measuring block dependency")
     plan = plan_fuse(
         original,
-        FuseRequest(drop_attention=args.drop, contiguous=True, tokens=2048, provider=args.provider),
+        FuseRequest(
+            drop_attention=args.drop,
+            contiguous=True,
+            data=DataSettings(calib_tokens=2048, valid_tokens=2048, provider=args.provider),
+        ),
     )
-    (run,) = plan.runs
+    (run,) = plan.ffn_only_runs
     first, last = run
     no_attention = FusePlan(plan.fingerprint, plan.num_blocks, plan.drop_attention, [])
     all_plan = FusePlan(
@@ -75,7 +81,7 @@ def main() -> None:
         plan.num_blocks,
         plan.drop_attention,
         [run],
-        runs=plan.runs,
+        ffn_only_runs=plan.ffn_only_runs,
         include_last=True,
     )
     paths = {
@@ -86,7 +92,7 @@ def main() -> None:
     }
     reduced = detect_structure(load_model(paths["no-attention"]))
     run_input = reduced.blocks[first].ff_wiring.norm.input.name
-    group_last = plan.groups[0][1]
+    group_last = plan.fuse[0][1]
     subgraphs = {
         "unfused run": run_subgraph(
             paths["no-attention"],

@@ -17,7 +17,9 @@ from merge_quality import quality
 
 from layerfuse.model.io import save_model
 from layerfuse.model.manifest import carry_manifest
-from layerfuse.passes.merge import MergeRequest, apply_merge_plan, plan_merge
+from layerfuse.passes.merge import MergeRequest, plan_merge
+from layerfuse.passes.plan import apply_plan
+from layerfuse.passes.planner import DataSettings
 
 SETTINGS = (
     ("first", "pre_activation", "permute"),
@@ -52,12 +54,11 @@ def main() -> None:
                 method=method,
                 anchor=anchor,
                 features=features,
-                calib_tokens=10240,
-                provider="cpu",
+                data=DataSettings(calib_tokens=10240, provider="cpu"),
             )
             plan = plan_merge(original, request)
             path = WORK / "ablations" / model / f"{method}-{anchor}-{features}" / "model.onnx"
-            save_model(apply_merge_plan(original, plan), path)
+            save_model(apply_plan(original, plan), path)
             carry_manifest(original, path)
             metric, value = quality(path)
             matched = plan.windows[0].matched_correlation

@@ -21,9 +21,9 @@ from common import (
     RESULTS,
     WORK,
     exported_model,
+    file_bytes,
     log,
     markdown_table,
-    model_bytes,
     plot_quality_vs_removed,
     write_results,
 )
@@ -32,8 +32,10 @@ from layerfuse.data.batches import make_batches
 from layerfuse.model.io import load_model, save_model
 from layerfuse.model.manifest import carry_manifest, require_manifest
 from layerfuse.passes.detect import detect_structure
-from layerfuse.passes.merge import MergeRequest, apply_merge_plan, plan_merge
-from layerfuse.passes.merge.planner import choose_shrinkage, refit_systems
+from layerfuse.passes.merge import MergeRequest, plan_merge
+from layerfuse.passes.merge.refit import choose_shrinkage, refit_systems
+from layerfuse.passes.plan import apply_plan
+from layerfuse.passes.planner import DataSettings
 from layerfuse.passes.scoring import CandidateScorer
 from layerfuse.runtime.evaluate import topic_accuracy
 from layerfuse.runtime.quality import perplexity
@@ -59,7 +61,7 @@ def variant_row(
     model: str, original: Path, plan, ratio: str, refit: bool, folder: Path, total: int
 ) -> dict:
     path = folder / "model.onnx"
-    save_model(apply_merge_plan(original, plan), path)
+    save_model(apply_plan(original, plan), path)
     carry_manifest(original, path)
     plan.save(folder / "plan.json")
     metric, value = quality(path)
@@ -73,7 +75,7 @@ def variant_row(
         "ff_merged": len(window.blocks),
         "parameters_removed": plan.parameters_removed,
         "parameters_removed_pct": 100.0 * plan.parameters_removed / total,
-        "file_bytes": model_bytes(path),
+        "file_bytes": file_bytes(path),
         "metric": metric,
         "value": value,
         "selection": plan.selection,
@@ -96,7 +98,7 @@ def run_model(model: str, rows: list[dict], done: set) -> None:
                 "ff_merged": 0,
                 "parameters_removed": 0,
                 "parameters_removed_pct": 0.0,
-                "file_bytes": model_bytes(original),
+                "file_bytes": file_bytes(original),
                 "metric": metric,
                 "value": value,
             }
@@ -114,9 +116,9 @@ def run_model(model: str, rows: list[dict], done: set) -> None:
             request = MergeRequest(
                 ratio=ratio,
                 method=method,
-                calib_tokens=CALIB_TOKENS,
-                valid_tokens=VALID_TOKENS,
-                provider="cpu",
+                data=DataSettings(
+                    calib_tokens=CALIB_TOKENS, valid_tokens=VALID_TOKENS, provider="cpu"
+                ),
                 memory_budget_bytes=6 * 1024**3,
             )
             plan = plan_merge(original, request)

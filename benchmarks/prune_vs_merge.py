@@ -22,9 +22,9 @@ from common import (
     RESULTS,
     WORK,
     exported_model,
+    file_bytes,
     log,
     markdown_table,
-    model_bytes,
     plot_quality_vs_removed,
     write_results,
 )
@@ -34,7 +34,9 @@ from layerfuse.data.batches import make_batches
 from layerfuse.model.io import load_model, save_model
 from layerfuse.model.manifest import carry_manifest
 from layerfuse.passes.detect import detect_structure
-from layerfuse.passes.prune import PruneRequest, apply_prune_plan, plan_prune
+from layerfuse.passes.plan import apply_plan
+from layerfuse.passes.planner import DataSettings
+from layerfuse.passes.prune import PruneRequest, plan_prune
 from layerfuse.passes.similarity import sublayer_cka
 from layerfuse.reports.plots import heatmap
 
@@ -66,7 +68,7 @@ def prune_rows(model: str, merges: list[dict]) -> list[dict]:
                 count=round(budget / ff_parameters) if target == "ff" else None,
                 parameters=budget if target == "block" else None,
                 select=select,
-                provider="cpu",
+                data=DataSettings(provider="cpu"),
             )
             plan = plan_prune(original, request)
             path = (
@@ -76,7 +78,7 @@ def prune_rows(model: str, merges: list[dict]) -> list[dict]:
                 / f"{ratio.replace('/', '_')}-{target}-{select}"
                 / "model.onnx"
             )
-            save_model(apply_prune_plan(original, plan), path)
+            save_model(apply_plan(original, plan), path)
             carry_manifest(original, path)
             plan.save(path.with_suffix(".plan.json"))
             metric, value = quality(path)
@@ -88,7 +90,7 @@ def prune_rows(model: str, merges: list[dict]) -> list[dict]:
                     "blocks": plan.blocks,
                     "parameters_removed": plan.parameters_removed,
                     "parameters_removed_pct": 100.0 * plan.parameters_removed / total,
-                    "file_bytes": model_bytes(path),
+                    "file_bytes": file_bytes(path),
                     "metric": metric,
                     "value": value,
                 }

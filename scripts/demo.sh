@@ -12,6 +12,6 @@ $LF inspect "$RUN/original/model.onnx"
 $LF merge "$RUN/original/model.onnx" -o "$RUN/tied/model.onnx" --blocks 25-28 \
     --method permute --refit --calib-tokens 4096 --valid-tokens 2048
 $LF bench "$RUN/original/model.onnx" "$RUN/tied/model.onnx" --names original,tied \
-    --inputs 1x32,1x128 --runs 10 --eval fortunes --eval-tokens 4096 \
+    --inputs 1x32,1x128 --runs 10 --eval --eval-tokens 4096 \
     --json "$RUN/report.json" --markdown "$RUN/report.md" --plot "$RUN/report.png"
 echo "report: $RUN/report.md and $RUN/report.png"

@@ -104,6 +104,7 @@ def bench_result(tiny, tmp_path_factory):
                 "--plot",
                 str(out / "result.png"),
                 "--eval",
+                "--data",
                 "random",
                 "--eval-tokens",
                 "256",
@@ -175,7 +176,7 @@ def test_tolerance_parsing():
 def test_bad_bench_input_is_one_line(tiny, tmp_path, capsys):
     cases = [
         ([str(tiny.model("llama")), str(tiny.model("vit"))], "only graphs with the same inputs"),
-        ([str(tiny.model("llama")), "--provider", "tpu"], "unknown provider 'tpu'"),
+        ([str(tiny.model("llama")), "--provider", "tpu"], "invalid choice: 'tpu'"),
         ([str(tmp_path / "missing.onnx")], "no such file"),
         ([str(tiny.model("llama")), "--inputs", "1by32"], "is not BATCHxSEQUENCE"),
         ([str(tiny.model("llama")), "--max-regression", "lots"], "not a percentage"),

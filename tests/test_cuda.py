@@ -10,8 +10,10 @@ import pytest
 
 from layerfuse.data.batches import make_batches
 from layerfuse.model.io import save_model
-from layerfuse.passes.fuse import FuseRequest, apply_fuse_plan, plan_fuse
-from layerfuse.passes.merge import MergeRequest, apply_merge_plan, plan_merge
+from layerfuse.passes.fuse import FuseRequest, plan_fuse
+from layerfuse.passes.merge import MergeRequest, plan_merge
+from layerfuse.passes.plan import apply_plan
+from layerfuse.passes.planner import DataSettings
 from layerfuse.runtime.bench import BenchConfig, run_bench
 from layerfuse.runtime.inputs import parse_shapes
 from layerfuse.runtime.measure import measure_memory
@@ -28,13 +30,15 @@ def _variants(tiny, tmp_path) -> dict:
     fuse = plan_fuse(
         path,
         FuseRequest(
-            drop_attention=[2, 3], include_last=True, data="random", tokens=128, seq_len=16
+            drop_attention=[2, 3],
+            include_last=True,
+            data=DataSettings(data="random", calib_tokens=128, valid_tokens=128, seq_len=16),
         ),
     )
     return {
         "original": path,
-        "tied": save_model(apply_merge_plan(path, merge), tmp_path / "tied" / "model.onnx"),
-        "fused": save_model(apply_fuse_plan(path, fuse), tmp_path / "fused" / "model.onnx"),
+        "tied": save_model(apply_plan(path, merge), tmp_path / "tied" / "model.onnx"),
+        "fused": save_model(apply_plan(path, fuse), tmp_path / "fused" / "model.onnx"),
     }
 
 

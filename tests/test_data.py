@@ -59,7 +59,7 @@ def test_text_file_spec_and_bad_specs(tiny, tmp_path):
 def test_evaluate_reports_quality_and_latency(tiny, capsys):
     path = str(tiny.model("llama"))
     capsys.readouterr()
-    assert main(["evaluate", path, "--tokens", "256", "--reference", path, "--json"]) == 0
+    assert main(["evaluate", path, "--eval-tokens", "256", "--reference", path, "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["metric"] == "perplexity" and 1.0 < result["perplexity"] < 10 * 256
     assert result["fidelity"]["max_abs_diff"] == 0.0

@@ -11,6 +11,7 @@ from layerfuse.cli import main
 from layerfuse.errors import DetectionError
 from layerfuse.model.io import load_model
 from layerfuse.passes.detect import detect_structure
+from layerfuse.passes.plan import apply_plan
 from tests import tiny_models
 from tests.conftest import EXPORTERS
 
@@ -103,7 +104,7 @@ def test_graphs_fused_by_the_onnxruntime_optimizer_are_read_and_merged(tiny, tmp
 
     from layerfuse.data.batches import make_batches
     from layerfuse.model.manifest import carry_manifest
-    from layerfuse.passes.merge import MergeRequest, apply_merge_plan, plan_merge
+    from layerfuse.passes.merge import MergeRequest, plan_merge
     from layerfuse.runtime.session import session_for_ir
 
     path = tiny.model("llama")
@@ -121,18 +122,17 @@ def test_graphs_fused_by_the_onnxruntime_optimizer_are_read_and_merged(tiny, tmp
     outputs = []
     for graph in (path, optimized):
         plan = plan_merge(graph, MergeRequest(ranges=[(1, 2)], method="vanilla"))
-        merged = apply_merge_plan(graph, plan)
+        merged = apply_plan(graph, plan)
         outputs.append(
             session_for_ir(merged, graph.parent, provider="cpu").run(None, batch.feeds)[0]
         )
     np.testing.assert_allclose(outputs[0], outputs[1], atol=1e-4)
     # Rewrites of the residual stream refuse fused residual Adds instead of guessing.
     from layerfuse.errors import PlanError
-    from layerfuse.passes.fuse import FuseFeedForwardsPass
+    from layerfuse.passes.fuse import FusePlan
     from layerfuse.passes.prune import PruneRequest, plan_prune
-    from layerfuse.passes.running import run_pass
 
     with pytest.raises(PlanError, match="fused into SkipSimplifiedLayerNormalization"):
         plan_prune(optimized, PruneRequest(target="ff", blocks=[1]))
     with pytest.raises(PlanError, match="fused into SkipSimplifiedLayerNormalization"):
-        run_pass(FuseFeedForwardsPass([(1, 1)]), load_model(optimized))
+        apply_plan(optimized, FusePlan(structure.fingerprint, len(structure.blocks), [], [(1, 1)]))

@@ -7,46 +7,35 @@ import json
 
 import numpy as np
 import onnx
-import onnx_ir as ir
 import pytest
 
 from layerfuse.cli import main
 from layerfuse.data.batches import make_batches
 from layerfuse.errors import PlanError
+from layerfuse.model.fingerprint import fingerprint
 from layerfuse.model.io import load_model, save_model
 from layerfuse.passes.detect import detect_structure
-from layerfuse.passes.fuse import (
-    FuseFeedForwardsPass,
-    FusePlan,
-    FuseRequest,
-    apply_fuse_plan,
-    find_runs,
-    parallel_reference,
-    plan_fuse,
-)
-from layerfuse.passes.prune import PrunePlan, PruneSublayersPass
-from layerfuse.passes.running import run_pass
+from layerfuse.passes.fuse import FusePlan, FuseRequest, find_runs, plan_fuse
+from layerfuse.passes.plan import apply_plan
+from layerfuse.passes.planner import DataSettings
 from layerfuse.runtime.calibration import ActivationTap, token_rows
 from layerfuse.runtime.session import create_session, session_for_ir
-from tests import graphs
+from tests import graphs, references
+
+RANDOM = DataSettings(data="random", calib_tokens=128, valid_tokens=128, seq_len=16)
 
 
-def _without_attention(path, blocks):
+def _plan(path, drop: list[int], fuse: list[tuple[int, int]]) -> FusePlan:
     model = load_model(path)
-    structure = detect_structure(model)
-    plan = PrunePlan(structure.fingerprint, len(structure.blocks), "attention", blocks)
-    run_pass(PruneSublayersPass(plan), model)
-    return model
+    return FusePlan(fingerprint(model), len(detect_structure(model).blocks), drop, fuse)
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
-def test_fused_node_equals_the_sum_of_the_parallel_ffns(tiny, family):
+def test_fused_node_equals_the_torch_sum_of_the_parallel_ffns(tiny, family):
     path = tiny.model(family)
-    model = _without_attention(path, [2, 3])
-    # The reference reads the original weights from an untouched copy of the graph.
-    run = detect_structure(_without_attention(path, [2, 3])).blocks[1:4]
-    run_input = run[0].ff_wiring.norm.input.name
-    run_pass(FuseFeedForwardsPass([(1, 3)]), model)
+    run_input = detect_structure(apply_plan(path, _plan(path, [2, 3], []))).blocks[1]
+    run_input = run_input.ff_wiring.norm.input.name
+    model = apply_plan(path, _plan(path, [2, 3], [(1, 3)]))
     tap = ActivationTap(
         model,
         [run_input, "layerfuse.fused.1-3.ffn"],
@@ -57,21 +46,28 @@ def test_fused_node_equals_the_sum_of_the_parallel_ffns(tiny, family):
         _, tapped = tap.run(batch.feeds)
         x = token_rows(tapped[run_input], batch.mask)
         fused = token_rows(tapped["layerfuse.fused.1-3.ffn"], batch.mask)
-        assert np.max(np.abs(fused - parallel_reference(run, x))) <= 1e-5
+        expected = references.parallel_ffn_sum(family, [1, 2, 3], x)
+        np.testing.assert_allclose(fused, expected, atol=2e-5)
 
 
-def test_fused_relu_stack_equals_the_parallel_sum(tmp_path):
+def test_fused_relu_stack_equals_the_numpy_parallel_sum(tmp_path):
     path = graphs.ff_stack(tmp_path / "stack.onnx", [8, 8, 8], kind="relu")
-    model = load_model(path)
-    run = detect_structure(load_model(path)).blocks
-    run_pass(FuseFeedForwardsPass([(0, 2)]), model)
-    x = np.random.default_rng(0).standard_normal((3, 5, 16)).astype(np.float32)
+    weights = {
+        tensor.name: onnx.numpy_helper.to_array(tensor)
+        for tensor in onnx.load(path).graph.initializer
+    }
+    model = apply_plan(path, _plan(path, [], [(0, 2)]))
+    x = np.random.default_rng(0).standard_normal((3, 5, 16)).astype(np.float64)
     tap = ActivationTap(
         model, ["layerfuse.fused.0-2.ffn"], external_data_dir=tmp_path, provider="cpu"
     )
-    _, tapped = tap.run({"hidden": x})
-    expected = parallel_reference(run, x.reshape(-1, 16))
-    assert np.max(np.abs(tapped["layerfuse.fused.0-2.ffn"].reshape(-1, 16) - expected)) <= 1e-5
+    _, tapped = tap.run({"hidden": x.astype(np.float32)})
+    expected = 0.0
+    for block in range(3):
+        w = {k.split(".", 1)[1]: v for k, v in weights.items() if k.startswith(f"b{block}.")}
+        normed = x / np.sqrt((x**2).mean(-1, keepdims=True) + 1e-6) * w["norm"]
+        expected = expected + np.maximum(normed @ w["up"] + w["up_b"], 0) @ w["down"]
+    np.testing.assert_allclose(tapped["layerfuse.fused.0-2.ffn"], expected, atol=1e-5)
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2", "vit"])
@@ -79,8 +75,7 @@ def test_fusing_a_run_of_one_block_is_a_no_op(tiny, family):
     path = tiny.model(family)
     batch = make_batches(path, "random", "calib", tokens=64, seq_len=16, batch_size=4)[0]
     reference = create_session(path, provider="cpu").run(None, batch.feeds)[0]
-    model = load_model(path)
-    run_pass(FuseFeedForwardsPass([(2, 2)]), model)
+    model = apply_plan(path, _plan(path, [], [(2, 2)]))
     assert any(node.domain == "layerfuse" for node in model.graph)
     fused = session_for_ir(model, path.parent, provider="cpu").run(None, batch.feeds)[0]
     assert np.max(np.abs(fused - reference)) <= 1e-5
@@ -90,14 +85,9 @@ def test_fused_graph_is_valid_optimizable_and_smaller_in_nodes(tiny, tmp_path):
     from onnxruntime.transformers.optimizer import optimize_model
 
     path = tiny.model("llama")
-    plan = plan_fuse(
-        path,
-        FuseRequest(
-            drop_attention=[2, 3], include_last=True, data="random", tokens=128, seq_len=16
-        ),
-    )
-    assert plan.groups == [(1, 3)]
-    out = save_model(apply_fuse_plan(path, plan), tmp_path / "fused" / "model.onnx")
+    plan = plan_fuse(path, FuseRequest(drop_attention=[2, 3], include_last=True, data=RANDOM))
+    assert plan.fuse == [(1, 3)]
+    out = save_model(apply_plan(path, plan), tmp_path / "fused" / "model.onnx")
     onnx.checker.check_model(str(out), full_check=True)
     batch = make_batches(path, "random", "calib", tokens=64, seq_len=16, batch_size=4)[0]
     plain = create_session(out, provider="cpu", optimization="all").run(None, batch.feeds)[0]
@@ -117,11 +107,15 @@ def test_fused_graph_is_valid_optimizable_and_smaller_in_nodes(tiny, tmp_path):
 
 def test_runs_and_dependency_follow_the_removed_attention(tiny):
     path = tiny.model("llama")
-    assert find_runs(detect_structure(_without_attention(path, [1, 2]))) == [(0, 2)]
+    assert find_runs(detect_structure(apply_plan(path, _plan(path, [1, 2], [])))) == [(0, 2)]
     plan = plan_fuse(
-        path, FuseRequest(drop_attention=[1, 2], data="random", tokens=128, seq_len=16)
+        path,
+        FuseRequest(
+            drop_attention=[1, 2],
+            data=RANDOM,
+        ),
     )
-    assert plan.runs == [(0, 2)] and plan.groups == [(0, 1)]  # the last FFN stays out
+    assert plan.ffn_only_runs == [(0, 2)] and plan.fuse == [(0, 1)]  # the last FFN stays out
     (entry,) = plan.dependency
     matrix = np.asarray(entry["matrix"])
     assert matrix.shape == (3, 3)
@@ -140,9 +134,9 @@ def test_attention_importance_picks_the_least_harmful(tiny, tmp_path):
                 str(out),
                 "--drop-attention",
                 "2",
-                "--calib",
+                "--data",
                 "random",
-                "--tokens",
+                "--calib-tokens",
                 "128",
                 "--include-last",
             ]
@@ -160,25 +154,35 @@ def test_attention_importance_picks_the_least_harmful(tiny, tmp_path):
     )
     first, second = load_model(out), load_model(again)
     assert sorted(first.graph.initializers) == sorted(second.graph.initializers)
-    assert FusePlan.load(out.with_suffix(".plan.json")).groups == [
-        tuple(g) for g in saved["groups"]
-    ]
+    assert FusePlan.load(out.with_suffix(".plan.json")).fuse == [tuple(g) for g in saved["fuse"]]
 
 
 def test_bad_fusion_requests_are_clear_errors(tiny, tmp_path, capsys):
     path = tiny.model("llama")
     with pytest.raises(PlanError, match="block 2 still has attention"):
-        plan_fuse(path, FuseRequest(runs=[(1, 3)], include_last=True))
+        plan_fuse(path, FuseRequest(fuse=[(1, 3)], include_last=True))
     out = tmp_path / "x" / "model.onnx"
     for extra, message in (
         (["--runs", "1-3", "--include-last"], "still has attention"),
-        (["--runs", "3-1"], "not a range of at least two consecutive blocks"),
+        (["--runs", "3-1"], "run 3-1 does not fit a model of 4 blocks"),
         (["--runs", "1-2,2-3", "--drop-attention", "2,3"], "overlaps another run"),
         (["--drop-attention", "9"], "cannot drop 9 attention sublayers"),
     ):
         capsys.readouterr()
         assert (
-            main(["fuse", str(path), "-o", str(out), "--calib", "random", "--tokens", "64", *extra])
+            main(
+                [
+                    "fuse",
+                    str(path),
+                    "-o",
+                    str(out),
+                    "--data",
+                    "random",
+                    "--calib-tokens",
+                    "64",
+                    *extra,
+                ]
+            )
             == 2
         )
         err = capsys.readouterr().err.strip().splitlines()
@@ -187,15 +191,18 @@ def test_bad_fusion_requests_are_clear_errors(tiny, tmp_path, capsys):
 
 
 def test_post_norm_models_are_refused(tiny):
-    model = load_model(tiny.model("bert"))
-    with pytest.raises(ir.passes.PreconditionError):
-        FuseFeedForwardsPass([(1, 1)])(model)
+    path = tiny.model("bert")
+    with pytest.raises(PlanError, match="needs pre-norm FFNs"):
+        apply_plan(path, _plan(path, [], [(1, 1)]))
 
 
 def test_contiguous_attention_removal_yields_one_long_run(tiny):
     path = tiny.model("llama")
     request = FuseRequest(
-        drop_attention=2, contiguous=True, data="random", tokens=128, seq_len=16, include_last=True
+        drop_attention=2,
+        contiguous=True,
+        include_last=True,
+        data=RANDOM,
     )
     plan = plan_fuse(path, request)
     first = plan.drop_attention[0]
@@ -203,4 +210,4 @@ def test_contiguous_attention_removal_yields_one_long_run(tiny):
     scored = [i for i, s in enumerate(plan.attention_scores) if s is not None]
     assert scored == [0, 1, 2]
     assert plan.attention_scores[first] == min(plan.attention_scores[i] for i in scored)
-    assert plan.groups == [(max(first - 1, 0), first + 1)]
+    assert plan.fuse == [(max(first - 1, 0), first + 1)]

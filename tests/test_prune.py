@@ -16,7 +16,9 @@ from layerfuse.passes.detect import detect_structure
 from layerfuse.passes.merge import MergeRequest, plan_merge
 from layerfuse.passes.merge.ff_weights import read_ff_weights
 from layerfuse.passes.merge.tie import tie_weights
-from layerfuse.passes.prune import PrunePlan, PruneRequest, apply_prune_plan, plan_prune
+from layerfuse.passes.plan import apply_plan
+from layerfuse.passes.planner import DataSettings
+from layerfuse.passes.prune import PrunePlan, PruneRequest, plan_prune
 from layerfuse.runtime.session import session_for_ir
 from tests import tiny_models
 
@@ -34,7 +36,7 @@ def test_block_pruning_equals_torch_without_those_layers(tiny, family):
     path = tiny.model(family)
     plan = plan_prune(path, PruneRequest(target="block", blocks=[1, 2]))
     feeds = _batch(path).feeds
-    pruned = _run(apply_prune_plan(path, plan), path, feeds)
+    pruned = _run(apply_plan(path, plan), path, feeds)
     model = tiny_models.make_model(family)
     layers = model.model.layers if family == "llama" else model.encoder.layer
     kept = [layer for i, layer in enumerate(layers) if i not in (1, 2)]
@@ -64,7 +66,7 @@ def test_ff_pruning_equals_a_zero_output_ff(tiny, family):
     path = tiny.model(family)
     feeds = _batch(path).feeds
     plan = plan_prune(path, PruneRequest(target="ff", blocks=[0, 3]))
-    pruned = _run(apply_prune_plan(path, plan), path, feeds)
+    pruned = _run(apply_plan(path, plan), path, feeds)
     zeroed = load_model(path)
     _zero_ff(zeroed, 0)
     _zero_ff(zeroed, 3)
@@ -86,7 +88,11 @@ def test_parameter_counts_are_exact(tiny):
 
 def test_influence_selection_drops_the_least_influential(tiny):
     path = tiny.model("llama")
-    request = PruneRequest(target="block", count=2, data="random", tokens=256, seq_len=16)
+    request = PruneRequest(
+        target="block",
+        count=2,
+        data=DataSettings(data="random", calib_tokens=256, valid_tokens=256, seq_len=16),
+    )
     plan = plan_prune(path, request)
     scores = plan.selection["scores"]
     assert len(scores) == tiny_models.LAYERS and all(0 <= s <= 2 for s in scores)
@@ -111,7 +117,7 @@ def test_sliding_selection_and_merge_budget(tiny, tmp_path):
                 "sliding",
                 "--match-plan",
                 str(tmp_path / "merge.plan.json"),
-                "--calib",
+                "--data",
                 "random",
             ]
         )
@@ -146,5 +152,5 @@ def test_bad_prune_requests_are_clear_errors(tiny, tmp_path, capsys):
 
 def test_pruning_the_last_block_keeps_the_output_name(tiny):
     path = tiny.model("bert")
-    model = apply_prune_plan(path, plan_prune(path, PruneRequest(target="block", blocks=[3])))
+    model = apply_plan(path, plan_prune(path, PruneRequest(target="block", blocks=[3])))
     assert [o.name for o in model.graph.outputs] == ["last_hidden_state"]

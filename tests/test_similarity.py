@@ -58,7 +58,8 @@ def test_analyze_writes_matrices_and_heatmaps(tiny, tmp_path, capsys):
     path = tiny.model("llama")
     out = tmp_path / "analysis"
     assert (
-        main(["analyze", str(path), "--calib", "random", "--tokens", "512", "--out", str(out)]) == 0
+        main(["analyze", str(path), "--data", "random", "--calib-tokens", "512", "--out", str(out)])
+        == 0
     )
     data = json.loads((out / "cka.json").read_text())
     for kind in ("ff", "attention"):

@@ -9,30 +9,29 @@ from __future__ import annotations
 
 __all__ = [
     "VIEW_OPS",
+    "WEIGHT_PATH_OPS",
+    "WeightSource",
     "bypass",
     "constant_array",
     "constant_source",
     "consumers",
     "is_constant",
     "node_index",
-    "nodes_by_name",
-    "producer",
     "skip_views_down",
     "skip_views_up",
-    "values_by_name",
+    "weight_source",
 ]
 
-from collections.abc import Iterable
+from dataclasses import dataclass
 
 import numpy as np
 import onnx_ir as ir
 
 # Ops that change only how a tensor is viewed; their data input is input 0.
 VIEW_OPS = frozenset({"Reshape", "Flatten", "Squeeze", "Unsqueeze", "Identity"})
-
-
-def producer(value: ir.Value | None) -> ir.Node | None:
-    return None if value is None else value.producer()
+# Ops exporters put between a stored weight and the MatMul/Gemm that reads it. Anything on this
+# path is per consumer: onnxruntime folds it into a private copy of the weight at load time.
+WEIGHT_PATH_OPS = frozenset({"Transpose", "Cast", "Identity"})
 
 
 def consumers(value: ir.Value) -> list[ir.Node]:
@@ -114,22 +113,34 @@ def node_index(graph: ir.Graph) -> dict[ir.Node, int]:
     return {node: i for i, node in enumerate(graph)}
 
 
-def values_by_name(graph: ir.Graph) -> dict[str, ir.Value]:
-    """Every named value of the graph: inputs, initializers and node outputs."""
-    table: dict[str, ir.Value] = {}
-    for value in graph.inputs:
-        table[value.name] = value
-    for name, value in graph.initializers.items():
-        table[name] = value
-    for node in graph:
-        for value in node.outputs:
-            if value.name:
-                table[value.name] = value
-    return table
+@dataclass(frozen=True)
+class WeightSource:
+    """The initializer behind a weight input, and the per-consumer ops in between."""
+
+    initializer: ir.Value
+    path: tuple[ir.Node, ...]
+    transposes: int
 
 
-def nodes_by_name(nodes: Iterable[ir.Node]) -> dict[str, ir.Node]:
-    return {node.name: node for node in nodes if node.name}
+def weight_source(value: ir.Value | None) -> WeightSource | None:
+    """Trace a MatMul/Gemm weight input back through :data:`WEIGHT_PATH_OPS` to a 2-D
+    initializer; None when anything else (or a non-2-D transpose) is in the way."""
+    path: list[ir.Node] = []
+    flips = 0
+    while value is not None and value.const_value is None:
+        node = value.producer()
+        if node is None or node.op_type not in WEIGHT_PATH_OPS or len(node.inputs) != 1:
+            return None
+        if node.op_type == "Transpose":
+            perm = node.attributes.get("perm")
+            if perm is not None and list(perm.as_ints()) != [1, 0]:
+                return None
+            flips += 1
+        path.insert(0, node)
+        value = node.inputs[0]
+    if value is None or value.const_value is None or len(value.const_value.shape) != 2:
+        return None
+    return WeightSource(value, tuple(path), flips)
 
 
 def bypass(value: ir.Value, replacement: ir.Value) -> None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 __all__ = [
     "EXTERNAL_DATA_THRESHOLD",
     "external_data_path",
+    "file_bytes",
     "load_model",
     "parameter_count",
     "save_model",
@@ -129,6 +130,13 @@ def external_data_path(model_path: str | os.PathLike) -> Path:
     """Where :func:`save_model` puts the weights of ``model_path`` when they go external."""
     model_path = Path(model_path)
     return model_path.with_name(model_path.name + ".data")
+
+
+def file_bytes(model_path: str | os.PathLike) -> int:
+    """Bytes of a model on disk: the .onnx file and its external data, if any."""
+    model_path = Path(model_path)
+    data = external_data_path(model_path)
+    return model_path.stat().st_size + (data.stat().st_size if data.exists() else 0)
 
 
 def save_model(

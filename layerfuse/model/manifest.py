@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from layerfuse.errors import DataError
+from layerfuse.files import write_json_atomic
 
 MANIFEST_NAME = "layerfuse.json"
 SCHEMA = "layerfuse.manifest/1"
@@ -45,11 +46,7 @@ class Manifest:
         return cls(**fields)
 
     def write(self, folder: str | os.PathLike) -> Path:
-        path = Path(folder) / MANIFEST_NAME
-        tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(self.to_json(), indent=2) + "\n")
-        os.replace(tmp, path)
-        return path
+        return write_json_atomic(Path(folder) / MANIFEST_NAME, self.to_json())
 
 
 def read_manifest(model_path: str | os.PathLike) -> Manifest | None:

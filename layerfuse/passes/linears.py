@@ -16,9 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_ir as ir
 
-from layerfuse.model.graph import constant_array, consumers, is_constant
-
-_WEIGHT_PATH_OPS = frozenset({"Transpose", "Cast", "Identity"})
+from layerfuse.model.graph import constant_array, consumers, is_constant, weight_source
 
 
 @dataclass(frozen=True)
@@ -139,26 +137,6 @@ class Linear:
         )
 
 
-def _weight_source(value: ir.Value | None) -> tuple[ir.Value, tuple[ir.Node, ...], int] | None:
-    """Trace a weight input back to its initializer; returns (initializer, path, #transposes)."""
-    path: list[ir.Node] = []
-    flips = 0
-    while value is not None and value.const_value is None:
-        node = value.producer()
-        if node is None or node.op_type not in _WEIGHT_PATH_OPS or len(node.inputs) != 1:
-            return None
-        if node.op_type == "Transpose":
-            perm = node.attributes.get("perm")
-            if perm is not None and list(perm.as_ints()) != [1, 0]:
-                return None
-            flips += 1
-        path.insert(0, node)
-        value = node.inputs[0]
-    if value is None or value.const_value is None or len(value.const_value.shape) != 2:
-        return None
-    return value, tuple(path), flips
-
-
 def _matmul_bias(output: ir.Value, out_features: int) -> tuple[ir.Value, ir.Node] | None:
     users = consumers(output)
     if len(users) != 1 or users[0].op_type != "Add" or output.is_graph_output():
@@ -181,10 +159,10 @@ def as_linear(node: ir.Node) -> Linear | None:
         return None
     if node.op_type not in ("MatMul", "Gemm") or is_constant(node.inputs[0]):
         return None
-    source = _weight_source(node.inputs[1])
+    source = weight_source(node.inputs[1])
     if source is None:
         return None
-    weight, path, flips = source
+    weight, path, flips = source.initializer, source.path, source.transposes
     if node.op_type == "MatMul":
         linear = Linear(node, weight, path, flips % 2 == 1, None, None)
         bias = _matmul_bias(node.outputs[0], linear.out_features)

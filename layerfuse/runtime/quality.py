@@ -15,6 +15,7 @@ __all__ = [
     "output_fidelity",
     "perplexity",
     "ridge_accuracy",
+    "row_cosine",
     "run_outputs",
     "sentence_embeddings",
 ]
@@ -26,7 +27,13 @@ from dataclasses import dataclass
 import numpy as np
 
 from layerfuse.progress import SILENT, Reporter
-from layerfuse.runtime.calibration import adapt_feeds
+from layerfuse.runtime.calibration import adapt_feeds, token_rows
+
+
+def row_cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Cosine similarity of each row of ``a`` with the same row of ``b``."""
+    norms = np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1)
+    return (a * b).sum(axis=-1) / np.maximum(norms, 1e-12)
 
 
 def run_outputs(
@@ -102,8 +109,6 @@ class OutputFidelity:
 
 def output_fidelity(reference, candidate, batches: list, reporter: Reporter = SILENT):
     """Compare two sessions' first outputs position by position (real tokens only)."""
-    from layerfuse.runtime.calibration import token_rows
-
     max_diff, abs_sum, cos_sum, rows = 0.0, 0.0, 0.0, 0
     name_a, name_b = reference.get_outputs()[0].name, candidate.get_outputs()[0].name
     for batch in reporter.track(batches, len(batches), "comparing outputs"):
@@ -112,7 +117,6 @@ def output_fidelity(reference, candidate, batches: list, reporter: Reporter = SI
         diff = np.abs(a - b)
         max_diff = max(max_diff, float(diff.max()))
         abs_sum += float(diff.mean(axis=1).sum())
-        norms = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
-        cos_sum += float(((a * b).sum(axis=1) / np.maximum(norms, 1e-12)).sum())
+        cos_sum += float(row_cosine(a, b).sum())
         rows += a.shape[0]
     return OutputFidelity(max_diff, abs_sum / max(rows, 1), cos_sum / max(rows, 1))

@@ -18,14 +18,12 @@ __all__ = [
     "PROVIDERS",
     "available_providers",
     "create_session",
-    "has_shared_matmul_weights",
     "resolve_provider",
     "session_for_ir",
 ]
 
 import os
 import sys
-from collections import Counter
 from pathlib import Path
 
 import onnx
@@ -33,11 +31,11 @@ import onnx_ir as ir
 import onnxruntime as ort
 
 from layerfuse.errors import LayerfuseError
+from layerfuse.model.stats import shared_matmul_weights
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 # Command-line spellings of ``create_session(prepacking=...)``; ``auto`` is layerfuse's policy.
 PREPACKING = {"auto": None, "on": True, "off": False}
-_WEIGHT_PATH_OPS = frozenset({"Transpose", "Cast", "Identity"})
 _fallback_reported = False
 
 
@@ -69,21 +67,6 @@ def resolve_provider(name: str = "auto") -> str:
             f"(has: {', '.join(available)}); install onnxruntime-gpu for CUDA"
         )
     return PROVIDERS[name]
-
-
-def has_shared_matmul_weights(model: onnx.ModelProto) -> bool:
-    """Whether any initializer feeds more than one MatMul/Gemm (directly or via Transpose/Cast)."""
-    initializers = {tensor.name for tensor in model.graph.initializer}
-    source: dict[str, str] = {name: name for name in initializers}
-    for node in model.graph.node:
-        if node.op_type in _WEIGHT_PATH_OPS and node.input and node.input[0] in source:
-            for output in node.output:
-                source[output] = source[node.input[0]]
-    uses: Counter[str] = Counter()
-    for node in model.graph.node:
-        if node.op_type in ("MatMul", "Gemm") and len(node.input) > 1 and node.input[1] in source:
-            uses[source[node.input[1]]] += 1
-    return any(count > 1 for count in uses.values())
 
 
 def create_session(
@@ -120,11 +103,11 @@ def create_session(
         # Read the graph only when the policy needs it: a file without external data would
         # otherwise be loaded whole once here and again by onnxruntime.
         graph = (
-            model
+            ir.serde.deserialize_model(model)
             if isinstance(model, onnx.ModelProto)
-            else onnx.load(model, load_external_data=False)
+            else ir.load(model)
         )
-        prepacking = not has_shared_matmul_weights(graph)
+        prepacking = not shared_matmul_weights(graph)
     if not prepacking:
         options.add_session_config_entry("session.disable_prepacking", "1")
     providers = [resolve_provider(provider)]

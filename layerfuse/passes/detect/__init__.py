@@ -7,9 +7,9 @@ from layerfuse.passes.detect.structure import (
     SCHEMA,
     Block,
     ModelStructure,
-    Sublayer,
+    Wiring,
     detect_structure,
-    fingerprint,
+    sublayer_counts,
 )
 
 __all__ = [
@@ -20,7 +20,7 @@ __all__ = [
     "ModelStructure",
     "Norm",
     "Residual",
-    "Sublayer",
+    "Wiring",
     "detect_structure",
-    "fingerprint",
+    "sublayer_counts",
 ]

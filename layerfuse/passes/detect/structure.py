@@ -11,14 +11,14 @@ plans refer to (by node and initializer names, which survive a save/load round t
 
 from __future__ import annotations
 
-__all__ = ["SCHEMA", "Block", "ModelStructure", "Sublayer", "detect_structure"]
+__all__ = ["SCHEMA", "Block", "ModelStructure", "Wiring", "detect_structure", "sublayer_counts"]
 
-import hashlib
 from dataclasses import dataclass
 
 import onnx_ir as ir
 
 from layerfuse.errors import DetectionError
+from layerfuse.model.fingerprint import fingerprint
 from layerfuse.model.graph import consumers, node_index
 from layerfuse.model.io import parameter_count, weight_bytes
 from layerfuse.passes.detect.attention import Attention, find_attentions
@@ -29,7 +29,7 @@ SCHEMA = "layerfuse.structure/1"
 
 
 @dataclass
-class Sublayer:
+class Wiring:
     """Norm and residual bookkeeping shared by attention and FF sublayers.
 
     ``post_norm`` is the norm applied after the residual Add in post-norm models; its output
@@ -61,9 +61,9 @@ class Sublayer:
 class Block:
     index: int
     ff: FeedForward
-    ff_wiring: Sublayer
+    ff_wiring: Wiring
     attention: Attention | None
-    attention_wiring: Sublayer | None
+    attention_wiring: Wiring | None
     module: str | None
 
     @property
@@ -155,19 +155,6 @@ class ModelStructure:
         }
 
 
-def fingerprint(model: ir.Model) -> str:
-    """A hash of the graph's topology and weight shapes (not weight bytes: cheap on 2 GB)."""
-    digest = hashlib.sha256()
-    for node in model.graph:
-        digest.update(f"{node.op_type}|{node.name}|".encode())
-        digest.update("|".join(v.name if v is not None else "" for v in node.inputs).encode())
-        digest.update("|".join(v.name for v in node.outputs).encode())
-    for name, value in sorted(model.graph.initializers.items()):
-        shape = tuple(value.shape) if value.shape is not None else ()
-        digest.update(f"{name}|{value.dtype}|{shape}".encode())
-    return digest.hexdigest()[:16]
-
-
 def _module_label(node: ir.Node) -> str | None:
     """The torch module an exporter recorded as the parent of ``node``'s linear layer.
 
@@ -190,7 +177,7 @@ def _module_label(node: ir.Node) -> str | None:
 
 def _wiring(
     sublayer_input: ir.Value | None, output: ir.Value, width: int, order: dict[ir.Node, int]
-) -> Sublayer:
+) -> Wiring:
     residual = find_residual(output)
     norm = None if sublayer_input is None else find_norm(sublayer_input, width, order)
     position = None
@@ -198,8 +185,8 @@ def _wiring(
         if norm is not None and same_tensor(norm.input, residual.operand):
             position = "pre"
         elif sublayer_input is not None and same_tensor(sublayer_input, residual.operand):
-            return Sublayer(None, "post", residual, _post_norm(residual, width, order))
-    return Sublayer(norm, position, residual)
+            return Wiring(None, "post", residual, _post_norm(residual, width, order))
+    return Wiring(norm, position, residual)
 
 
 def _post_norm(residual: Residual, width: int, order: dict[ir.Node, int]) -> Norm | None:
@@ -250,3 +237,11 @@ def detect_structure(model: ir.Model) -> ModelStructure:
     return ModelStructure(
         blocks, parameter_count(model), weight_bytes(model), fingerprint(model), opset
     )
+
+
+def sublayer_counts(model: ir.Model) -> tuple[int, int]:
+    """How many FF and attention sublayers the graph has (zero FFs is no error here: a
+    rewrite may fuse all of them into one node)."""
+    feedforwards = find_feedforwards(model.graph)
+    ff_nodes = {node for ff in feedforwards for node in ff.nodes}
+    return len(feedforwards), len(find_attentions(model.graph, ff_nodes))

@@ -3,22 +3,19 @@
 from layerfuse.passes.fuse.plan import FusePlan
 from layerfuse.passes.fuse.planner import (
     FuseRequest,
-    apply_fuse_plan,
     attention_importance,
     dependency_matrix,
     find_runs,
     plan_fuse,
 )
-from layerfuse.passes.fuse.rewrite import FuseFeedForwardsPass, parallel_reference
+from layerfuse.passes.fuse.rewrite import FuseFeedForwardsPass
 
 __all__ = [
     "FuseFeedForwardsPass",
     "FusePlan",
     "FuseRequest",
-    "apply_fuse_plan",
     "attention_importance",
     "dependency_matrix",
     "find_runs",
-    "parallel_reference",
     "plan_fuse",
 ]

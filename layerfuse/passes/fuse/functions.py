@@ -11,7 +11,7 @@ biases.
 
 from __future__ import annotations
 
-__all__ = ["DOMAIN", "function_name", "fused_function"]
+__all__ = ["DOMAIN", "GATED", "function_name", "fused_function"]
 
 import math
 
@@ -37,74 +37,53 @@ def function_name(kind: str) -> str:
     return _NAMES[kind]
 
 
-def _scalar(value: float) -> ir.Value:
-    return ir.val(None, const_value=ir.tensor(value, dtype=ir.DataType.FLOAT))
+def _constant(tape: ir.tape.Tape, value: float) -> ir.Value:
+    return tape.op("Constant", [], {"value": ir.tensor(value, dtype=ir.DataType.FLOAT)})
 
 
-class _Builder:
-    def __init__(self) -> None:
-        self.nodes: list[ir.Node] = []
-
-    def __call__(self, op: str, *inputs: ir.Value, **attributes) -> ir.Value:
-        node = ir.node(op, list(inputs), attributes or None)
-        self.nodes.append(node)
-        return node.outputs[0]
-
-    def constant(self, value: float) -> ir.Value:
-        node = ir.node("Constant", [], {"value": ir.tensor(value, dtype=ir.DataType.FLOAT)})
-        self.nodes.append(node)
-        return node.outputs[0]
-
-    def split(self, value: ir.Value) -> tuple[ir.Value, ir.Value]:
-        node = ir.node("Split", [value], {"axis": -1, "num_outputs": 2}, num_outputs=2)
-        self.nodes.append(node)
-        return node.outputs[0], node.outputs[1]
-
-
-def _activation(build: _Builder, kind: str, x: ir.Value) -> ir.Value:
+def _activation(tape: ir.tape.Tape, kind: str, x: ir.Value) -> ir.Value:
     if kind in ("silu", "swiglu"):
-        return build("Mul", x, build("Sigmoid", x))
+        return tape.op("Mul", [x, tape.op("Sigmoid", [x])])
     if kind in ("relu", "reglu"):
-        return build("Relu", x)
+        return tape.op("Relu", [x])
+    half_x = tape.op("Mul", [x, _constant(tape, 0.5)])
     if kind in ("gelu", "geglu"):
-        erf = build("Erf", build("Div", x, build.constant(math.sqrt(2.0))))
-        return build(
-            "Mul", build("Mul", x, build.constant(0.5)), build("Add", erf, build.constant(1.0))
-        )
+        erf = tape.op("Erf", [tape.op("Div", [x, _constant(tape, math.sqrt(2.0))])])
+        return tape.op("Mul", [half_x, tape.op("Add", [erf, _constant(tape, 1.0)])])
     if kind == "gelu_tanh":
-        cube = build("Mul", build("Mul", x, x), x)
-        inner = build("Add", x, build("Mul", cube, build.constant(0.044715)))
-        tanh = build("Tanh", build("Mul", inner, build.constant(math.sqrt(2.0 / math.pi))))
-        return build(
-            "Mul", build("Mul", x, build.constant(0.5)), build("Add", tanh, build.constant(1.0))
+        cube = tape.op("Mul", [tape.op("Mul", [x, x]), x])
+        inner = tape.op("Add", [x, tape.op("Mul", [cube, _constant(tape, 0.044715)])])
+        scaled = tape.op("Mul", [inner, _constant(tape, math.sqrt(2.0 / math.pi))])
+        return tape.op(
+            "Mul", [half_x, tape.op("Add", [tape.op("Tanh", [scaled]), _constant(tape, 1.0)])]
         )
     raise ValueError(f"no activation '{kind}'")
 
 
 def fused_function(kind: str) -> ir.Function:
     """The function for FF ``kind``: inputs (x, W_in, W_down[, b_in, b_down])."""
-    build = _Builder()
-    x = ir.Value(name="x")
-    w_in = ir.Value(name="w_in")
-    w_down = ir.Value(name="w_down")
+    tape = ir.tape.Tape()
+    x, w_in, w_down = ir.Value(name="x"), ir.Value(name="w_in"), ir.Value(name="w_down")
     inputs = [x, w_in, w_down]
-    projected = build("MatMul", x, w_in)
+    projected = tape.op("MatMul", [x, w_in])
     if kind in GATED:
-        gate, up = build.split(projected)
-        hidden = build("Mul", _activation(build, kind, gate), up)
-        output = build("MatMul", hidden, w_down)
+        gate, up = tape.op_multi_out(
+            "Split", [projected], {"axis": -1, "num_outputs": 2}, num_outputs=2
+        )
+        hidden = tape.op("Mul", [_activation(tape, kind, gate), up])
+        output = tape.op("MatMul", [hidden, w_down])
     else:
         b_in, b_down = ir.Value(name="b_in"), ir.Value(name="b_down")
         inputs += [b_in, b_down]
-        hidden = _activation(build, kind, build("Add", projected, b_in))
-        output = build("Add", build("MatMul", hidden, w_down), b_down)
+        hidden = _activation(tape, kind, tape.op("Add", [projected, b_in]))
+        output = tape.op("Add", [tape.op("MatMul", [hidden, w_down]), b_down])
     output.name = "y"
-    for index, node in enumerate(build.nodes):
+    for index, node in enumerate(tape.nodes):
         node.name = f"n{index}"
         for position, value in enumerate(node.outputs):
             if value is not output:
                 value.name = f"t{index}_{position}"
     graph = ir.Graph(
-        inputs, [output], nodes=build.nodes, opset_imports={"": _OPSET}, name=function_name(kind)
+        inputs, [output], nodes=tape.nodes, opset_imports={"": _OPSET}, name=function_name(kind)
     )
     return ir.Function(DOMAIN, function_name(kind), graph=graph, attributes=[])

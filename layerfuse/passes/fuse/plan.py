@@ -1,26 +1,29 @@
-"""The fusion plan: which attention sublayers go, which FFN runs become one wide FFN."""
+"""The fusion plan: which attention sublayers go, which FFN runs become one wide FFN.
+
+``fuse`` lists what the rewrite fuses (block ranges, each becoming one node);
+``ffn_only_runs`` records the maximal runs of FFN-only blocks the analysis found after
+removing attention, of which ``fuse`` is a choice. Version 1 files (``groups``/``runs``) still
+load.
+"""
 
 from __future__ import annotations
 
 __all__ = ["FusePlan"]
 
-import os
 from dataclasses import dataclass, field
-from pathlib import Path
 
-from layerfuse.errors import PlanError
-from layerfuse.passes.plan_io import read_plan_json, write_json_atomic
-
-SCHEMA = "layerfuse.fuse-plan/1"
+from layerfuse.passes.blocks import check_blocks, check_ranges
+from layerfuse.passes.plan import Plan
 
 
 @dataclass
-class FusePlan:
-    fingerprint: str
-    num_blocks: int
+class FusePlan(Plan):
+    SCHEMA = "layerfuse.fuse-plan/2"
+    READS = ("layerfuse.fuse-plan/1",)
+
     drop_attention: list[int]
-    groups: list[tuple[int, int]]
-    runs: list[tuple[int, int]] = field(default_factory=list)
+    fuse: list[tuple[int, int]]
+    ffn_only_runs: list[tuple[int, int]] = field(default_factory=list)
     include_last: bool = False
     attention_scores: list[float | None] | None = None
     metric: str | None = None
@@ -28,31 +31,24 @@ class FusePlan:
     dependency: list[dict] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        self.groups = [tuple(g) for g in self.groups]
-        self.runs = [tuple(r) for r in self.runs]
-        covered: set[int] = set()
-        for first, last in self.groups:
-            if not 0 <= first <= last < self.num_blocks:
-                raise PlanError(
-                    f"run {first}-{last} is not a range of consecutive blocks within "
-                    f"0-{self.num_blocks - 1}"
-                )
-            members = set(range(first, last + 1))
-            if covered & members:
-                raise PlanError(f"run {first}-{last} overlaps another run")
-            covered |= members
-        outside = [b for b in self.drop_attention if not 0 <= b < self.num_blocks]
-        if outside:
-            raise PlanError(f"block {outside[0]} is out of range (0-{self.num_blocks - 1})")
+        self.fuse = check_ranges(
+            [tuple(r) for r in self.fuse], self.num_blocks, min_length=1, what="run"
+        )
+        self.ffn_only_runs = [tuple(r) for r in self.ffn_only_runs]
+        self.drop_attention = check_blocks(self.drop_attention, self.num_blocks)
+
+    def rewrite_pass(self):
+        from layerfuse.passes.fuse.rewrite import FuseFeedForwardsPass
+
+        return FuseFeedForwardsPass(self)
 
     def to_json(self) -> dict:
         return {
-            "schema": SCHEMA,
             "fingerprint": self.fingerprint,
             "num_blocks": self.num_blocks,
             "drop_attention": self.drop_attention,
-            "groups": [list(g) for g in self.groups],
-            "runs": [list(r) for r in self.runs],
+            "fuse": [list(r) for r in self.fuse],
+            "ffn_only_runs": [list(r) for r in self.ffn_only_runs],
             "include_last": self.include_last,
             "metric": self.metric,
             "baseline_score": self.baseline_score,
@@ -60,18 +56,17 @@ class FusePlan:
             "dependency": self.dependency,
         }
 
-    def save(self, path: str | os.PathLike) -> Path:
-        return write_json_atomic(path, self.to_json())
-
     @classmethod
-    def load(cls, path: str | os.PathLike) -> FusePlan:
-        data = read_plan_json(path, SCHEMA)
+    def from_json(cls, data: dict) -> FusePlan:
+        version_1 = data["schema"] == "layerfuse.fuse-plan/1"
         return cls(
             fingerprint=data["fingerprint"],
             num_blocks=int(data["num_blocks"]),
             drop_attention=[int(b) for b in data["drop_attention"]],
-            groups=[tuple(g) for g in data["groups"]],
-            runs=[tuple(r) for r in data.get("runs", [])],
+            fuse=[tuple(r) for r in data["groups" if version_1 else "fuse"]],
+            ffn_only_runs=[
+                tuple(r) for r in data.get("runs" if version_1 else "ffn_only_runs", [])
+            ],
             include_last=bool(data.get("include_last", False)),
             attention_scores=data.get("attention_scores"),
             metric=data.get("metric"),

@@ -1,19 +1,21 @@
 """Fuse runs of consecutive FFN-only blocks into one wide FFN (NVIDIA's FFN Fusion).
 
-A run of pre-norm blocks ``h <- h + FFN_k(norm_k(h))`` for k = a..b is replaced by the parallel
-form ``h <- h + sum_k FFN_k(norm_k(h_a))``: every FFN reads the run's input. Because the
-norms differ only by their gains (and LayerNorm biases), one gain-free norm serves all of them
-once each gain is folded into its own FFN's input rows (``diag(g) W``, plus ``beta W`` as a bias).
-The FFNs then concatenate along the hidden dimension into one
-``layerfuse.Fused*`` node (see :mod:`layerfuse.passes.fuse.functions`) and one residual Add.
+The plan's attention sublayers are removed first (as pruning does). A run of pre-norm blocks
+``h <- h + FFN_k(norm_k(h))`` for k = a..b is then replaced by the parallel form
+``h <- h + sum_k FFN_k(norm_k(h_a))``: every FFN reads the run's input. Because the norms
+differ only by their gains (and LayerNorm biases), one gain-free norm serves all of them once
+each gain is folded into its own FFN's input rows (``diag(g) W``, plus ``beta W`` as a bias).
+The FFNs then concatenate along the hidden dimension into one ``layerfuse.Fused*`` node (see
+:mod:`layerfuse.passes.fuse.functions`) and one residual Add.
 
-Pre-condition: no block inside a run (after its first) still has attention, all FFNs of a
-run are pre-norm, of one kind and one norm epsilon.
+Pre-condition: after the attention removal no block inside a run (after its first) has
+attention; all FFNs of a run are pre-norm, of one kind and one norm epsilon. Post-condition:
+the model has exactly the removed attention sublayers and the fused FFNs fewer.
 """
 
 from __future__ import annotations
 
-__all__ = ["FuseFeedForwardsPass", "fused_weights", "parallel_reference"]
+__all__ = ["FuseFeedForwardsPass", "fused_weights"]
 
 import numpy as np
 import onnx_ir as ir
@@ -21,17 +23,19 @@ import onnx_ir.passes.common as common_passes
 
 from layerfuse.errors import PlanError
 from layerfuse.model.graph import bypass, constant_array
-from layerfuse.passes.detect import Block, detect_structure
+from layerfuse.passes.base import PlanPass
+from layerfuse.passes.detect import Block, ModelStructure, detect_structure, sublayer_counts
 from layerfuse.passes.fuse.functions import DOMAIN, function_name, fused_function
-from layerfuse.passes.merge.ff_weights import ff_forward, read_ff_weights
+from layerfuse.passes.merge.ff_weights import read_ff_weights
+from layerfuse.passes.prune.rewrite import check_removable, remove_sublayers
 
 _PREFIX = "layerfuse.fused"
 
 
-def _check_group(blocks: list[Block], first: int, last: int) -> None:
+def _check_run(blocks: list[Block], first: int, last: int, dropped: set[int]) -> None:
     run = blocks[first : last + 1]
     for block in run[1:]:
-        if block.attention is not None:
+        if block.attention is not None and block.index not in dropped:
             raise PlanError(
                 f"block {block.index} still has attention: blocks {first}-{last} are not a run "
                 f"of FFN-only blocks (remove attention first, e.g. --drop-attention)"
@@ -50,10 +54,7 @@ def _check_group(blocks: list[Block], first: int, last: int) -> None:
             )
         if block.ff.neuron_parameters:
             raise PlanError(f"block {block.index}: constants inside the activation are not fused")
-        if block.ff.gated and (
-            block.ff.linears["down"].bias is not None
-            or any(lin.bias is not None for lin in block.ff.linears.values())
-        ):
+        if block.ff.gated and any(lin.bias is not None for lin in block.ff.linears.values()):
             raise PlanError(f"block {block.index}: gated FFNs with biases are not fused")
     kinds = {(b.ff.kind, b.ff_wiring.norm.kind) for b in run}
     if len(kinds) != 1:
@@ -94,101 +95,91 @@ def fused_weights(run: list[Block]) -> dict[str, np.ndarray]:
     return result
 
 
-def _initializer(graph: ir.Graph, name: str, data: np.ndarray, dtype: ir.DataType) -> ir.Value:
-    tensor = ir.tensor(np.ascontiguousarray(data.astype(dtype.numpy())), name=name)
-    value = ir.Value(name=name, shape=tensor.shape, type=ir.TensorType(dtype), const_value=tensor)
-    graph.register_initializer(value)
-    return value
-
-
-def _shared_norm(graph: ir.Graph, x: ir.Value, block: Block, prefix: str) -> tuple[list, ir.Value]:
+def _shared_norm(tape: ir.tape.Tape, x: ir.Value, block: Block, prefix: str) -> ir.Value:
     """The run's norm without its gain (and bias): the same arithmetic every block used."""
     norm = block.ff_wiring.norm
     width = block.ff.model_dim
     epsilon = float(norm.epsilon)
     if norm.kind == "layer":
-        ones = _initializer(graph, f"{prefix}.norm.scale", np.ones(width), ir.DataType.FLOAT)
-        node = ir.node(
-            "LayerNormalization", [x, ones], {"axis": -1, "epsilon": epsilon}, name=f"{prefix}.norm"
+        ones = tape.initializer(ir.tensor(np.ones(width, np.float32), name=f"{prefix}.norm.scale"))
+        return tape.op(
+            "LayerNormalization",
+            [x, ones],
+            {"axis": -1, "epsilon": epsilon},
+            name=f"{prefix}.norm",
         )
-        return [node], node.outputs[0]
-    axes = _initializer(graph, f"{prefix}.norm.axes", np.array([-1]), ir.DataType.INT64)
-    two = _initializer(graph, f"{prefix}.norm.two", np.array(2.0), ir.DataType.FLOAT)
-    eps = _initializer(graph, f"{prefix}.norm.eps", np.array(epsilon), ir.DataType.FLOAT)
-    square = ir.node("Pow", [x, two], name=f"{prefix}.norm.pow")
-    mean = ir.node(
-        "ReduceMean", [square.outputs[0], axes], {"keepdims": 1}, name=f"{prefix}.norm.mean"
-    )
-    shifted = ir.node("Add", [mean.outputs[0], eps], name=f"{prefix}.norm.add")
-    root = ir.node("Sqrt", [shifted.outputs[0]], name=f"{prefix}.norm.sqrt")
-    inverse = ir.node("Reciprocal", [root.outputs[0]], name=f"{prefix}.norm.reciprocal")
-    scaled = ir.node("Mul", [x, inverse.outputs[0]], name=f"{prefix}.norm.mul")
-    return [square, mean, shifted, root, inverse, scaled], scaled.outputs[0]
+    axes = tape.initializer(ir.tensor(np.array([-1], np.int64), name=f"{prefix}.norm.axes"))
+    two = tape.initializer(ir.tensor(np.array(2.0, np.float32), name=f"{prefix}.norm.two"))
+    eps = tape.initializer(ir.tensor(np.array(epsilon, np.float32), name=f"{prefix}.norm.eps"))
+    square = tape.op("Pow", [x, two], name=f"{prefix}.norm.pow")
+    mean = tape.op("ReduceMean", [square, axes], {"keepdims": 1}, name=f"{prefix}.norm.mean")
+    shifted = tape.op("Add", [mean, eps], name=f"{prefix}.norm.add")
+    root = tape.op("Sqrt", [shifted], name=f"{prefix}.norm.sqrt")
+    inverse = tape.op("Reciprocal", [root], name=f"{prefix}.norm.reciprocal")
+    return tape.op("Mul", [x, inverse], name=f"{prefix}.norm.mul")
 
 
-class FuseFeedForwardsPass(ir.passes.InPlacePass):
-    """Replace each run ``(first, last)`` of FFN-only blocks by one wide FFN node."""
+def _fuse_run(model: ir.Model, run: list[Block], first: int, last: int) -> None:
+    graph = model.graph
+    tape = ir.tape.Tape(graph)
+    prefix = f"{_PREFIX}.{first}-{last}"
+    kind = run[0].ff.kind
+    dtype = run[0].ff.linears["down"].consumed_dtype()
+    x = run[0].ff_wiring.norm.input
+    normalized = _shared_norm(tape, x, run[0], prefix)
+    weights = fused_weights(run)
+    inputs = [normalized] + [
+        tape.initializer(
+            ir.tensor(
+                np.ascontiguousarray(weights[name].astype(dtype.numpy())), name=f"{prefix}.{name}"
+            )
+        )
+        for name in ("w_in", "w_down", "b_in", "b_down")
+        if name in weights
+    ]
+    fused = tape.op(function_name(kind), inputs, domain=DOMAIN, name=prefix)
+    fused.name = f"{prefix}.ffn"
+    residual = tape.op("Add", [x, fused], name=f"{prefix}.residual")
+    residual.name = f"{prefix}.out"
+    last_stream = run[-1].ff_wiring.residual.output
+    residual.type, residual.shape = last_stream.type, last_stream.shape
+    bypass(last_stream, residual)
+    function = fused_function(kind)
+    model.functions.setdefault(function.identifier(), function)
 
-    def __init__(self, groups: list[tuple[int, int]]) -> None:
-        super().__init__()
-        self.groups = [tuple(group) for group in groups]
+
+class FuseFeedForwardsPass(PlanPass):
+    """Remove a :class:`FusePlan`'s attention sublayers, then fuse each of its runs."""
+
+    def check(self, structure: ModelStructure) -> None:
+        check_removable(structure, "attention", self.plan.drop_attention)
+        dropped = set(self.plan.drop_attention)
+        for first, last in self.plan.fuse:
+            _check_run(structure.blocks, first, last, dropped)
 
     def requires(self, model: ir.Model) -> None:
-        blocks = detect_structure(model).blocks
-        for first, last in self.groups:
-            if not 0 <= first <= last < len(blocks):
-                raise PlanError(f"run {first}-{last} is outside blocks 0-{len(blocks) - 1}")
-            _check_group(blocks, first, last)
+        super().requires(model)
+        self._before = sublayer_counts(model)
 
-    def call(self, model: ir.Model) -> ir.passes.PassResult:
-        graph = model.graph
+    def rewrite(self, model: ir.Model) -> bool:
+        if self.plan.drop_attention:
+            remove_sublayers(model, "attention", self.plan.drop_attention)
         blocks = detect_structure(model).blocks
-        for first, last in self.groups:
-            run = blocks[first : last + 1]
-            prefix = f"{_PREFIX}.{first}-{last}"
-            kind = run[0].ff.kind
-            dtype = run[0].ff.linears["down"].consumed_dtype()
-            x = run[0].ff_wiring.norm.input
-            nodes, normalized = _shared_norm(graph, x, run[0], prefix)
-            weights = fused_weights(run)
-            inputs = [normalized] + [
-                _initializer(graph, f"{prefix}.{name}", weights[name], dtype)
-                for name in ("w_in", "w_down", "b_in", "b_down")
-                if name in weights
-            ]
-            fused = ir.node(function_name(kind), inputs, domain=DOMAIN, name=prefix)
-            fused.outputs[0].name = f"{prefix}.ffn"
-            residual = ir.node("Add", [x, fused.outputs[0]], name=f"{prefix}.residual")
-            residual.outputs[0].name = f"{prefix}.out"
-            last_stream = run[-1].ff_wiring.residual.output
-            residual.outputs[0].type = last_stream.type
-            residual.outputs[0].shape = last_stream.shape
-            graph.extend([*nodes, fused, residual])
-            bypass(last_stream, residual.outputs[0])
-            function = fused_function(kind)
-            model.functions.setdefault(function.identifier(), function)
-        if self.groups:
+        for first, last in self.plan.fuse:
+            _fuse_run(model, blocks[first : last + 1], first, last)
+        if self.plan.fuse:
             model.opset_imports.setdefault(DOMAIN, 1)
-        common_passes.RemoveUnusedNodesPass()(model)
-        graph.sort()
-        return ir.passes.PassResult(model, modified=bool(self.groups))
+            common_passes.RemoveUnusedNodesPass()(model)
+            model.graph.sort()
+        return bool(self.plan.fuse or self.plan.drop_attention)
 
-
-def parallel_reference(run: list[Block], x: np.ndarray) -> np.ndarray:
-    """What the fused node computes, from the original weights, in numpy (for checks)."""
-    total = 0.0
-    for block in run:
-        norm = block.ff_wiring.norm
-        values = x.astype(np.float64)
-        if norm.kind == "layer":
-            centered = values - values.mean(axis=-1, keepdims=True)
-            normalized = centered / np.sqrt((centered**2).mean(-1, keepdims=True) + norm.epsilon)
-        else:
-            normalized = values / np.sqrt((values**2).mean(-1, keepdims=True) + norm.epsilon)
-        gain = constant_array(norm.weight)
-        normalized = normalized * (1.0 if gain is None else gain.reshape(-1))
-        shift = constant_array(norm.bias)
-        if shift is not None:
-            normalized = normalized + shift.reshape(-1)
-        total = total + ff_forward(read_ff_weights(block.ff), normalized)
-    return total
+    def ensures(self, model: ir.Model) -> None:
+        ffs, attentions = sublayer_counts(model)
+        before_ffs, before_attentions = self._before
+        fused = sum(last - first + 1 for first, last in self.plan.fuse)
+        expected = (before_ffs - fused, before_attentions - len(self.plan.drop_attention))
+        if (ffs, attentions) != expected:
+            raise PlanError(
+                f"fusion left {ffs} FF and {attentions} attention sublayers, expected "
+                f"{expected[0]} and {expected[1]}"
+            )

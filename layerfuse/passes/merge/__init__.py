@@ -1,14 +1,14 @@
-"""Aligned FF merging (Verma, Murray & Duh): plan (analysis) and tie (rewrite)."""
+"""Aligned FF merging (Verma, Murray & Duh): plan (analysis), tie (rewrite), refit."""
 
-from layerfuse.passes.merge.plan import MergePlan, MergeWindow
-from layerfuse.passes.merge.planner import MergeRequest, apply_merge_plan, plan_merge
+from layerfuse.passes.merge.plan import FEATURES, MergePlan, MergeWindow
+from layerfuse.passes.merge.planner import MergeRequest, plan_merge
 from layerfuse.passes.merge.tie import TieFeedForwardsPass
 
 __all__ = [
+    "FEATURES",
     "MergePlan",
     "MergeRequest",
     "MergeWindow",
     "TieFeedForwardsPass",
-    "apply_merge_plan",
     "plan_merge",
 ]

@@ -9,17 +9,23 @@ them together, which is why permuting one FF alone never changes what it compute
 
 from __future__ import annotations
 
-__all__ = ["FFWeights", "average", "ff_forward", "read_ff_weights"]
+__all__ = [
+    "FFWeights",
+    "average",
+    "ff_forward",
+    "hidden_activations",
+    "read_ff_weights",
+    "require_modelled",
+]
 
 from dataclasses import dataclass, field
 
 import numpy as np
 from scipy.special import erf
 
+from layerfuse.errors import PlanError
 from layerfuse.model.graph import constant_array
 from layerfuse.passes.detect import FeedForward
-
-INPUT_ROLES = ("gate", "up")
 
 
 @dataclass
@@ -45,10 +51,6 @@ class FFWeights:
         }
         neurons = [p[..., permutation] for p in self.neuron_parameters]
         return FFWeights(self.kind, self.activation, matrices, biases, neurons)
-
-    def parameter_bytes(self) -> int:
-        arrays = [*self.matrices.values(), *self.biases.values(), *self.neuron_parameters]
-        return sum(a.nbytes for a in arrays)
 
 
 def read_ff_weights(ff: FeedForward) -> FFWeights:
@@ -91,12 +93,19 @@ def _activation(name: str, x: np.ndarray) -> np.ndarray:
     raise ValueError(f"no reference implementation for activation '{name}'")
 
 
-def hidden_activations(weights: FFWeights, x: np.ndarray) -> np.ndarray:
-    """The tensor the down-projection reads, for inputs ``x`` of shape ``[rows, model_dim]``.
+def require_modelled(feedforwards: list[FeedForward], purpose: str) -> None:
+    """Refuse FFs whose activation holds per-neuron constants (a fused BiasGelu's bias):
+    :func:`hidden_activations` does not model them, so nothing computed from it may be used."""
+    for ff in feedforwards:
+        if ff.neuron_parameters:
+            raise PlanError(
+                f"{purpose} is not supported for FFs with constants inside the activation"
+            )
 
-    Per-neuron constants inside the activation (a fused BiasGelu's bias) are not modelled; FFs
-    that have them are refused by the refit step.
-    """
+
+def hidden_activations(weights: FFWeights, x: np.ndarray) -> np.ndarray:
+    """The tensor the down-projection reads, for inputs ``x`` of shape ``[rows, model_dim]``
+    (FFs checked with :func:`require_modelled`)."""
     up = x @ weights.matrices["up"] + weights.biases.get("up", 0.0)
     if "gate" not in weights.matrices:
         return _activation(weights.activation, up)

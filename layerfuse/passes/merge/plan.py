@@ -8,7 +8,7 @@ weights, too large for JSON, go to an ``.npz`` file beside it whose hash the JSO
 
 from __future__ import annotations
 
-__all__ = ["MergePlan", "MergeWindow", "anchor_of", "parse_ratio", "window_sizes"]
+__all__ = ["FEATURES", "MergePlan", "MergeWindow", "anchor_of", "parse_ratio", "window_sizes"]
 
 import hashlib
 import os
@@ -19,11 +19,15 @@ from pathlib import Path
 import numpy as np
 
 from layerfuse.errors import PlanError
-from layerfuse.passes.plan_io import read_plan_json, write_json_atomic
+from layerfuse.passes.blocks import check_ranges
+from layerfuse.passes.plan import Plan
 
-SCHEMA = "layerfuse.merge-plan/1"
 METHODS = ("permute", "vanilla")
 ANCHORS = ("first", "middle", "last")
+# The FF tensor neurons are aligned on: before the nonlinearity (the gate's output in gated
+# FFs), the up-projection's output (what the paper's code uses for SwiGLU), or what the
+# down-projection reads.
+FEATURES = ("pre_activation", "up", "hidden")
 
 
 @dataclass
@@ -59,9 +63,9 @@ class MergeWindow:
 
 
 @dataclass
-class MergePlan:
-    fingerprint: str
-    num_blocks: int
+class MergePlan(Plan):
+    SCHEMA = "layerfuse.merge-plan/1"
+
     method: str
     anchor: str
     windows: list[MergeWindow]
@@ -75,33 +79,33 @@ class MergePlan:
     refit_weights: dict[int, dict[str, np.ndarray]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if self.method not in METHODS:
-            raise PlanError(f"unknown merge method '{self.method}' (choose {', '.join(METHODS)})")
-        if self.anchor not in ANCHORS:
-            raise PlanError(f"unknown anchor '{self.anchor}' (choose {', '.join(ANCHORS)})")
-        seen: set[int] = set()
+        for name, value, allowed in (
+            ("method", self.method, METHODS),
+            ("anchor", self.anchor, ANCHORS),
+            ("features", self.features, FEATURES),
+        ):
+            if value not in allowed:
+                raise PlanError(f"unknown merge {name} '{value}' (choose {', '.join(allowed)})")
+        ranges = [(w.blocks[0], w.blocks[-1]) for w in self.windows if w.blocks]
+        check_ranges(ranges, self.num_blocks, min_length=2, what="window")
         for window in self.windows:
             blocks = window.blocks
             if len(blocks) < 2 or blocks != list(range(blocks[0], blocks[0] + len(blocks))):
                 raise PlanError(f"window {blocks} is not a run of 2 or more consecutive blocks")
-            if blocks[0] < 0 or blocks[-1] >= self.num_blocks:
-                raise PlanError(
-                    f"window {blocks[0]}-{blocks[-1]} does not fit a model of "
-                    f"{self.num_blocks} blocks (0-{self.num_blocks - 1})"
-                )
-            if seen & set(blocks):
-                raise PlanError(f"window {blocks[0]}-{blocks[-1]} overlaps another window")
             if window.anchor not in blocks:
                 raise PlanError(f"anchor {window.anchor} is not in window {blocks}")
-            seen |= set(blocks)
 
     @property
     def merged_blocks(self) -> int:
         return sum(len(w.blocks) - 1 for w in self.windows)
 
+    def rewrite_pass(self):
+        from layerfuse.passes.merge.tie import TieFeedForwardsPass
+
+        return TieFeedForwardsPass(self)
+
     def to_json(self) -> dict:
         return {
-            "schema": SCHEMA,
             "fingerprint": self.fingerprint,
             "num_blocks": self.num_blocks,
             "method": self.method,
@@ -115,43 +119,8 @@ class MergePlan:
             "windows": [w.to_json() for w in self.windows],
         }
 
-    def save(self, path: str | os.PathLike) -> Path:
-        """Write the plan (and its refit weights, if any) atomically."""
-        path = Path(path)
-        data = self.to_json()
-        if self.refit_weights:
-            sidecar = path.with_suffix(".npz")
-            arrays = {
-                f"{index}/{name}": array
-                for index, weights in self.refit_weights.items()
-                for name, array in weights.items()
-            }
-            tmp = sidecar.with_name(sidecar.name + ".tmp.npz")
-            np.savez(tmp, **arrays)
-            os.replace(tmp, sidecar)
-            data["refit"] = {
-                **(self.refit or {}),
-                "file": sidecar.name,
-                "sha256": hashlib.sha256(sidecar.read_bytes()).hexdigest(),
-            }
-        return write_json_atomic(path, data)
-
     @classmethod
-    def load(cls, path: str | os.PathLike) -> MergePlan:
-        path = Path(path)
-        data = read_plan_json(path, SCHEMA)
-        refit_weights: dict[int, dict[str, np.ndarray]] = {}
-        refit = data.get("refit")
-        if refit and refit.get("file"):
-            sidecar = path.parent / refit["file"]
-            if not sidecar.is_file():
-                raise PlanError(f"{path}: refit weights {sidecar.name} are missing")
-            if hashlib.sha256(sidecar.read_bytes()).hexdigest() != refit.get("sha256"):
-                raise PlanError(f"{sidecar}: refit weights do not match the plan's hash")
-            with np.load(sidecar) as arrays:
-                for key in arrays.files:
-                    index, name = key.split("/", 1)
-                    refit_weights.setdefault(int(index), {})[name] = arrays[key]
+    def from_json(cls, data: dict) -> MergePlan:
         return cls(
             fingerprint=data["fingerprint"],
             num_blocks=int(data["num_blocks"]),
@@ -163,9 +132,40 @@ class MergePlan:
             selection=data.get("selection"),
             parameters_removed=int(data.get("parameters_removed", 0)),
             bytes_removed=int(data.get("bytes_removed", 0)),
-            refit=refit,
-            refit_weights=refit_weights,
+            refit=data.get("refit"),
         )
+
+    def save_sidecars(self, path: Path, data: dict) -> None:
+        if not self.refit_weights:
+            return
+        sidecar = path.with_suffix(".npz")
+        arrays = {
+            f"{index}/{name}": array
+            for index, weights in self.refit_weights.items()
+            for name, array in weights.items()
+        }
+        tmp = sidecar.with_name(f".{sidecar.stem}.tmp.npz")
+        np.savez(tmp, **arrays)
+        os.replace(tmp, sidecar)
+        data["refit"] = {
+            **(self.refit or {}),
+            "file": sidecar.name,
+            "sha256": hashlib.sha256(sidecar.read_bytes()).hexdigest(),
+        }
+
+    def load_sidecars(self, path: Path, data: dict) -> None:
+        refit = data.get("refit")
+        if not refit or not refit.get("file"):
+            return
+        sidecar = path.parent / refit["file"]
+        if not sidecar.is_file():
+            raise PlanError(f"{path}: refit weights {sidecar.name} are missing")
+        if hashlib.sha256(sidecar.read_bytes()).hexdigest() != refit.get("sha256"):
+            raise PlanError(f"{sidecar}: refit weights do not match the plan's hash")
+        with np.load(sidecar) as arrays:
+            for key in arrays.files:
+                index, name = key.split("/", 1)
+                self.refit_weights.setdefault(int(index), {})[name] = arrays[key]
 
 
 def parse_ratio(text: str, num_blocks: int) -> int:

@@ -7,7 +7,7 @@ Transpose or Cast remains to make onnxruntime fold a private copy of a shared we
 
 Pre-condition (``requires``): the plan was made for this model, and the FFs of a window have
 the same kind, shapes and layouts. Post-condition (``ensures``): every FF of a window reads the
-same weight values.
+same weight initializers, and none of the FFs' former private weights is left in the model.
 """
 
 from __future__ import annotations
@@ -19,11 +19,16 @@ import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
 
 from layerfuse.errors import PlanError
-from layerfuse.model.graph import constant_array
-from layerfuse.passes.detect import FeedForward, detect_structure
-from layerfuse.passes.merge.ff_weights import FFWeights, average, read_ff_weights
-from layerfuse.passes.merge.plan import MergePlan, MergeWindow
-from layerfuse.passes.plan_io import check_plan_fits
+from layerfuse.model.graph import constant_array, constant_source
+from layerfuse.passes.base import PlanPass
+from layerfuse.passes.detect import FeedForward, ModelStructure, detect_structure
+from layerfuse.passes.merge.ff_weights import (
+    FFWeights,
+    average,
+    read_ff_weights,
+    require_modelled,
+)
+from layerfuse.passes.merge.plan import MergeWindow
 
 _PREFIX = "layerfuse.tied"
 
@@ -45,6 +50,27 @@ def _signature(ff: FeedForward) -> tuple:
         ),
         len(ff.neuron_parameters),
     )
+
+
+def _window_prefix(window: MergeWindow) -> str:
+    return f"{_PREFIX}.{window.blocks[0]}-{window.blocks[-1]}"
+
+
+def _own_initializers(ff: FeedForward) -> list[ir.Value]:
+    """The FF's weight, bias and neuron-constant initializers."""
+    values = [lin.weight for lin in ff.linears.values()]
+    values += [lin.bias for lin in ff.linears.values() if lin.bias is not None]
+    values += list(ff.neuron_parameters)
+    return [source for v in values if (source := constant_source(v)) is not None]
+
+
+def _private_initializers(ff: FeedForward) -> list[str] | None:
+    """Names of the FF's initializers if no node outside the FF reads them, else None."""
+    inside = set(ff.nodes) | {node for lin in ff.linears.values() for node in lin.weight_path}
+    values = _own_initializers(ff)
+    if any(use.node not in inside for value in values for use in value.uses()):
+        return None
+    return [value.name for value in values]
 
 
 def merged_window_weights(
@@ -70,14 +96,6 @@ def merged_window_weights(
     return merged
 
 
-def _register(graph: ir.Graph, tensor: ir.Tensor) -> ir.Value:
-    value = ir.Value(
-        name=tensor.name, shape=tensor.shape, type=ir.TensorType(tensor.dtype), const_value=tensor
-    )
-    graph.register_initializer(value)
-    return value
-
-
 def tie_weights(
     graph: ir.Graph, feedforwards: list[FeedForward], weights: FFWeights, prefix: str
 ) -> None:
@@ -85,15 +103,16 @@ def tie_weights(
 
     With one FF this simply replaces its weights (used to permute a single FF).
     """
+    tape = ir.tape.Tape(graph)
     template = feedforwards[0]
     for role, linear in template.linears.items():
-        weight = _register(
-            graph, linear.consumed_weight_tensor(weights.matrices[role], f"{prefix}.{role}.weight")
+        weight = tape.initializer(
+            linear.consumed_weight_tensor(weights.matrices[role], f"{prefix}.{role}.weight")
         )
         bias = None
         if linear.bias is not None:
-            bias = _register(
-                graph, linear.bias_tensor(weights.biases[role], f"{prefix}.{role}.bias")
+            bias = tape.initializer(
+                linear.bias_tensor(weights.biases[role], f"{prefix}.{role}.bias")
             )
         for ff in feedforwards:
             member = ff.linears[role]
@@ -103,52 +122,43 @@ def tie_weights(
                 node.replace_input_with(slot, bias)
     for position, template_value in enumerate(template.neuron_parameters):
         original = constant_array(template_value)
-        shared = _register(
-            graph,
+        shared = tape.initializer(
             ir.tensor(
                 weights.neuron_parameters[position].reshape(original.shape).astype(original.dtype),
                 name=f"{prefix}.neuron{position}",
-            ),
+            )
         )
         for ff in feedforwards:
             for use in list(ff.neuron_parameters[position].uses()):
                 use.node.replace_input_with(use.idx, shared)
 
 
-class TieFeedForwardsPass(ir.passes.InPlacePass):
+class TieFeedForwardsPass(PlanPass):
     """Rewrite a model so that each window of the plan reads one shared set of FF weights."""
 
-    def __init__(self, plan: MergePlan) -> None:
-        super().__init__()
-        self.plan = plan
-
-    def requires(self, model: ir.Model) -> None:
-        blocks = check_plan_fits(model, self.plan.fingerprint, self.plan.num_blocks)
+    def check(self, structure: ModelStructure) -> None:
+        blocks = structure.blocks
+        self._replaced: list[str] = []
         for window in self.plan.windows:
-            signatures = {_signature(blocks[i].ff) for i in window.blocks}
-            if len(signatures) != 1:
+            feedforwards = [blocks[i].ff for i in window.blocks]
+            if len({_signature(ff) for ff in feedforwards}) != 1:
                 raise PlanError(
                     f"FFs of blocks {window.blocks[0]}-{window.blocks[-1]} differ in kind, shape "
                     f"or layout and cannot share weights"
                 )
-            if self.plan.refit_weights and any(
-                blocks[i].ff.neuron_parameters for i in window.blocks
-            ):
-                raise PlanError(
-                    "refit is not supported for FFs with constants inside the activation"
-                )
+            if self.plan.refit_weights:
+                require_modelled(feedforwards, "refit")
+            for ff in feedforwards:
+                self._replaced += _private_initializers(ff) or []
 
-    def call(self, model: ir.Model) -> ir.passes.PassResult:
-        graph = model.graph
+    def rewrite(self, model: ir.Model) -> bool:
         blocks = detect_structure(model).blocks
         for index, window in enumerate(self.plan.windows):
             feedforwards = [blocks[i].ff for i in window.blocks]
             merged = merged_window_weights(feedforwards, window, self.plan.refit_weights.get(index))
-            tie_weights(
-                graph, feedforwards, merged, f"{_PREFIX}.{window.blocks[0]}-{window.blocks[-1]}"
-            )
+            tie_weights(model.graph, feedforwards, merged, _window_prefix(window))
         common_passes.RemoveUnusedNodesPass()(model)
-        return ir.passes.PassResult(model, modified=bool(self.plan.windows))
+        return bool(self.plan.windows)
 
     def ensures(self, model: ir.Model) -> None:
         blocks = detect_structure(model).blocks
@@ -157,3 +167,6 @@ class TieFeedForwardsPass(ir.passes.InPlacePass):
                 readers = {id(blocks[i].ff.linears[role].consumed_weight) for i in window.blocks}
                 if len(readers) != 1:
                     raise PlanError(f"blocks {window.blocks} do not share their {role} weight")
+        left = [name for name in self._replaced if name in model.graph.initializers]
+        if left:
+            raise PlanError(f"tying left the replaced FF weight {left[0]} in the model")

@@ -1,12 +1,7 @@
 """Layer pruning: drop whole blocks, FF sublayers or attention sublayers (the baseline)."""
 
 from layerfuse.passes.prune.plan import TARGETS, PrunePlan
-from layerfuse.passes.prune.planner import (
-    PruneRequest,
-    apply_prune_plan,
-    block_influence,
-    plan_prune,
-)
+from layerfuse.passes.prune.planner import PruneRequest, block_influence, plan_prune
 from layerfuse.passes.prune.rewrite import PruneSublayersPass
 
 __all__ = [
@@ -14,7 +9,6 @@ __all__ = [
     "PrunePlan",
     "PruneRequest",
     "PruneSublayersPass",
-    "apply_prune_plan",
     "block_influence",
     "plan_prune",
 ]

@@ -14,25 +14,24 @@ Selection:
 
 from __future__ import annotations
 
-__all__ = ["PruneRequest", "apply_prune_plan", "block_influence", "plan_prune"]
+__all__ = ["PruneRequest", "block_influence", "plan_prune"]
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import onnx_ir as ir
 
-from layerfuse.data.batches import InputBatch, make_batches
+from layerfuse.data.batches import InputBatch
 from layerfuse.errors import PlanError
 from layerfuse.model.io import load_model, parameter_count
 from layerfuse.passes.detect import ModelStructure, detect_structure
+from layerfuse.passes.plan import apply_plan
+from layerfuse.passes.planner import DataSettings, search_best
 from layerfuse.passes.prune.plan import PrunePlan
-from layerfuse.passes.prune.rewrite import PruneSublayersPass
-from layerfuse.passes.running import run_pass
-from layerfuse.passes.scoring import CandidateScorer
 from layerfuse.progress import SILENT, Reporter
 from layerfuse.runtime.calibration import ActivationTap, stream_rows
+from layerfuse.runtime.quality import row_cosine
 
 SELECTIONS = ("influence", "sliding")
 
@@ -44,12 +43,7 @@ class PruneRequest:
     parameters: int | None = None
     blocks: list[int] | None = None
     select: str = "influence"
-    data: str = "fortunes"
-    tokens: int = 4096
-    valid_tokens: int = 4096
-    seq_len: int = 128
-    batch_size: int = 8
-    provider: str = "auto"
+    data: DataSettings = field(default_factory=DataSettings)
 
 
 def _unit_parameters(structure: ModelStructure, target: str) -> list[int]:
@@ -114,87 +108,56 @@ def block_influence(
         tap, batches, total=len(batches), reporter=reporter, description="block influence"
     ):
         for index, (start, end) in enumerate(pairs):
-            a, b = rows[start], rows[end]
-            norms = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
-            sums[index] += float((1.0 - (a * b).sum(axis=1) / np.maximum(norms, 1e-12)).sum())
+            sums[index] += float((1.0 - row_cosine(rows[start], rows[end])).sum())
         count += next(iter(rows.values())).shape[0]
     return (sums / max(count, 1)).tolist()
 
 
-def _batches(model_path: Path, request: PruneRequest, split: str, tokens: int) -> list:
-    return make_batches(
-        model_path,
-        request.data,
-        split,
-        tokens=tokens,
-        seq_len=request.seq_len,
-        batch_size=request.batch_size,
-    )
-
-
 def _parameters_removed(model_path: Path, plan: PrunePlan) -> int:
-    before = load_model(model_path)
-    after = load_model(model_path)
-    run_pass(PruneSublayersPass(plan), after)
-    return parameter_count(before) - parameter_count(after)
+    return parameter_count(load_model(model_path)) - parameter_count(apply_plan(model_path, plan))
 
 
 def plan_prune(
     model_path: str | os.PathLike, request: PruneRequest, reporter: Reporter = SILENT
 ) -> PrunePlan:
+    """Analyse the model at ``model_path`` and return a prune plan (nothing is written)."""
     model_path = Path(model_path)
     structure = detect_structure(load_model(model_path))
     num_blocks = len(structure.blocks)
+    settings = request.data
 
     def make(blocks: list[int], selection: dict | None = None) -> PrunePlan:
         return PrunePlan(structure.fingerprint, num_blocks, request.target, blocks, selection)
 
+    if request.select not in SELECTIONS:
+        raise PlanError(f"unknown selection '{request.select}' (choose {', '.join(SELECTIONS)})")
     if request.blocks is not None:
         plan = make(list(request.blocks), {"method": "fixed"})
     else:
         count = _count(structure, request)
         make(list(range(min(count, num_blocks))))  # validates the count before any work
         if request.select == "influence":
-            calibration = _batches(model_path, request, "calib", request.tokens)
             scores = block_influence(
                 model_path,
                 request.target,
-                calibration,
-                provider=request.provider,
+                settings.batches(model_path, "calib"),
+                provider=settings.provider,
                 reporter=reporter,
             )
             chosen = sorted(np.argsort(scores, kind="stable")[:count].tolist())
             plan = make(chosen, {"method": "influence", "scores": scores})
-        elif request.select == "sliding":
-            valid = _batches(model_path, request, "valid", request.valid_tokens)
-            scorer = CandidateScorer(
-                model_path, valid, data=request.data, provider=request.provider
-            )
-            scored = []
-            starts = range(num_blocks - count + 1)
-            for start in reporter.track(starts, len(starts), "scoring prune positions"):
-                candidate = make(list(range(start, start + count)))
-                model = load_model(model_path)
-                run_pass(PruneSublayersPass(candidate), model)
-                scored.append((scorer(model), start))
-            best = min(scored)[1]
-            plan = make(
-                list(range(best, best + count)),
-                {
-                    "method": "sliding",
-                    "metric": scorer.metric,
-                    "candidates": [{"start": s, "score": v} for v, s in scored],
-                },
-            )
         else:
-            raise PlanError(
-                f"unknown selection '{request.select}' (choose {', '.join(SELECTIONS)})"
+            scorer = settings.scorer(model_path)
+            starts = list(range(num_blocks - count + 1))
+            best, scores = search_best(
+                starts,
+                lambda start: apply_plan(model_path, make(list(range(start, start + count)))),
+                scorer,
+                reporter,
+                "scoring prune positions",
             )
+            candidates = [{"start": s, "score": v} for s, v in zip(starts, scores, strict=True)]
+            selection = {"method": "sliding", "metric": scorer.metric, "candidates": candidates}
+            plan = make(list(range(best, best + count)), selection)
     plan.parameters_removed = _parameters_removed(model_path, plan)
     return plan
-
-
-def apply_prune_plan(model_path: str | os.PathLike, plan: PrunePlan) -> ir.Model:
-    model = load_model(model_path)
-    run_pass(PruneSublayersPass(plan), model)
-    return model

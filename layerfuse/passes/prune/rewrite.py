@@ -5,69 +5,94 @@ Removing a sublayer makes the readers of its residual Add read the Add's other o
 Removing a whole block makes the readers of the block's output stream read its input stream
 (in post-norm models that skips both norms too). Blocks are bypassed from the last to the
 first so that consecutive removals chain. Dead nodes and initializers are then removed.
+
+Pre-condition: every sublayer to remove has a plain residual Add (not one fused into a
+``Skip*Norm`` by onnxruntime's optimizer). Post-condition: the model has exactly the plan's
+number of FF (``block``, ``ff``) or attention (``attention``) sublayers fewer.
 """
 
 from __future__ import annotations
 
-__all__ = ["PruneSublayersPass"]
+__all__ = ["PruneSublayersPass", "check_removable", "remove_sublayers"]
 
 import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
 
 from layerfuse.errors import PlanError
 from layerfuse.model.graph import bypass
-from layerfuse.passes.detect import Block, Sublayer, detect_structure
-from layerfuse.passes.plan_io import check_plan_fits
-from layerfuse.passes.prune.plan import PrunePlan
+from layerfuse.passes.base import PlanPass
+from layerfuse.passes.detect import ModelStructure, Wiring, detect_structure, sublayer_counts
 
 
-def _drop_sublayer(wiring: Sublayer | None, what: str, block: int) -> None:
+def _residual_add(wiring: Wiring | None, what: str, block: int):
+    """The residual Add to bypass, or a one-line reason why there is none."""
     if wiring is None or wiring.residual is None:
         raise PlanError(f"block {block} has no {what} sublayer with a residual Add to remove")
-    bypass(wiring.residual.output, wiring.residual.operand)
+    if wiring.residual.node.op_type != "Add":
+        raise PlanError(
+            f"block {block}: its {what} residual Add is fused into "
+            f"{wiring.residual.node.op_type}; prune the graph before onnxruntime's optimizer "
+            f"fuses it"
+        )
+    return wiring.residual
 
 
-def _drop_block(block: Block) -> None:
-    stream_in, stream_out = block.stream_in, block.stream_out
-    if stream_in is None or stream_out is None:
-        raise PlanError(f"block {block.index}: cannot trace its residual stream to remove it")
-    bypass(stream_out, stream_in)
+def check_removable(structure: ModelStructure, target: str, indices: list[int]) -> None:
+    """Raise a one-line :class:`PlanError` if any of ``target`` at ``indices`` cannot go."""
+    for index in indices:
+        block = structure.blocks[index]
+        if target in ("block", "attention"):
+            if block.attention is None and target == "attention":
+                raise PlanError(f"block {index} has no attention sublayer to remove")
+            if block.attention is not None:
+                _residual_add(block.attention_wiring, "attention", index)
+        if target in ("block", "ff"):
+            _residual_add(block.ff_wiring, "FF", index)
+        if target == "block" and (block.stream_in is None or block.stream_out is None):
+            raise PlanError(f"block {index}: cannot trace its residual stream to remove it")
 
 
-class PruneSublayersPass(ir.passes.InPlacePass):
-    def __init__(self, plan: PrunePlan) -> None:
-        super().__init__()
-        self.plan = plan
+def remove_sublayers(model: ir.Model, target: str, indices: list[int]) -> None:
+    """Bypass ``target`` (block, ff or attention) at ``indices`` and drop what is left dead."""
+    blocks = detect_structure(model).blocks
+    # Last block first: a bypass re-points the readers of a block's output at its input,
+    # which is the previous block's output; that one must still have its readers then.
+    for index in sorted(indices, reverse=True):
+        block = blocks[index]
+        if target == "block":
+            bypass(block.stream_out, block.stream_in)
+        else:
+            wiring = block.ff_wiring if target == "ff" else block.attention_wiring
+            bypass(wiring.residual.output, wiring.residual.operand)
+    common_passes.RemoveUnusedNodesPass()(model)
+
+
+class PruneSublayersPass(PlanPass):
+    """Remove the blocks, FF sublayers or attention sublayers a :class:`PrunePlan` names."""
 
     def requires(self, model: ir.Model) -> None:
-        blocks = check_plan_fits(model, self.plan.fingerprint, self.plan.num_blocks)
-        for index in self.plan.blocks:
-            wirings = [blocks[index].ff_wiring, blocks[index].attention_wiring]
-            if any(
-                w is not None and w.residual is not None and w.residual.node.op_type != "Add"
-                for w in wirings
-            ):
-                raise PlanError(
-                    f"block {index}: its residual Add is fused into "
-                    f"{blocks[index].ff_wiring.residual.node.op_type}; prune the graph before "
-                    f"onnxruntime's optimizer fuses it"
-                )
-        if self.plan.target == "attention":
-            missing = [b for b in self.plan.blocks if blocks[b].attention is None]
-            if missing:
-                raise PlanError(f"block {missing[0]} has no attention sublayer to remove")
+        super().requires(model)
+        self._before = sublayer_counts(model)
 
-    def call(self, model: ir.Model) -> ir.passes.PassResult:
-        blocks = detect_structure(model).blocks
-        # Last block first: a bypass re-points the readers of a block's output at its input,
-        # which is the previous block's output; that one must still have its readers then.
-        for index in sorted(self.plan.blocks, reverse=True):
-            block = blocks[index]
-            if self.plan.target == "block":
-                _drop_block(block)
-            elif self.plan.target == "ff":
-                _drop_sublayer(block.ff_wiring, "FF", index)
-            else:
-                _drop_sublayer(block.attention_wiring, "attention", index)
-        common_passes.RemoveUnusedNodesPass()(model)
-        return ir.passes.PassResult(model, modified=True)
+    def check(self, structure: ModelStructure) -> None:
+        check_removable(structure, self.plan.target, self.plan.blocks)
+
+    def rewrite(self, model: ir.Model) -> bool:
+        remove_sublayers(model, self.plan.target, self.plan.blocks)
+        return True
+
+    def ensures(self, model: ir.Model) -> None:
+        ffs, attentions = sublayer_counts(model)
+        before_ffs, before_attentions = self._before
+        removed = len(self.plan.blocks)
+        expected = (
+            (before_ffs, before_attentions - removed)
+            if self.plan.target == "attention"
+            else (before_ffs - removed, None)
+        )
+        if ffs != expected[0] or (expected[1] is not None and attentions != expected[1]):
+            raise PlanError(
+                f"pruning {self.plan.target} {self.plan.blocks} left {ffs} FF and {attentions} "
+                f"attention sublayers; expected {expected[0]} FF"
+                + ("" if expected[1] is None else f" and {expected[1]} attention")
+            )

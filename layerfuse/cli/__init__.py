@@ -1,0 +1,59 @@
+"""``layerfuse``: the command line.
+
+Every command reports user mistakes as one ``layerfuse: error: ...`` line on stderr with exit
+status 2; progress goes to stderr so that ``--json`` output on stdout stays machine-readable.
+Each command lives in its own module with a ``register(subparsers)`` function.
+"""
+
+from __future__ import annotations
+
+__all__ = ["build_parser", "main"]
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from layerfuse import __version__
+from layerfuse.cli import analyze, bench, evaluate, export, inspect, rewrite
+from layerfuse.errors import LayerfuseError
+
+_COMMAND_MODULES = (export, inspect, evaluate, rewrite, analyze, bench)
+
+
+class _Parser(argparse.ArgumentParser):
+    """Usage mistakes are one line too, like every other layerfuse error (``--help`` shows
+    the usage)."""
+
+    def error(self, message: str):
+        self.exit(2, f"layerfuse: error: {self.prog.removeprefix('layerfuse ')}: {message}\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="layerfuse",
+        description="Merge, fuse and prune feed-forward sublayers of exported transformer "
+        "models at the ONNX level, and measure the result.",
+    )
+    parser.add_argument("--version", action="version", version=f"layerfuse {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for module in _COMMAND_MODULES:
+        module.register(commands)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exc:
+        return int(exc.code or 0)
+    try:
+        return args.handler(args)
+    except LayerfuseError as exc:
+        if args.debug:
+            raise
+        print(f"layerfuse: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("layerfuse: interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,103 @@
+"""What every plan shares: its JSON schema, atomic save/load, and the check that it fits.
+
+A plan is the reviewable record of an analysis and the only input of a rewrite. Subclasses
+(merge, prune, fuse) declare ``SCHEMA``, hold their own fields, and implement ``to_json``,
+``from_json`` and ``rewrite_pass``; saving, loading, schema checks and the fingerprint check
+live here once. A plan whose data does not fit JSON (refitted weights) writes a sidecar file
+through ``save_sidecars``/``load_sidecars``.
+"""
+
+from __future__ import annotations
+
+__all__ = ["Plan", "apply_plan"]
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, ClassVar, Self
+
+import onnx_ir as ir
+
+from layerfuse.errors import PlanError
+from layerfuse.files import write_json_atomic
+from layerfuse.model.fingerprint import fingerprint
+from layerfuse.model.io import load_model
+from layerfuse.passes.detect import ModelStructure, detect_structure
+
+if TYPE_CHECKING:
+    from layerfuse.passes.base import PlanPass
+
+
+@dataclass
+class Plan:
+    """The model a plan was made for: its structural fingerprint and number of blocks."""
+
+    SCHEMA: ClassVar[str]
+    # Older schemas this class still reads (their files must keep applying).
+    READS: ClassVar[tuple[str, ...]] = ()
+
+    fingerprint: str
+    num_blocks: int
+
+    def to_json(self) -> dict:
+        raise NotImplementedError
+
+    @classmethod
+    def from_json(cls, data: dict) -> Self:
+        raise NotImplementedError
+
+    def rewrite_pass(self) -> PlanPass:
+        """The in-place pass that applies this plan."""
+        raise NotImplementedError
+
+    def save_sidecars(self, path: Path, data: dict) -> None:
+        """Write data too large for JSON beside ``path`` and record it in ``data``."""
+
+    def load_sidecars(self, path: Path, data: dict) -> None:
+        """Read what :meth:`save_sidecars` wrote."""
+
+    def save(self, path: str | os.PathLike) -> Path:
+        path = Path(path)
+        data = {"schema": self.SCHEMA, **self.to_json()}
+        self.save_sidecars(path, data)
+        return write_json_atomic(path, data)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> Self:
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise PlanError(f"{path}: cannot read the plan ({exc})") from None
+        schema = data.get("schema") if isinstance(data, dict) else None
+        if schema not in (cls.SCHEMA, *cls.READS):
+            raise PlanError(f"{path}: not a {cls.SCHEMA} plan (schema {schema!r})")
+        try:
+            plan = cls.from_json(data)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise PlanError(f"{path}: malformed {cls.SCHEMA} plan ({exc!r})") from None
+        plan.load_sidecars(path, data)
+        return plan
+
+    def check_fits(self, model: ir.Model) -> ModelStructure:
+        """The model's structure, after checking the plan was made for this model."""
+        actual = fingerprint(model)
+        if actual != self.fingerprint:
+            raise PlanError(
+                f"the plan was made for a model with fingerprint {self.fingerprint}, "
+                f"this one has {actual}"
+            )
+        structure = detect_structure(model)
+        if len(structure.blocks) != self.num_blocks:
+            raise PlanError(
+                f"the plan expects {self.num_blocks} blocks, found {len(structure.blocks)}"
+            )
+        return structure
+
+
+def apply_plan(model_path: str | os.PathLike, plan: Plan) -> ir.Model:
+    """Load the model at ``model_path`` and rewrite it in memory by ``plan``."""
+    model = load_model(model_path)
+    plan.rewrite_pass()(model)
+    return model
