@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 
+import numpy as np
 import pytest
+import torch
 
 from layerfuse.cli import main
 from layerfuse.errors import LayerfuseError
-from layerfuse.export.onnx_export import export_model
+from layerfuse.export.onnx_export import _VERIFY_TEXTS, example_inputs, export_model
 from layerfuse.export.sources import load_source
+from layerfuse.export.wrappers import wrap_for_export
+from layerfuse.runtime.session import create_session
 
 
 def test_export_writes_model_tokenizer_and_manifest(tiny, tmp_path, capsys):
@@ -55,3 +60,22 @@ def test_unknown_source_is_one_line(tmp_path):
         )
     ]
     assert not (tmp_path / "x").exists()
+
+
+def test_left_padding_tokenizers_are_verified_on_valid_positions_only(tiny, tmp_path):
+    folder = tmp_path / "left"
+    shutil.copytree(tiny.folder("llama"), folder)
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    (folder / "tokenizer_config.json").write_text(json.dumps({**config, "padding_side": "left"}))
+    source = load_source(str(folder))
+    result = export_model(source, tmp_path / "out")
+    assert result.max_abs_diff <= 1e-3
+    inputs = example_inputs(source, _VERIFY_TEXTS, seed=1)
+    mask = inputs["attention_mask"].numpy()
+    assert mask[:, 0].min() == 0, "the verification batch must contain left padding"
+    feeds = {name: tensor.numpy() for name, tensor in inputs.items()}
+    logits = create_session(result.model_path, provider="cpu").run(None, feeds)[0]
+    with torch.no_grad():
+        expected = wrap_for_export(source.model, source.task)(*inputs.values()).numpy()
+    valid = mask.astype(bool)
+    assert np.max(np.abs(logits[valid] - expected[valid])) == pytest.approx(result.max_abs_diff)
