@@ -74,6 +74,8 @@ def environment() -> dict:
             "cores": os.cpu_count(),
             "memory_bytes": _memory_bytes(),
             "gpu": _gpu(),
+            # Other processes' load during the run: timings taken under load are noisier.
+            "load_average_1m": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
         },
         "python": platform.python_version(),
         "packages": {name: v for name in packages if (v := _version(name)) is not None},
