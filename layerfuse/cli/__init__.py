@@ -14,10 +14,10 @@ import sys
 from collections.abc import Sequence
 
 from layerfuse import __version__
-from layerfuse.cli import analyze, bench, evaluate, export, inspect, rewrite
+from layerfuse.cli import analyze, bench, evaluate, export, fuse, inspect, merge, prune
 from layerfuse.errors import LayerfuseError
 
-_COMMAND_MODULES = (export, inspect, evaluate, rewrite, analyze, bench)
+_COMMAND_MODULES = (export, inspect, evaluate, merge, prune, fuse, analyze, bench)
 
 
 class _Parser(argparse.ArgumentParser):

@@ -1,11 +1,11 @@
 """Analysis for FFN Fusion: which attention to remove, which runs to fuse, how dependent.
 
-1. Attention importance: each attention sublayer is removed alone (in memory) and the model
-   is scored on validation data; the smallest degradation marks the least important sublayer
-   (the practical stand-in for the paper's Puzzle search). ``drop_attention`` takes the N
-   least important, or with ``"auto"`` adds them in that order while the validation score
-   stays within ``tolerance`` of the original; with ``contiguous`` the best window of N
-   consecutive sublayers goes instead, so that one long FFN-only run appears.
+1. Attention importance (:mod:`layerfuse.passes.fuse.attention`): each attention sublayer is
+   removed alone (in memory) and the model is scored on validation data; the smallest
+   degradation marks the least important sublayer (the practical stand-in for the paper's
+   Puzzle search). ``drop_attention`` takes the N least important, or with ``"auto"`` adds
+   them in that order while the validation score stays within ``tolerance`` of the original;
+   with ``contiguous`` the best window of N consecutive sublayers goes instead.
 2. Runs: maximal sequences of FFN sublayers with no attention between them. The paper leaves
    the last FFN of each run out of the fusion (``include_last=False``).
 3. Dependency: for blocks i < j of a run, how much FFN j's output changes (mean cosine
@@ -36,11 +36,10 @@ from layerfuse.errors import PlanError
 from layerfuse.model.io import load_model
 from layerfuse.passes.blocks import check_ranges
 from layerfuse.passes.detect import ModelStructure, detect_structure
+from layerfuse.passes.fuse.attention import Reducer, attention_importance, choose_attention
 from layerfuse.passes.fuse.plan import FusePlan
-from layerfuse.passes.plan import apply_plan
-from layerfuse.passes.planner import DataSettings, search_best
+from layerfuse.passes.planner import DataSettings
 from layerfuse.passes.prune.rewrite import remove_sublayers
-from layerfuse.passes.scoring import CandidateScorer
 from layerfuse.progress import SILENT, Reporter
 from layerfuse.runtime.calibration import ActivationTap, token_rows
 from layerfuse.runtime.quality import row_cosine
@@ -65,102 +64,6 @@ class FuseRequest:
     )
 
 
-class _Reducer:
-    """In-memory copies of the model with chosen attention sublayers removed."""
-
-    def __init__(self, model_path: Path, structure: ModelStructure) -> None:
-        self.model_path = model_path
-        self.structure = structure
-
-    def __call__(self, blocks: list[int]) -> ir.Model:
-        plan = FusePlan(self.structure.fingerprint, len(self.structure.blocks), blocks, [])
-        return apply_plan(self.model_path, plan)
-
-
-def attention_importance(
-    reduce: _Reducer, scorer: CandidateScorer, reporter: Reporter
-) -> list[float | None]:
-    """Validation score of the model with each attention sublayer removed alone."""
-    blocks = reduce.structure.blocks
-    candidates = [b.index for b in blocks if b.attention is not None]
-    _, scores = search_best(
-        candidates, lambda index: reduce([index]), scorer, reporter, "attention importance"
-    )
-    by_block: list[float | None] = [None] * len(blocks)
-    for index, score in zip(candidates, scores, strict=True):
-        by_block[index] = score
-    return by_block
-
-
-def _best_window(
-    reduce: _Reducer, count: int, scorer: CandidateScorer, reporter: Reporter
-) -> tuple[list[int], list[float | None]]:
-    """Remove ``count`` consecutive attention sublayers where validation suffers least.
-
-    Scores are indexed by the window's first block.
-    """
-    blocks = reduce.structure.blocks
-    starts = [
-        start
-        for start in range(len(blocks) - count + 1)
-        if all(blocks[b].attention is not None for b in range(start, start + count))
-    ]
-    best, scores = search_best(
-        starts,
-        lambda start: reduce(list(range(start, start + count))),
-        scorer,
-        reporter,
-        "attention windows",
-    )
-    by_start: list[float | None] = [None] * len(blocks)
-    for start, score in zip(starts, scores, strict=True):
-        by_start[start] = score
-    return list(range(best, best + count)), by_start
-
-
-def _grow_while_within(
-    reduce: _Reducer,
-    scores: list[float | None],
-    limit: float,
-    scorer: CandidateScorer,
-    reporter: Reporter,
-) -> list[int]:
-    """Add sublayers, least important first, while the validation score stays within limit."""
-    order = sorted((s, i) for i, s in enumerate(scores) if s is not None)
-    chosen: list[int] = []
-    for _, index in reporter.track(order, len(order), "growing the attention-free set"):
-        trial = sorted([*chosen, index])
-        if scorer(reduce(trial)) > limit:
-            break
-        chosen = trial
-    return chosen
-
-
-def _choose_attention(
-    reduce: _Reducer, request: FuseRequest, scorer: CandidateScorer, reporter: Reporter
-) -> tuple[list[int], list[float | None], float]:
-    """(blocks to drop, per-block or per-window scores, the original's validation score)."""
-    available = sum(block.attention is not None for block in reduce.structure.blocks)
-    if request.drop_attention != "auto" and not 0 < int(request.drop_attention) <= available:
-        raise PlanError(
-            f"cannot drop {request.drop_attention} attention sublayers; the model has {available}"
-        )
-    baseline = scorer(reduce([]))
-    if request.contiguous:
-        dropped, scores = _best_window(reduce, int(request.drop_attention), scorer, reporter)
-        return dropped, scores, baseline
-    scores = attention_importance(reduce, scorer, reporter)
-    if request.drop_attention == "auto":
-        limit = (
-            baseline * (1 + request.tolerance)
-            if scorer.metric == "perplexity"
-            else request.tolerance
-        )
-        return _grow_while_within(reduce, scores, limit, scorer, reporter), scores, baseline
-    order = sorted((s, i) for i, s in enumerate(scores) if s is not None)
-    return sorted(i for _, i in order[: int(request.drop_attention)]), scores, baseline
-
-
 def find_runs(structure: ModelStructure) -> list[tuple[int, int]]:
     """Maximal (first, last) block ranges whose FFNs have no attention between them."""
     runs, start = [], 0
@@ -175,7 +78,7 @@ def find_runs(structure: ModelStructure) -> list[tuple[int, int]]:
 
 
 def dependency_matrix(
-    reduce: _Reducer,
+    reduce: Reducer,
     dropped: list[int],
     run: tuple[int, int],
     batches: list[InputBatch],
@@ -273,13 +176,13 @@ def plan_fuse(
     settings = request.data
     structure = detect_structure(load_model(model_path))
     num_blocks = len(structure.blocks)
-    reduce = _Reducer(model_path, structure)
+    reduce = Reducer(model_path, structure)
     scores, baseline, metric, dropped = None, None, None, []
     if isinstance(request.drop_attention, list):
         dropped = _explicit_drop(structure, request.drop_attention)
     elif request.drop_attention is not None:
         scorer = settings.scorer(model_path)
-        dropped, scores, baseline = _choose_attention(reduce, request, scorer, reporter)
+        dropped, scores, baseline = choose_attention(reduce, request, scorer, reporter)
         metric = scorer.metric
     runs = find_runs(detect_structure(reduce(dropped)))
     if request.fuse == "auto":

@@ -1,0 +1,102 @@
+"""``layerfuse merge``: aligned FF merging (permute, average, tie)."""
+
+from __future__ import annotations
+
+__all__ = ["register"]
+
+import argparse
+
+from layerfuse.cli.common import data_settings
+from layerfuse.cli.rewrite import RewriteCommand, register_rewrite
+from layerfuse.passes.plan import Plan
+from layerfuse.progress import Reporter
+
+
+def _merge_options(parser: argparse.ArgumentParser) -> None:
+    from layerfuse.passes.merge.plan import ANCHORS, FEATURES, METHODS
+
+    parser.add_argument(
+        "--ratio", default="1/3", help="share of FF sublayers removed: 1/3, 0.5, all-but-one"
+    )
+    parser.add_argument("--windows", type=int, default=1, help="split the ratio over N windows")
+    parser.add_argument("--blocks", help="explicit windows instead of --ratio, e.g. 3-8,12-15")
+    parser.add_argument(
+        "--method",
+        default="permute",
+        choices=METHODS,
+        help="permute: align neurons to the anchor before averaging (the paper); vanilla: "
+        "average as they are",
+    )
+    parser.add_argument(
+        "--anchor", default="first", choices=ANCHORS, help="the FF others are aligned to"
+    )
+    parser.add_argument(
+        "--select",
+        default="sliding",
+        choices=["sliding", "last"],
+        help="sliding: the window position with the best validation score; last: the last blocks",
+    )
+    parser.add_argument(
+        "--features",
+        default="pre_activation",
+        choices=FEATURES,
+        help="tensor neurons are aligned on: pre_activation (before the nonlinearity: the "
+        "gate output of gated FFs; default), up (the up-projection output, as the paper's "
+        "code does for SwiGLU), hidden (what the down-projection reads)",
+    )
+    parser.add_argument(
+        "--refit",
+        action="store_true",
+        help="least-squares refit of the shared down-projection, kept if validation improves",
+    )
+
+
+def _merge_plan(args: argparse.Namespace, reporter: Reporter) -> Plan:
+    from layerfuse.passes.blocks import parse_ranges
+    from layerfuse.passes.merge import MergeRequest, plan_merge
+
+    request = MergeRequest(
+        ratio=args.ratio,
+        windows=args.windows,
+        ranges=parse_ranges(args.blocks) if args.blocks else None,
+        method=args.method,
+        anchor=args.anchor,
+        select=args.select,
+        features=args.features,
+        refit=args.refit,
+        data=data_settings(args),
+    )
+    return plan_merge(args.model, request, reporter)
+
+
+def _merge_summary(plan) -> str:
+    from layerfuse.reports.tables import human_bytes, human_count
+
+    windows = ", ".join(f"{w.blocks[0]}-{w.blocks[-1]} (anchor {w.anchor})" for w in plan.windows)
+    return (
+        f"tied {plan.merged_blocks + len(plan.windows)} FF sublayers in windows {windows} "
+        f"with the {plan.method} method; removed {human_count(plan.parameters_removed)} "
+        f"parameters ({human_bytes(plan.bytes_removed)})"
+    )
+
+
+def _merge_plan_class():
+    from layerfuse.passes.merge import MergePlan
+
+    return MergePlan
+
+
+COMMAND = RewriteCommand(
+    "merge",
+    "align, average and tie consecutive FF sublayers (shared initializers)",
+    _merge_plan_class,
+    _merge_options,
+    _merge_plan,
+    _merge_summary,
+    calib_tokens=10240,
+    valid_tokens=4096,
+)
+
+
+def register(commands) -> None:
+    register_rewrite(commands, COMMAND)

@@ -1,0 +1,81 @@
+"""``layerfuse prune``: drop blocks or sublayers, the baseline merging is judged against."""
+
+from __future__ import annotations
+
+__all__ = ["register"]
+
+import argparse
+
+from layerfuse.cli.common import data_settings
+from layerfuse.cli.rewrite import RewriteCommand, register_rewrite
+from layerfuse.passes.plan import Plan
+from layerfuse.progress import Reporter
+
+
+def _prune_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--target",
+        default="block",
+        choices=["block", "ff", "attention"],
+        help="what to drop: whole blocks, FF sublayers or attention sublayers",
+    )
+    budget = parser.add_mutually_exclusive_group()
+    budget.add_argument("--count", type=int, help="how many blocks or sublayers to drop")
+    budget.add_argument("--params", type=int, help="parameters to remove (rounded to units)")
+    budget.add_argument("--match-plan", help="remove as many parameters as this merge plan removes")
+    budget.add_argument("--blocks", help="explicit blocks, e.g. 3,5-7")
+    parser.add_argument(
+        "--select",
+        default="influence",
+        choices=["influence", "sliding"],
+        help="influence: least ShortGPT block influence; sliding: best contiguous run on "
+        "validation",
+    )
+
+
+def _prune_plan(args: argparse.Namespace, reporter: Reporter) -> Plan:
+    from layerfuse.passes.blocks import parse_blocks
+    from layerfuse.passes.merge import MergePlan
+    from layerfuse.passes.prune import PruneRequest, plan_prune
+
+    budget = MergePlan.load(args.match_plan).parameters_removed if args.match_plan else args.params
+    request = PruneRequest(
+        target=args.target,
+        count=args.count,
+        parameters=budget,
+        blocks=parse_blocks(args.blocks) if args.blocks else None,
+        select=args.select,
+        data=data_settings(args),
+    )
+    return plan_prune(args.model, request, reporter)
+
+
+def _prune_summary(plan) -> str:
+    from layerfuse.reports.tables import human_count
+
+    return (
+        f"pruned {plan.target} {', '.join(map(str, plan.blocks))}: removed "
+        f"{human_count(plan.parameters_removed)} parameters"
+    )
+
+
+def _prune_plan_class():
+    from layerfuse.passes.prune import PrunePlan
+
+    return PrunePlan
+
+
+COMMAND = RewriteCommand(
+    "prune",
+    "drop blocks or sublayers (the baseline merging is judged against)",
+    _prune_plan_class,
+    _prune_options,
+    _prune_plan,
+    _prune_summary,
+    calib_tokens=4096,
+    valid_tokens=4096,
+)
+
+
+def register(commands) -> None:
+    register_rewrite(commands, COMMAND)
