@@ -21,7 +21,6 @@ from common import (
     RESULTS,
     WORK,
     exported_model,
-    file_bytes,
     log,
     markdown_table,
     plot_quality_vs_removed,
@@ -29,7 +28,7 @@ from common import (
 )
 
 from layerfuse.data.batches import make_batches
-from layerfuse.model.io import load_model, save_model
+from layerfuse.model.io import file_bytes, load_model, save_model
 from layerfuse.model.manifest import carry_manifest, require_manifest
 from layerfuse.passes.detect import detect_structure
 from layerfuse.passes.merge import MergeRequest, plan_merge

@@ -85,33 +85,10 @@ def bench_result(tiny, tmp_path_factory):
         == 0
     )
     result = out / "result.json"
-    assert (
-        main(
-            [
-                "bench",
-                str(original),
-                str(tied),
-                "--names",
-                "original,tied",
-                "--inputs",
-                "1x16,2x32",
-                "--runs",
-                "15",
-                "--json",
-                str(result),
-                "--markdown",
-                str(out / "result.md"),
-                "--plot",
-                str(out / "result.png"),
-                "--eval",
-                "--data",
-                "random",
-                "--eval-tokens",
-                "256",
-            ]
-        )
-        == 0
-    )
+    options = "--names original,tied --inputs 1x16,2x32 --runs 15 --eval --data random"
+    files = ["--json", str(result), "--markdown", str(out / "result.md")]
+    files += ["--plot", str(out / "result.png"), "--eval-tokens", "256"]
+    assert main(["bench", str(original), str(tied), *options.split(), *files]) == 0
     return original, tied, result
 
 

@@ -125,24 +125,8 @@ def test_runs_and_dependency_follow_the_removed_attention(tiny):
 def test_attention_importance_picks_the_least_harmful(tiny, tmp_path):
     path = tiny.model("llama")
     out = tmp_path / "fused" / "model.onnx"
-    assert (
-        main(
-            [
-                "fuse",
-                str(path),
-                "-o",
-                str(out),
-                "--drop-attention",
-                "2",
-                "--data",
-                "random",
-                "--calib-tokens",
-                "128",
-                "--include-last",
-            ]
-        )
-        == 0
-    )
+    options = "--drop-attention 2 --data random --calib-tokens 128 --include-last".split()
+    assert main(["fuse", str(path), "-o", str(out), *options]) == 0
     saved = json.loads(out.with_suffix(".plan.json").read_text())
     scores = saved["attention_scores"]
     assert saved["drop_attention"] == sorted(np.argsort(scores)[:2].tolist())
@@ -169,22 +153,8 @@ def test_bad_fusion_requests_are_clear_errors(tiny, tmp_path, capsys):
         (["--drop-attention", "9"], "cannot drop 9 attention sublayers"),
     ):
         capsys.readouterr()
-        assert (
-            main(
-                [
-                    "fuse",
-                    str(path),
-                    "-o",
-                    str(out),
-                    "--data",
-                    "random",
-                    "--calib-tokens",
-                    "64",
-                    *extra,
-                ]
-            )
-            == 2
-        )
+        options = ["--data", "random", "--calib-tokens", "64", *extra]
+        assert main(["fuse", str(path), "-o", str(out), *options]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and message in err[0], (extra, err)
     assert not out.parent.exists()

@@ -15,9 +15,12 @@ from collections.abc import Sequence
 
 from layerfuse import __version__
 from layerfuse.cli import analyze, bench, evaluate, export, fuse, inspect, merge, prune
+from layerfuse.cli.rewrite import register_rewrite
 from layerfuse.errors import LayerfuseError
 
-_COMMAND_MODULES = (export, inspect, evaluate, merge, prune, fuse, analyze, bench)
+_COMMAND_MODULES = (export, inspect, evaluate, analyze, bench)
+# Rewriting commands: a RewriteCommand each, registered by one driver.
+_REWRITE_MODULES = (merge, prune, fuse)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -39,6 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for module in _COMMAND_MODULES:
         module.register(commands)
+    for module in _REWRITE_MODULES:
+        register_rewrite(commands, module.COMMAND)
     return parser
 
 

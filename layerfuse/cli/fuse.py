@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-__all__ = ["register"]
+__all__ = ["COMMAND"]
 
 import argparse
 from pathlib import Path
 
 from layerfuse.cli.common import data_settings
-from layerfuse.cli.rewrite import RewriteCommand, register_rewrite
+from layerfuse.cli.rewrite import RewriteCommand
 from layerfuse.errors import LayerfuseError
 from layerfuse.passes.plan import Plan
 from layerfuse.progress import Reporter
@@ -103,7 +103,3 @@ COMMAND = RewriteCommand(
     valid_tokens=2048,
     figures=_fuse_figures,
 )
-
-
-def register(commands) -> None:
-    register_rewrite(commands, COMMAND)

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-__all__ = ["register"]
+__all__ = ["COMMAND"]
 
 import argparse
 
 from layerfuse.cli.common import data_settings
-from layerfuse.cli.rewrite import RewriteCommand, register_rewrite
+from layerfuse.cli.rewrite import RewriteCommand
 from layerfuse.passes.plan import Plan
 from layerfuse.progress import Reporter
 
@@ -96,7 +96,3 @@ COMMAND = RewriteCommand(
     calib_tokens=10240,
     valid_tokens=4096,
 )
-
-
-def register(commands) -> None:
-    register_rewrite(commands, COMMAND)
