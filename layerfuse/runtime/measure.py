@@ -2,13 +2,23 @@
 
 Memory is measured in a fresh child process per graph: RSS before the session exists, after
 it is built, and after the first run (external weights are memory-mapped and only count once
-touched; pre-packed copies appear at load). Measuring several sessions in one process would
-mix in allocator caching from the previous one.
+touched; pre-packed copies appear at load), plus the peak on the way. Measuring several
+sessions in one process would mix in allocator caching from the previous one. The session is
+built by ``create_session`` exactly as a layerfuse user's process builds it, pre-packing
+policy and the release of freed packing buffers included, so the numbers are what such a
+process holds; ``release_memory=False`` shows what a process that skips the release holds.
 """
 
 from __future__ import annotations
 
-__all__ = ["LatencyStats", "MemoryStats", "measure_latency", "measure_memory", "rss_bytes"]
+__all__ = [
+    "LatencyStats",
+    "MemoryStats",
+    "measure_latency",
+    "measure_memory",
+    "peak_rss_bytes",
+    "rss_bytes",
+]
 
 import json
 import os
@@ -20,6 +30,18 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
+
+
+def peak_rss_bytes() -> int | None:
+    """Peak resident set size of this process so far (Linux ``VmHWM``), None elsewhere."""
+    try:
+        with open("/proc/self/status") as handle:
+            for line in handle:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
 
 
 def rss_bytes() -> int:
@@ -73,18 +95,22 @@ class MemoryStats:
     """Memory growth of a process that builds one session and runs it once.
 
     On CPU: resident set size. On CUDA: device memory the process holds (nvidia-smi), with
-    the host RSS growth kept in ``host_bytes``.
+    the host RSS growth kept in ``host_bytes``. ``peak_bytes`` is the highest host RSS over
+    load and run above the RSS before loading (pre-packing holds a weight twice for a moment).
     """
 
     load_bytes: int
     after_run_bytes: int
     host_bytes: int | None = None
+    peak_bytes: int | None = None
 
     def to_json(self) -> dict:
         return asdict(self)
 
 
-def _probe(model_path: str, feeds_path: str, provider: str, prepacking: str) -> dict:
+def _probe(
+    model_path: str, feeds_path: str, provider: str, prepacking: str, release: str = "1"
+) -> dict:
     """Child-process side of :func:`measure_memory`."""
     from layerfuse.runtime.calibration import adapt_feeds
     from layerfuse.runtime.session import PREPACKING, create_session
@@ -98,17 +124,21 @@ def _probe(model_path: str, feeds_path: str, provider: str, prepacking: str) -> 
         provider=provider,
         prepacking=PREPACKING[prepacking],
         threads=1,
+        release_memory=release == "1",
     )
     loaded = rss_bytes()
     session.run(None, adapt_feeds(session, feeds))
     host = rss_bytes() - before
+    peak = peak_rss_bytes()
+    peak_growth = None if peak is None else peak - before
     if provider == "cuda":
         return {
             "load_bytes": 0,
             "after_run_bytes": _device_used_bytes() - device_before,
             "host_bytes": host,
+            "peak_bytes": peak_growth,
         }
-    return {"load_bytes": loaded - before, "after_run_bytes": host}
+    return {"load_bytes": loaded - before, "after_run_bytes": host, "peak_bytes": peak_growth}
 
 
 def _device_used_bytes() -> int:
@@ -133,8 +163,14 @@ def measure_memory(
     *,
     provider: str = "cpu",
     prepacking: bool | None = None,
+    release_memory: bool = True,
+    env: dict[str, str] | None = None,
 ) -> MemoryStats:
-    """Build a session for ``model_path`` in a fresh process and report its RSS growth."""
+    """Build a session for ``model_path`` in a fresh process and report its RSS growth.
+
+    ``env`` adds variables to the child's environment (an allocator tunable such as
+    ``MALLOC_MMAP_THRESHOLD_`` or an ``LD_PRELOAD``ed allocator, to measure their effect).
+    """
     mode = "auto" if prepacking is None else ("on" if prepacking else "off")
     with tempfile.TemporaryDirectory() as tmp:
         feeds_path = Path(tmp) / "feeds.npz"
@@ -148,10 +184,12 @@ def measure_memory(
                 str(feeds_path),
                 provider,
                 mode,
+                "1" if release_memory else "0",
             ],
             capture_output=True,
             text=True,
             check=False,
+            env=None if env is None else {**os.environ, **env},
         )
     if result.returncode != 0:
         last = (result.stderr.strip() or "no output").splitlines()[-1]
@@ -160,4 +198,4 @@ def measure_memory(
 
 
 if __name__ == "__main__":
-    print(json.dumps(_probe(*sys.argv[1:5])))
+    print(json.dumps(_probe(*sys.argv[1:6])))

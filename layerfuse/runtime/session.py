@@ -4,11 +4,20 @@ Provider choice: ``auto`` takes CUDA when the installed onnxruntime has it (onnx
 and says so when it falls back to CPU. Asking for ``cuda`` where it is missing is an error,
 not a silent CPU run that would make a benchmark lie.
 
-Pre-packing: ORT's CPU MatMul copies each constant weight into a packed layout per node, so a
-weight tied across k FFs is packed k times and the memory saving of tying mostly disappears
-(measured: 12 tied FFs kept 186 of 394 MiB). ORT shares packed weights only through a
-container its Python API does not expose, so for graphs where one initializer feeds several
-MatMul/Gemm nodes pre-packing is turned off by default (``prepacking=None``).
+Pre-packing (CPU MatMul/Gemm copy each constant weight into a packed layout at load): since
+onnxruntime 1.21 a session keeps ONE packed copy per distinct packed content (the packed bytes
+are hashed, ``session_state.cc``), so a weight tied across k MatMuls is packed once and tying
+keeps its whole saving with pre-packing on. What made tied stacks look duplicated was glibc:
+every consumer still packs a temporary copy that ORT frees after the lookup, and glibc keeps
+those weight-sized blocks in its heap (RSS, not live memory) until ``malloc_trim``. The policy
+(``prepacking=None``, ``--prepacking auto``) is therefore:
+
+- onnxruntime >= 1.21: pre-packing on for every graph, and the freed packing buffers handed
+  back to the OS right after the session is built (``malloc_trim(0)`` on glibc; other
+  allocators return blocks this large when freed). Memory equals pre-packing off, latency is
+  pre-packed (``benchmarks/results/prepacking.md``).
+- older onnxruntime: each kernel owns its packed copy (v1.13-1.20 pass no cache to
+  ``PrePack``), so pre-packing is off for graphs whose MatMul/Gemm nodes share a weight.
 """
 
 from __future__ import annotations
@@ -18,10 +27,14 @@ __all__ = [
     "PROVIDERS",
     "available_providers",
     "create_session",
+    "default_prepacking",
+    "prepacked_weights_deduplicated",
+    "release_freed_memory",
     "resolve_provider",
     "session_for_ir",
 ]
 
+import ctypes
 import os
 import sys
 from pathlib import Path
@@ -37,6 +50,42 @@ PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 # Command-line spellings of ``create_session(prepacking=...)``; ``auto`` is layerfuse's policy.
 PREPACKING = {"auto": None, "on": True, "off": False}
 _fallback_reported = False
+# First onnxruntime whose sessions share pre-packed weights of equal content (PR #23069).
+_PREPACK_DEDUP_VERSION = (1, 21)
+
+
+def prepacked_weights_deduplicated(version: str | None = None) -> bool:
+    """Whether onnxruntime ``version`` (default: the loaded one) keeps one pre-packed copy per
+    distinct weight in a session."""
+    parts = []
+    for part in (version or ort.__version__).split(".")[:2]:
+        digits = "".join(ch for ch in part if ch.isdigit())
+        parts.append(int(digits or 0))
+    return tuple(parts) >= _PREPACK_DEDUP_VERSION
+
+
+def default_prepacking(model: ir.Model) -> bool:
+    """layerfuse's pre-packing setting for ``model`` (``auto``): see the module docstring."""
+    return prepacked_weights_deduplicated() or not shared_matmul_weights(model)
+
+
+def release_freed_memory() -> bool:
+    """Give free heap pages back to the OS (glibc ``malloc_trim(0)``); False where there is
+    no such call (other C libraries, Windows, macOS), whose allocators map and unmap blocks
+    the size of a packed weight directly.
+
+    Costs a few milliseconds once per session and frees nothing that is in use, so it is
+    safe in a server process too.
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        trim = ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):
+        return False
+    trim.argtypes = [ctypes.c_size_t]
+    trim(0)
+    return True
 
 
 def available_providers() -> list[str]:
@@ -77,9 +126,16 @@ def create_session(
     prepacking: bool | None = None,
     external_data_dir: str | os.PathLike | None = None,
     optimization: str = "all",
+    release_memory: bool = True,
+    provider_options: dict | None = None,
 ) -> ort.InferenceSession:
     """Build a session for a model file, or for an in-memory proto whose external data lives in
-    ``external_data_dir`` (used to run a modified copy of a graph without copying weights)."""
+    ``external_data_dir`` (used to run a modified copy of a graph without copying weights).
+
+    ``prepacking=None`` follows :func:`default_prepacking`; ``release_memory=False`` skips
+    :func:`release_freed_memory` (only to measure what it saves). ``provider_options`` go to
+    the chosen provider (e.g. ``{"enable_cuda_graph": "1"}`` on CUDA).
+    """
     options = ort.SessionOptions()
     options.log_severity_level = 3
     levels = {
@@ -99,7 +155,7 @@ def create_session(
             )
     else:
         payload = str(model)
-    if prepacking is None:
+    if prepacking is None and not prepacked_weights_deduplicated():
         # Read the graph only when the policy needs it: a file without external data would
         # otherwise be loaded whole once here and again by onnxruntime.
         graph = (
@@ -107,17 +163,21 @@ def create_session(
             if isinstance(model, onnx.ModelProto)
             else ir.load(model)
         )
-        prepacking = not shared_matmul_weights(graph)
-    if not prepacking:
+        prepacking = default_prepacking(graph)
+    if prepacking is False:
         options.add_session_config_entry("session.disable_prepacking", "1")
-    providers = [resolve_provider(provider)]
-    if providers[0] != PROVIDERS["cpu"]:
+    chosen = resolve_provider(provider)
+    providers: list = [(chosen, dict(provider_options)) if provider_options else chosen]
+    if chosen != PROVIDERS["cpu"]:
         providers.append(PROVIDERS["cpu"])
     try:
-        return ort.InferenceSession(payload, options, providers=providers)
+        session = ort.InferenceSession(payload, options, providers=providers)
     except Exception as exc:
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise LayerfuseError(f"onnxruntime cannot load the model: {first_line}") from None
+    if release_memory:
+        release_freed_memory()
+    return session
 
 
 def session_for_ir(
