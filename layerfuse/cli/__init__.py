@@ -14,11 +14,23 @@ import sys
 from collections.abc import Sequence
 
 from layerfuse import __version__
-from layerfuse.cli import analyze, bench, evaluate, export, fuse, inspect, merge, prune
+from layerfuse.cli import (
+    analyze,
+    bench,
+    deploy,
+    evaluate,
+    export,
+    fuse,
+    generate,
+    inspect,
+    merge,
+    prune,
+    serve,
+)
 from layerfuse.cli.rewrite import register_rewrite
 from layerfuse.errors import LayerfuseError
 
-_COMMAND_MODULES = (export, inspect, evaluate, analyze, bench)
+_COMMAND_MODULES = (export, inspect, evaluate, analyze, bench, deploy, serve, generate)
 # Rewriting commands: a RewriteCommand each, registered by one driver.
 _REWRITE_MODULES = (merge, prune, fuse)
 

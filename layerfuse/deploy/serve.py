@@ -1,0 +1,240 @@
+"""Start a real inference server on ONNX models or a Triton repository, and know its state.
+
+``start_server`` turns what the user named (``.onnx`` files, ``NAME=FILE.onnx``, model
+folders, Triton repositories) into one engine's command line, starts it as a child process,
+waits until it answers, and reads the repository index, so that a model that failed to load
+is reported with the server's own reason, and refused unless ``keep_going``.
+
+- triton: the bundled ``tritonserver``. ``.onnx`` files are served through a throw-away
+  Python-backend repository whose files are symlinks (nothing is copied); repositories are
+  served as they are, so they must use the Python backend (the bundled server has no
+  onnxruntime backend).
+- kserve: KServe's ``ModelServer`` with one :class:`~layerfuse.deploy.kserve_model.OnnxModel`
+  per graph; a repository contributes each model folder's newest version.
+"""
+
+from __future__ import annotations
+
+__all__ = ["ENGINES", "ModelStatus", "RunningServer", "ServeOptions", "start_server"]
+
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TextIO
+
+from layerfuse.deploy.process import ServerProcess, check_port_free, http_request
+from layerfuse.deploy.triton_config import TritonOptions
+from layerfuse.deploy.triton_repo import (
+    CONFIG,
+    check_name,
+    read_repository,
+    write_triton_model,
+)
+from layerfuse.errors import LayerfuseError
+
+ENGINES = ("triton", "kserve")
+
+
+@dataclass(frozen=True)
+class ServeOptions:
+    engine: str = "triton"
+    host: str = "127.0.0.1"
+    http_port: int = 8000
+    grpc_port: int = 8001
+    max_batch_size: int = 8
+    instances: int = 1
+    threads: int = 0
+    max_input_elements: int = 16384
+    max_body_bytes: int = 64 * 1024 * 1024
+    provider: str = "cpu"
+    grace_seconds: int = 10
+    stub_site: Path | None = None
+    keep_going: bool = False
+    startup_timeout: float = 300.0
+
+
+@dataclass(frozen=True)
+class ModelStatus:
+    name: str
+    state: str
+    reason: str = ""
+
+    @property
+    def ready(self) -> bool:
+        return self.state == "READY"
+
+
+@dataclass
+class RunningServer:
+    """A started server: its process, addresses and the state of every model."""
+
+    options: ServeOptions
+    process: ServerProcess
+    models: list[ModelStatus]
+    _workdir: tempfile.TemporaryDirectory | None = field(default=None, repr=False)
+
+    @property
+    def http_url(self) -> str:
+        return f"http://{_client_host(self.options.host)}:{self.options.http_port}"
+
+    @property
+    def grpc_address(self) -> str:
+        return f"{_client_host(self.options.host)}:{self.options.grpc_port}"
+
+    def wait(self) -> int:
+        code = self.process.process.wait()
+        self._cleanup()
+        return code
+
+    def stop(self) -> int:
+        code = self.process.stop(timeout=self.options.grace_seconds + 20)
+        self._cleanup()
+        return code
+
+    def _cleanup(self) -> None:
+        if self._workdir is not None:
+            self._workdir.cleanup()
+            self._workdir = None
+
+    def __enter__(self) -> RunningServer:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def _client_host(host: str) -> str:
+    return {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
+
+
+def _resolve(items: list[str]) -> tuple[dict[str, Path], list[Path]]:
+    """Split the command line into named ONNX files and Triton repositories."""
+    files: dict[str, Path] = {}
+    repos: list[Path] = []
+    for item in items:
+        name, _, text = item.rpartition("=") if "=" in item else ("", "", item)
+        path = Path(text)
+        if path.is_dir() and any(path.glob(f"*/{CONFIG}")) and not name:
+            repos.append(path)
+            continue
+        if path.is_dir() and (path / "model.onnx").is_file():
+            path = path / "model.onnx"
+        if path.suffix != ".onnx" or not path.is_file():
+            raise LayerfuseError(
+                f"{text}: not an .onnx file, a folder with model.onnx, or a Triton repository"
+            )
+        name = check_name(name or (path.parent.name if path.stem == "model" else path.stem))
+        if name in files:
+            raise LayerfuseError(f"two models are named '{name}': name them with NAME=PATH")
+        files[name] = path
+    return files, repos
+
+
+def _triton_command(files, repos, options, workdir: Path):
+    from layerfuse.deploy.triton_server import find_triton, triton_command
+
+    if options.provider == "cuda":
+        raise LayerfuseError(
+            "the bundled Triton's Python stub runs onnxruntime on CPU; use --engine kserve "
+            "for CUDA, or a Triton image with a repository deployed with --device gpu"
+        )
+    install = find_triton(options.stub_site)
+    for repo in repos:
+        for entry in read_repository(repo):
+            if entry.backend != "python":
+                raise LayerfuseError(
+                    f"{entry.directory} uses Triton's {entry.backend} backend, which the "
+                    f"bundled tritonserver lacks: serve it with --engine kserve, a Triton "
+                    f"image, or redeploy it with --backend python"
+                )
+    if files:
+        generated = workdir / "repository"
+        triton = TritonOptions(
+            backend="python",
+            max_batch_size=options.max_batch_size,
+            instances=options.instances,
+            threads=options.threads,
+            max_input_elements=options.max_input_elements,
+        )
+        for name, path in files.items():
+            write_triton_model(path, generated, name, triton, link=True)
+        repos = [*repos, generated]
+    backends = install.backend_directory(workdir / "backends")
+    return triton_command(
+        install,
+        [repo.resolve() for repo in repos],
+        backends,
+        host=options.host,
+        http_port=options.http_port,
+        grpc_port=options.grpc_port,
+        grace_seconds=options.grace_seconds,
+    )
+
+
+def _kserve_command(files, repos, options):
+    models = dict(files)
+    for repo in repos:
+        for entry in read_repository(repo):
+            if entry.name in models:
+                raise LayerfuseError(f"two models are named '{entry.name}'")
+            models[entry.name] = entry.model_path
+    command = [
+        sys.executable, "-m", "layerfuse.deploy.kserve_server",
+        "--host", options.host,
+        "--http-port", str(options.http_port), "--grpc-port", str(options.grpc_port),
+        "--max-body-bytes", str(options.max_body_bytes),
+        "--max-input-elements", str(options.max_input_elements),
+        "--threads", str(options.threads), "--provider", options.provider,
+        "--grace-seconds", str(options.grace_seconds),
+        *(f"{name}={path.resolve()}" for name, path in models.items()),
+    ]  # fmt: skip
+    return command, {}
+
+
+def _model_states(url: str) -> list[ModelStatus]:
+    status, index = http_request(f"{url}/v2/repository/index", body={})
+    if status != 200 or not isinstance(index, list):
+        raise LayerfuseError(f"the server's repository index answered {status}: {index}")
+    return [
+        ModelStatus(entry["name"], entry.get("state", "UNKNOWN"), entry.get("reason", ""))
+        for entry in index
+    ]
+
+
+def start_server(
+    items: list[str], options: ServeOptions, log: TextIO | None = sys.stderr
+) -> RunningServer:
+    """Start ``options.engine`` on ``items`` and return once it answers; the server's log goes
+    to ``log`` line by line."""
+    if options.engine not in ENGINES:
+        raise LayerfuseError(f"unknown engine '{options.engine}' (choose {', '.join(ENGINES)})")
+    files, repos = _resolve(items)
+    check_port_free(options.host, options.http_port, "--port")
+    check_port_free(options.host, options.grpc_port, "--grpc-port")
+    workdir = tempfile.TemporaryDirectory(prefix="layerfuse-serve-")
+    try:
+        if options.engine == "triton":
+            command, env = _triton_command(files, repos, options, Path(workdir.name))
+        else:
+            command, env = _kserve_command(files, repos, options)
+        process = ServerProcess(options.engine, command, env, log).start()
+    except BaseException:
+        workdir.cleanup()
+        raise
+    server = RunningServer(options, process, [], workdir)
+    try:
+        process.wait_until(f"{server.http_url}/v2/health/live", options.startup_timeout)
+        server.models = _model_states(server.http_url)
+    except BaseException:
+        server.stop()
+        raise
+    failed = [model for model in server.models if not model.ready]
+    if failed and not options.keep_going:
+        server.stop()
+        raise LayerfuseError(
+            f"model '{failed[0].name}' failed to load: {failed[0].reason or failed[0].state}"
+            + (f" (and {len(failed) - 1} more)" if len(failed) > 1 else "")
+            + "; --keep-going serves the others"
+        )
+    return server
