@@ -196,8 +196,13 @@ def _model_states(url: str) -> list[ModelStatus]:
     status, index = http_request(f"{url}/v2/repository/index", body={})
     if status != 200 or not isinstance(index, list):
         raise LayerfuseError(f"the server's repository index answered {status}: {index}")
+    # Triton's reason carries the Python stub's traceback after the message: keep the message.
     return [
-        ModelStatus(entry["name"], entry.get("state", "UNKNOWN"), entry.get("reason", ""))
+        ModelStatus(
+            entry["name"],
+            entry.get("state", "UNKNOWN"),
+            (entry.get("reason") or "").strip().split("\n", 1)[0],
+        )
         for entry in index
     ]
 
