@@ -100,7 +100,9 @@ def check_model_dir(directory: Path, *, load: bool = True) -> list[str]:
     if entry.backend == "python" and not (entry.model_path.parent / "model.py").is_file():
         return [f"{entry.model_path.parent}: model.py is missing (python backend)"]
     try:
-        graph = load_model(entry.model_path)
+        # Resolved: a linked graph (``layerfuse serve``'s throw-away repositories) keeps its
+        # weights beside the file it links to; the session below opens the path as a server will.
+        graph = load_model(entry.model_path.resolve())
     except InvalidModelError as exc:
         return [str(exc)]
     problems = config_problems(
