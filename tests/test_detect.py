@@ -127,12 +127,25 @@ def test_graphs_fused_by_the_onnxruntime_optimizer_are_read_and_merged(tiny, tmp
             session_for_ir(merged, graph.parent, provider="cpu").run(None, batch.feeds)[0]
         )
     np.testing.assert_allclose(outputs[0], outputs[1], atol=1e-4)
-    # Rewrites of the residual stream refuse fused residual Adds instead of guessing.
-    from layerfuse.errors import PlanError
+    # Rewrites of the residual stream split the fused residual norms back into Add + norm
+    # first, so they compute what the same rewrite of the unfused graph computes.
     from layerfuse.passes.fuse import FusePlan
-    from layerfuse.passes.prune import PruneRequest, plan_prune
+    from layerfuse.passes.prune import PrunePlan
 
-    with pytest.raises(PlanError, match="fused into SkipSimplifiedLayerNormalization"):
-        plan_prune(optimized, PruneRequest(target="ff", blocks=[1]))
-    with pytest.raises(PlanError, match="fused into SkipSimplifiedLayerNormalization"):
-        apply_plan(optimized, FusePlan(structure.fingerprint, len(structure.blocks), [], [(1, 1)]))
+    def plans(graph):
+        found = detect_structure(load_model(graph))
+        count = len(found.blocks)
+        return [
+            PrunePlan(found.fingerprint, count, "ff", [1]),
+            PrunePlan(found.fingerprint, count, "attention", [2]),
+            FusePlan(found.fingerprint, count, [2, 3], [(1, 3)]),
+        ]
+
+    for plain, fused in zip(plans(path), plans(optimized), strict=True):
+        rewritten = [apply_plan(path, plain), apply_plan(optimized, fused)]
+        assert not any(n.op_type.startswith("Skip") for n in rewritten[1].graph)
+        results = [
+            session_for_ir(model, graph.parent, provider="cpu").run(None, batch.feeds)[0]
+            for model, graph in zip(rewritten, (path, optimized), strict=True)
+        ]
+        np.testing.assert_allclose(results[0], results[1], atol=1e-4)

@@ -24,6 +24,7 @@ def _run(args: argparse.Namespace) -> int:
         exporter=args.exporter,
         opset=args.opset,
         tolerance=args.tolerance,
+        kv_cache=args.kv_cache,
         reporter=reporter,
     )
     console().print(
@@ -56,5 +57,12 @@ def register(commands) -> None:
     )
     parser.add_argument(
         "--tolerance", type=float, default=1e-3, help="max |ORT - torch| allowed (default 1e-3)"
+    )
+    parser.add_argument(
+        "--kv-cache",
+        action="store_true",
+        help="causal LMs: export the generation signature (past key/value inputs, present "
+        "outputs, position_ids) for 'layerfuse generate'; verified on a prefill and a decode "
+        "step",
     )
     parser.set_defaults(handler=_run)

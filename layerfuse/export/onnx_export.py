@@ -5,6 +5,10 @@ that handles recent transformers Llama/GPT-2 without help) and ``torchscript`` (
 tracer, whose graphs still reach users). The graph is written into a temporary folder, run
 in onnxruntime on inputs of a different shape than the trace (so a baked-in shape fails), and
 compared with torch; only a graph within tolerance is moved into place.
+
+``kv_cache=True`` (causal LMs, dynamo only) exports the generation signature of
+:mod:`layerfuse.export.kv_cache` instead and records it in the manifest's ``generation``
+entry; the default stays the cache-free graph every pass and benchmark was built on.
 """
 
 from __future__ import annotations
@@ -20,8 +24,15 @@ from pathlib import Path
 import numpy as np
 
 from layerfuse.errors import LayerfuseError
+from layerfuse.export.kv_cache import (
+    cache_dynamic_shapes,
+    cache_trace_args,
+    check_cache_export,
+    generation_summary,
+    verify_with_cache,
+)
 from layerfuse.export.sources import ModelSource
-from layerfuse.export.wrappers import TASK_IO, wrap_for_export
+from layerfuse.export.wrappers import TASK_IO, cache_geometry, cache_io_names, wrap_for_export
 from layerfuse.model.io import external_data_path, load_model, save_model
 from layerfuse.model.manifest import Manifest
 from layerfuse.progress import SILENT, Reporter
@@ -73,23 +84,30 @@ def _dynamic_axes(input_names: tuple[str, ...]) -> dict[str, dict[int, str]]:
     }
 
 
+def _run_dynamo(wrapper, args: tuple, path: Path, opset: int, names, shapes) -> None:
+    import torch
+
+    input_names, output_names = names
+    program = torch.onnx.export(
+        wrapper,
+        args,
+        input_names=list(input_names),
+        output_names=list(output_names),
+        dynamic_shapes=shapes,
+        dynamo=True,
+        opset_version=opset,
+        verbose=False,
+    )
+    save_model(program.model, path)
+
+
 def _run_exporter(wrapper, args: tuple, path: Path, exporter: str, opset: int, task: str) -> None:
     import torch
 
     input_names, output_name = TASK_IO[task]
     axes = _dynamic_axes(input_names)
     if exporter == "dynamo":
-        program = torch.onnx.export(
-            wrapper,
-            args,
-            input_names=list(input_names),
-            output_names=[output_name],
-            dynamic_shapes=axes,
-            dynamo=True,
-            opset_version=opset,
-            verbose=False,
-        )
-        save_model(program.model, path)
+        _run_dynamo(wrapper, args, path, opset, (input_names, [output_name]), axes)
         return
     raw = path.with_name("torchscript.onnx")
     torch.onnx.export(
@@ -105,6 +123,12 @@ def _run_exporter(wrapper, args: tuple, path: Path, exporter: str, opset: int, t
     save_model(load_model(raw), path)
 
 
+def _cpu_session(path: Path):
+    from layerfuse.runtime.session import create_session
+
+    return create_session(path, provider="cpu")
+
+
 def _verify(source: ModelSource, wrapper, path: Path) -> float:
     """Largest |onnxruntime - torch| over the positions the attention mask marks valid.
 
@@ -114,12 +138,11 @@ def _verify(source: ModelSource, wrapper, path: Path) -> float:
     import torch
 
     from layerfuse.runtime.calibration import token_rows
-    from layerfuse.runtime.session import create_session
 
     inputs = example_inputs(source, _VERIFY_TEXTS, seed=1)
     with torch.no_grad():
         expected = wrapper(*inputs.values()).numpy()
-    session = create_session(path, provider="cpu")
+    session = _cpu_session(path)
     actual = session.run(None, {name: tensor.numpy() for name, tensor in inputs.items()})[0]
     if actual.shape != expected.shape:
         raise LayerfuseError(
@@ -149,6 +172,30 @@ def _config_summary(config) -> dict:
     return summary
 
 
+def _export_staged(
+    source: ModelSource, staged: Path, exporter: str, opset: int, kv_cache: bool
+) -> tuple[float, dict, object]:
+    """Export into ``staged`` and compare with torch: (max diff, per-check diffs, geometry)."""
+    import torch
+
+    wrapper = wrap_for_export(source.model, source.task, kv_cache=kv_cache)
+    geometry = cache_geometry(source.model) if kv_cache else None
+    with torch.no_grad():
+        if geometry is not None:
+            args = cache_trace_args(source.tokenizer, _TRACE_TEXTS, geometry)
+            names = cache_io_names(geometry.num_layers)
+            shapes = cache_dynamic_shapes(geometry.num_layers)
+            _run_dynamo(wrapper, args, staged, opset, names, shapes)
+        else:
+            args = tuple(example_inputs(source, _TRACE_TEXTS).values())
+            _run_exporter(wrapper, args, staged, exporter, opset, source.task)
+    if geometry is None:
+        return _verify(source, wrapper, staged), {}, None
+    session = _cpu_session(staged)
+    checks = verify_with_cache(wrapper, session, source.tokenizer, _VERIFY_TEXTS, geometry)
+    return max(checks.values()), checks, geometry
+
+
 def export_model(
     source: ModelSource,
     out_dir: str | os.PathLike,
@@ -156,27 +203,23 @@ def export_model(
     exporter: str = "dynamo",
     opset: int = 18,
     tolerance: float = 1e-3,
+    kv_cache: bool = False,
     reporter: Reporter = SILENT,
 ) -> ExportResult:
     """Export ``source`` to ``out_dir/model.onnx`` with its tokenizer and manifest."""
-    import torch
-
     if exporter not in EXPORTERS:
         raise LayerfuseError(f"unknown exporter '{exporter}' (choose {' or '.join(EXPORTERS)})")
     if opset < 18:
         raise LayerfuseError(f"opset {opset} is too old; layerfuse exports at opset 18 or newer")
+    if kv_cache:
+        check_cache_export(source, exporter)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    wrapper = wrap_for_export(source.model, source.task)
-    args = tuple(example_inputs(source, _TRACE_TEXTS).values())
     with tempfile.TemporaryDirectory(dir=out_dir, prefix=".layerfuse-export-") as tmp:
         staged = Path(tmp) / MODEL_FILE
         reporter.step(f"exporting {source.name} with the {exporter} exporter (opset {opset})")
-        with torch.no_grad():
-            _run_exporter(wrapper, args, staged, exporter, opset, source.task)
-        reporter.step("checking the graph against torch on inputs of another shape")
-        diff = _verify(source, wrapper, staged)
+        diff, checks, geometry = _export_staged(source, staged, exporter, opset, kv_cache)
         if not diff <= tolerance:
             raise LayerfuseError(
                 f"exported graph differs from torch by {diff:.3g} (tolerance {tolerance:g}); "
@@ -192,6 +235,8 @@ def export_model(
         tokenizer_dir = "tokenizer"
         source.tokenizer.save_pretrained(out_dir / tokenizer_dir)
     input_names, output_name = TASK_IO[source.task]
+    if geometry is not None:
+        input_names = tuple(cache_io_names(geometry.num_layers)[0][:3])
     manifest = Manifest(
         source=source.name,
         origin=source.origin,
@@ -203,8 +248,10 @@ def export_model(
         opset=opset,
         tokenizer=tokenizer_dir,
         image_size=_image_size(source.config) if source.task == "vision" else None,
-        verification={"max_abs_diff": diff, "tolerance": tolerance, "batch": len(_VERIFY_TEXTS)},
+        verification={"max_abs_diff": diff, "tolerance": tolerance, "batch": len(_VERIFY_TEXTS)}
+        | checks,
         config=_config_summary(source.config),
+        generation={} if geometry is None else generation_summary(source, geometry),
     )
     manifest.write(out_dir)
     return ExportResult(target, manifest, diff, time.perf_counter() - started)

@@ -3,6 +3,11 @@
 Export writes it beside ``model.onnx`` with the tokenizer; every variant a pass writes into
 another folder gets a copy, so calibration, evaluation and benchmarking can tokenize text and
 build inputs for any graph of the family without going back to torch.
+
+Folders written by onnxruntime-genai's model builder have no ``layerfuse.json`` but a
+``genai_config.json`` and a tokenizer: their manifest is synthesized from those on every read
+(nothing is written into the user's folder), and a variant of one gets the builder folder's
+files with its ``genai_config.json`` updated (see :mod:`layerfuse.model.genai`).
 """
 
 from __future__ import annotations
@@ -36,6 +41,8 @@ class Manifest:
     image_size: int | None = None
     verification: dict = field(default_factory=dict)
     config: dict = field(default_factory=dict)
+    # KV-cache graphs: cache geometry, context length, special tokens, padding side.
+    generation: dict = field(default_factory=dict)
 
     def to_json(self) -> dict:
         return {"schema": SCHEMA, **asdict(self)}
@@ -52,7 +59,9 @@ class Manifest:
 def read_manifest(model_path: str | os.PathLike) -> Manifest | None:
     path = Path(model_path).parent / MANIFEST_NAME
     if not path.is_file():
-        return None
+        from layerfuse.model.genai import genai_manifest
+
+        return genai_manifest(model_path)
     try:
         return Manifest.from_json(json.loads(path.read_text()))
     except (json.JSONDecodeError, TypeError) as exc:
@@ -74,6 +83,11 @@ def carry_manifest(source_model: str | os.PathLike, target_model: str | os.PathL
     """Give ``target_model``'s folder the manifest and tokenizer of ``source_model``'s."""
     source_dir, target_dir = Path(source_model).parent, Path(target_model).parent
     if source_dir.resolve() == target_dir.resolve():
+        return
+    if not (source_dir / MANIFEST_NAME).is_file():
+        from layerfuse.model.genai import carry_genai_folder
+
+        carry_genai_folder(source_model, target_model)
         return
     manifest = read_manifest(source_model)
     if manifest is None:

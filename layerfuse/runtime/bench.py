@@ -19,7 +19,8 @@ from layerfuse.errors import LayerfuseError
 from layerfuse.model.stats import ModelStats, model_stats
 from layerfuse.progress import SILENT, Reporter
 from layerfuse.runtime.environment import environment
-from layerfuse.runtime.inputs import InputShape, graph_inputs, synthetic_feeds
+from layerfuse.runtime.calibration import adapt_feeds
+from layerfuse.runtime.inputs import InputShape, cache_inputs, graph_inputs, synthetic_feeds
 from layerfuse.runtime.measure import LatencyStats, MemoryStats, measure_memory
 from layerfuse.runtime.session import PROVIDERS, create_session, resolve_provider
 
@@ -66,7 +67,11 @@ class GraphResult:
 
 
 def _check_same_inputs(paths: list[Path]) -> None:
-    signatures = {path: graph_inputs(path) for path in paths}
+    """Same inputs apart from KV caches (an empty one each; removed attention has none)."""
+    signatures = {}
+    for path in paths:
+        caches = cache_inputs(path)
+        signatures[path] = [entry for entry in graph_inputs(path) if entry[0] not in caches]
     first = paths[0]
     for path in paths[1:]:
         if [(n, t) for n, t, _ in signatures[path]] != [(n, t) for n, t, _ in signatures[first]]:
@@ -84,6 +89,7 @@ class _Runner:
     def __init__(self, session, feeds: dict, provider: str) -> None:
         self.session = session
         self.binding = None
+        feeds = adapt_feeds(session, feeds)
         if provider == PROVIDERS["cuda"]:
             import onnxruntime as ort
 

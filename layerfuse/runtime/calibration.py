@@ -23,6 +23,7 @@ import onnx_ir as ir
 
 from layerfuse.errors import DataError
 from layerfuse.progress import SILENT, Reporter
+from layerfuse.runtime.inputs import empty_cache_feeds
 from layerfuse.runtime.session import create_session
 
 
@@ -35,11 +36,20 @@ def _value_types(proto: onnx.ModelProto) -> dict[str, int]:
 
 
 def adapt_feeds(session, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Match ``feeds`` to the session's inputs, filling inputs other exporters add."""
+    """Match ``feeds`` to the session's inputs, filling inputs other exporters add.
+
+    Decoder graphs with a KV cache get an empty cache (a prefill of the whole batch) and,
+    where they take them, position ids counted over the real tokens (Hugging Face's rule,
+    also right for left padding).
+    """
     adapted = {}
+    batch = next(iter(feeds.values())).shape[0] if feeds else 1
+    caches = empty_cache_feeds(session, batch, feeds)
     for model_input in session.get_inputs():
         name = model_input.name
-        if name in feeds:
+        if name in caches:
+            adapted[name] = caches[name]
+        elif name in feeds:
             adapted[name] = feeds[name]
         elif name == "token_type_ids" and "input_ids" in feeds:
             adapted[name] = np.zeros_like(feeds["input_ids"])

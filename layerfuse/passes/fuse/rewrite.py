@@ -8,6 +8,7 @@ each gain is folded into its own FFN's input rows (``diag(g) W``, plus ``beta W`
 The FFNs then concatenate along the hidden dimension into one ``layerfuse.Fused*`` node (see
 :mod:`layerfuse.passes.fuse.functions`) and one residual Add.
 
+Residual norms fused by onnxruntime (``Skip*Norm``) are split into Add + norm first.
 Pre-condition: after the attention removal no block inside a run (after its first) has
 attention; all FFNs of a run are pre-norm, of one kind and one norm epsilon. Post-condition:
 the model has exactly the removed attention sublayers and the fused FFNs fewer.
@@ -28,6 +29,7 @@ from layerfuse.passes.detect import Block, ModelStructure, detect_structure, sub
 from layerfuse.passes.fuse.functions import DOMAIN, function_name, fused_function
 from layerfuse.passes.merge.ff_weights import read_ff_weights
 from layerfuse.passes.prune.rewrite import check_removable, remove_sublayers
+from layerfuse.passes.unfuse import unfuse_residual_norms
 
 _PREFIX = "layerfuse.fused"
 
@@ -42,11 +44,6 @@ def _check_run(blocks: list[Block], first: int, last: int, dropped: set[int]) ->
             )
     for block in run:
         wiring = block.ff_wiring
-        if wiring.residual is not None and wiring.residual.node.op_type != "Add":
-            raise PlanError(
-                f"block {block.index}: its residual Add is fused into "
-                f"{wiring.residual.node.op_type}; fuse before onnxruntime's optimizer runs"
-            )
         if wiring.norm_position != "pre" or wiring.norm is None or wiring.residual is None:
             raise PlanError(
                 f"block {block.index}: FFN fusion needs pre-norm FFNs with a residual Add "
@@ -162,6 +159,7 @@ class FuseFeedForwardsPass(PlanPass):
         self._before = sublayer_counts(model)
 
     def rewrite(self, model: ir.Model) -> bool:
+        unfuse_residual_norms(model)
         if self.plan.drop_attention:
             remove_sublayers(model, "attention", self.plan.drop_attention)
         blocks = detect_structure(model).blocks

@@ -6,9 +6,11 @@ Removing a whole block makes the readers of the block's output stream read its i
 (in post-norm models that skips both norms too). Blocks are bypassed from the last to the
 first so that consecutive removals chain. Dead nodes and initializers are then removed.
 
-Pre-condition: every sublayer to remove has a plain residual Add (not one fused into a
-``Skip*Norm`` by onnxruntime's optimizer). Post-condition: the model has exactly the plan's
-number of FF (``block``, ``ff``) or attention (``attention``) sublayers fewer.
+Residual Adds fused into ``Skip*Norm`` nodes (onnxruntime's optimizer, onnxruntime-genai's
+builder) are split back into Add + norm first (:mod:`layerfuse.passes.unfuse`). Removing an
+attention sublayer also removes its KV-cache inputs and outputs in decoder graphs
+(:mod:`layerfuse.passes.kv_cache`). Post-condition: the model has exactly the plan's number of
+FF (``block``, ``ff``) or attention (``attention``) sublayers fewer.
 """
 
 from __future__ import annotations
@@ -22,18 +24,14 @@ from layerfuse.errors import PlanError
 from layerfuse.model.graph import bypass
 from layerfuse.passes.base import PlanPass
 from layerfuse.passes.detect import ModelStructure, Wiring, detect_structure, sublayer_counts
+from layerfuse.passes.kv_cache import remove_attention_cache
+from layerfuse.passes.unfuse import unfuse_residual_norms
 
 
 def _residual_add(wiring: Wiring | None, what: str, block: int):
     """The residual Add to bypass, or a one-line reason why there is none."""
     if wiring is None or wiring.residual is None:
         raise PlanError(f"block {block} has no {what} sublayer with a residual Add to remove")
-    if wiring.residual.node.op_type != "Add":
-        raise PlanError(
-            f"block {block}: its {what} residual Add is fused into "
-            f"{wiring.residual.node.op_type}; prune the graph before onnxruntime's optimizer "
-            f"fuses it"
-        )
     return wiring.residual
 
 
@@ -54,6 +52,7 @@ def check_removable(structure: ModelStructure, target: str, indices: list[int]) 
 
 def remove_sublayers(model: ir.Model, target: str, indices: list[int]) -> None:
     """Bypass ``target`` (block, ff or attention) at ``indices`` and drop what is left dead."""
+    unfuse_residual_norms(model)
     blocks = detect_structure(model).blocks
     # Last block first: a bypass re-points the readers of a block's output at its input,
     # which is the previous block's output; that one must still have its readers then.
@@ -64,6 +63,8 @@ def remove_sublayers(model: ir.Model, target: str, indices: list[int]) -> None:
         else:
             wiring = block.ff_wiring if target == "ff" else block.attention_wiring
             bypass(wiring.residual.output, wiring.residual.operand)
+    if target != "ff":
+        remove_attention_cache(model, [blocks[i].attention for i in indices if blocks[i].attention])
     common_passes.RemoveUnusedNodesPass()(model)
 
 
