@@ -115,6 +115,8 @@ def _resolve(items: list[str]) -> tuple[dict[str, Path], list[Path]]:
     for item in items:
         name, _, text = item.rpartition("=") if "=" in item else ("", "", item)
         path = Path(text)
+        if not path.exists():
+            raise LayerfuseError(f"{text}: no such file or folder")
         if path.is_dir() and any(path.glob(f"*/{CONFIG}")) and not name:
             repos.append(path)
             continue
@@ -193,7 +195,10 @@ def _kserve_command(files, repos, options):
 
 
 def _model_states(url: str) -> list[ModelStatus]:
-    status, index = http_request(f"{url}/v2/repository/index", body={})
+    try:
+        status, index = http_request(f"{url}/v2/repository/index", body={})
+    except OSError as exc:
+        raise LayerfuseError(f"the server stopped answering at {url}: {exc}") from None
     if status != 200 or not isinstance(index, list):
         raise LayerfuseError(f"the server's repository index answered {status}: {index}")
     # Triton's reason carries the Python stub's traceback after the message: keep the message.

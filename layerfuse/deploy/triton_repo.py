@@ -153,7 +153,8 @@ def write_triton_model(
             template = resources.files("layerfuse.deploy") / "python_backend" / "model.py"
             (version_dir / "model.py").write_text(template.read_text())
         (stage / CONFIG).write_text(render_config(config, model_path.name))
-        problems = check_model_dir(stage)
+        # A linked folder is served right away, and the server's own load is the last check.
+        problems = check_model_dir(stage, load=not link)
         if problems:
             raise LayerfuseError(f"{name}: {'; '.join(problems)}")
         os.replace(stage, target)
