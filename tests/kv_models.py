@@ -110,14 +110,18 @@ class GenerationModels:
     @property
     def builder(self) -> Path:
         if self._builder is None:
-            out = self.root / "genai"
-            command = [sys.executable, "-m", "onnxruntime_genai.models.builder"]
-            command += ["-i", str(self.folder), "-o", str(out), "-p", "fp32", "-e", "cpu"]
-            command += ["-c", str(self.root / "builder-cache")]
-            env = dict(os.environ, HF_HUB_OFFLINE="1")
-            subprocess.run(command, check=True, capture_output=True, env=env)
-            self._builder = out / "model.onnx"
+            self._builder = self.build("fp32")
         return self._builder
+
+    def build(self, precision: str) -> Path:
+        """The onnxruntime-genai builder's graph of the folder at ``precision`` (fp32, int4)."""
+        out = self.root / f"genai-{precision}"
+        command = [sys.executable, "-m", "onnxruntime_genai.models.builder"]
+        command += ["-i", str(self.folder), "-o", str(out), "-p", precision, "-e", "cpu"]
+        command += ["-c", str(self.root / f"builder-cache-{precision}")]
+        env = dict(os.environ, HF_HUB_OFFLINE="1")
+        subprocess.run(command, check=True, capture_output=True, env=env)
+        return out / "model.onnx"
 
     def prompts(self, count: int = 5) -> list[list[int]]:
         """Real prompts: fortunes of the test split, cut to different lengths."""

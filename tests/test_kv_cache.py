@@ -212,3 +212,18 @@ def test_split_residual_norms_compute_what_the_fused_ones_did(lm):
     np.testing.assert_allclose(
         session.run(None, feeds)[0], _prefill_logits(lm.builder, ids), atol=1e-5
     )
+
+
+def test_int4_builder_graphs_are_refused_with_the_reason_and_nothing_written(lm, tmp_path, capsys):
+    """Merging an int4 graph would dequantize and quantize its weights a second time."""
+    pytest.importorskip("onnxruntime_genai", reason="onnxruntime-genai is not installed")
+    int4 = lm.build("int4")
+    output = tmp_path / "merged" / "model.onnx"
+    args = ["merge", str(int4), "-o", str(output), "--blocks", "1-2", "--method", "vanilla"]
+    assert main(args) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1, lines
+    linears = 5 * kv_models.LAYERS + 1  # q|k|v, o, gate, up, down per layer and the LM head
+    assert f"its linear layers are quantized ({linears} MatMulNBits" in lines[0]
+    assert "optimize the float graph (builder -p fp32) and quantize the result once" in lines[0]
+    assert not output.parent.exists()

@@ -47,6 +47,9 @@ def _write_variant(source: str, output: Path, model, plan: Plan, plan_path: Path
 
 
 def _run(spec: RewriteCommand, args: argparse.Namespace) -> int:
+    from layerfuse.passes.quantized import refuse_quantized_linears
+
+    refuse_quantized_linears(args.model)
     output = output_path(args.output)
     plan_path = Path(args.plan_out) if args.plan_out else output.with_suffix(".plan.json")
     if args.plan:
