@@ -17,7 +17,14 @@ class InvalidModelError(LayerfuseError):
 
 
 class DetectionError(LayerfuseError):
-    """The graph has no transformer structure that layerfuse can work on."""
+    """The graph has no transformer structure that layerfuse can work on.
+
+    ``rejections`` lists why each candidate sublayer was turned down, for ``inspect --explain``.
+    """
+
+    def __init__(self, message: str, rejections: tuple = ()) -> None:
+        super().__init__(message)
+        self.rejections = tuple(rejections)
 
 
 class PlanError(LayerfuseError):

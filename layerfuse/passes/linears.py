@@ -5,13 +5,19 @@ behind a Transpose or a ``Gemm(transB=1)``, possibly behind a Cast. :class:`Line
 those layouts: passes read and write one canonical float32 ``[in, out]`` matrix and the layer
 writes it back in the layout and dtype the graph already uses, so a rewrite never adds a
 per-consumer Transpose or Cast (which would make ORT fold a private copy of a shared weight).
+
+A fused projection (Phi-3's ``gate_up_proj``: one MatMul whose output a Split or Slices cut
+into column ranges on the last axis) is one node but several layers: :func:`column_parts`
+gives one :class:`Linear` per range, each reading and counting only its own columns and
+producing the Split/Slice output. The graph keeps its single MatMul; a rewrite that writes
+the weight back writes every part of it at once (see ``merge.tie``).
 """
 
 from __future__ import annotations
 
-__all__ = ["Linear", "LinearRef", "as_linear"]
+__all__ = ["Linear", "LinearRef", "as_linear", "column_parts"]
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import onnx_ir as ir
@@ -29,6 +35,7 @@ class LinearRef:
     transposed: bool
     bias: str | None
     bias_node: str | None
+    columns: tuple[int, int] | None = None
 
     def to_json(self) -> dict:
         return {
@@ -38,12 +45,18 @@ class LinearRef:
             "transposed": self.transposed,
             "bias": self.bias,
             "bias_node": self.bias_node,
+            "columns": None if self.columns is None else list(self.columns),
         }
 
 
 @dataclass
 class Linear:
-    """A MatMul/Gemm node with a constant 2-D weight, and its optional bias."""
+    """A MatMul/Gemm node with a constant 2-D weight, and its optional bias.
+
+    ``columns`` (with ``part``, the Split/Slice output holding them, and ``part_node``) makes
+    it one column range of a fused projection; everything but the stored tensors and
+    :attr:`full_output` then refers to that range only.
+    """
 
     node: ir.Node
     weight: ir.Value
@@ -51,15 +64,23 @@ class Linear:
     transposed: bool
     bias: ir.Value | None
     bias_node: ir.Node | None
+    columns: tuple[int, int] | None = None
+    part: ir.Value | None = None
+    part_node: ir.Node | None = None
 
     @property
     def input(self) -> ir.Value:
         return self.node.inputs[0]
 
     @property
-    def output(self) -> ir.Value:
-        """The layer's result, after the bias when the bias is a separate Add."""
+    def full_output(self) -> ir.Value:
+        """The node's whole result, after the bias when the bias is a separate Add."""
         return (self.bias_node or self.node).outputs[0]
+
+    @property
+    def output(self) -> ir.Value:
+        """The layer's result: :attr:`full_output`, or the part holding its columns."""
+        return self.part if self.part is not None else self.full_output
 
     @property
     def in_features(self) -> int:
@@ -67,9 +88,16 @@ class Linear:
         return int(shape[0] if not self.transposed else shape[1])
 
     @property
-    def out_features(self) -> int:
+    def stored_out_features(self) -> int:
+        """Columns of the stored weight (all parts of a fused projection)."""
         shape = self.weight.shape
         return int(shape[1] if not self.transposed else shape[0])
+
+    @property
+    def out_features(self) -> int:
+        if self.columns is not None:
+            return self.columns[1] - self.columns[0]
+        return self.stored_out_features
 
     @property
     def parameter_count(self) -> int:
@@ -81,14 +109,21 @@ class Linear:
         """The value the node reads as its weight (the end of the Transpose/Cast chain)."""
         return self.node.inputs[1]
 
+    def _own(self, data: np.ndarray) -> np.ndarray:
+        """``data``'s last axis cut to this layer's columns."""
+        if self.columns is None:
+            return data
+        return np.ascontiguousarray(data[..., self.columns[0] : self.columns[1]])
+
     def read_weight(self) -> np.ndarray:
         """The weight as float32 ``[in_features, out_features]``."""
         stored = self.weight.const_value.numpy()
-        return np.ascontiguousarray((stored.T if self.transposed else stored).astype(np.float32))
+        full = (stored.T if self.transposed else stored).astype(np.float32)
+        return np.ascontiguousarray(self._own(full))
 
     def read_bias(self) -> np.ndarray | None:
         data = constant_array(self.bias)
-        return None if data is None else data.reshape(-1).astype(np.float32)
+        return None if data is None else self._own(data.reshape(-1).astype(np.float32))
 
     @property
     def consumed_transposed(self) -> bool:
@@ -134,6 +169,7 @@ class Linear:
             transposed=self.transposed,
             bias=None if self.bias is None else self.bias.name,
             bias_node=None if self.bias_node is None else self.bias_node.name,
+            columns=self.columns,
         )
 
 
@@ -180,3 +216,69 @@ def as_linear(node: ir.Node) -> Linear | None:
             return None
         linear.bias = node.inputs[2]
     return linear
+
+
+def _last_axis(axis: int, value: ir.Value) -> bool:
+    rank = None if value.shape is None else len(value.shape)
+    return axis == -1 or (rank is not None and axis == rank - 1)
+
+
+def _scalar(value: ir.Value | None) -> int | None:
+    data = constant_array(value)
+    return None if data is None or data.size != 1 else int(data.reshape(-1)[0])
+
+
+def _column_ranges(node: ir.Node, value: ir.Value, width: int) -> list | None:
+    """``(start, stop, output)`` for each column range ``node`` cuts from ``value``, or None
+    when it is not a Split/Slice of constant bounds on the last axis."""
+    if node.inputs[0] is not value or any(v is value for v in node.inputs[1:]):
+        return None
+    if node.op_type == "Split":
+        if not _last_axis(node.attributes.get_int("axis", 0), value):
+            return None
+        sizes = constant_array(node.inputs[1]) if len(node.inputs) > 1 else None
+        count = len(node.outputs)
+        if sizes is None:
+            if width % count:
+                return None
+            sizes = [width // count] * count
+        bounds = np.cumsum([0, *[int(s) for s in np.reshape(sizes, -1)]])
+        if len(bounds) != count + 1:
+            return None
+        pairs = zip(bounds[:-1], bounds[1:], node.outputs, strict=True)
+        return [(int(a), int(b), v) for a, b, v in pairs]
+    if node.op_type != "Slice" or len(node.inputs) < 4:
+        return None
+    start, stop, axis = (_scalar(node.inputs[i]) for i in (1, 2, 3))
+    step = _scalar(node.inputs[4]) if len(node.inputs) > 4 and node.inputs[4] else 1
+    if None in (start, stop, axis) or step != 1 or not _last_axis(axis, value):
+        return None
+    start, stop = (min(i + width if i < 0 else i, width) for i in (start, stop))
+    return [(start, stop, node.outputs[0])]
+
+
+def column_parts(linear: Linear) -> list[Linear]:
+    """The column ranges of a fused projection, one :class:`Linear` each; empty when the
+    layer's output is not cut by Split/Slice into ranges that partition all its columns."""
+    value = linear.full_output
+    users = consumers(value)
+    if linear.columns is not None or not users or value.is_graph_output():
+        return []
+    ranges = []
+    for user in users:
+        found = _column_ranges(user, value, linear.stored_out_features)
+        if found is None:
+            return []
+        ranges += [(start, stop, part, user) for start, stop, part in found]
+    ranges.sort(key=lambda item: item[:2])
+    edge = 0
+    for start, stop, _, _ in ranges:
+        if start != edge or stop <= start:
+            return []
+        edge = stop
+    if edge != linear.stored_out_features or len(ranges) < 2:
+        return []
+    return [
+        replace(linear, columns=(start, stop), part=part, part_node=user)
+        for start, stop, part, user in ranges
+    ]

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-__all__ = ["human_bytes", "human_count", "structure_table"]
+__all__ = ["explanation_table", "human_bytes", "human_count", "structure_table"]
 
 from rich.table import Table
 
 from layerfuse.passes.detect import ModelStructure
+from layerfuse.passes.detect.explain import Explanation
 
 
 def human_bytes(count: float) -> str:
@@ -43,8 +44,10 @@ def structure_table(structure: ModelStructure, title: str) -> Table:
         wiring = block.ff_wiring
         norm = "-"
         if wiring.norm_position is not None:
-            kind = wiring.norm.kind if wiring.norm is not None else "layer"
-            norm = f"{kind} ({wiring.norm_position})"
+            found = wiring.norm or wiring.output_norm or wiring.post_norm
+            norm = f"{found.kind if found else 'no'} ({wiring.norm_position})"
+        if wiring.parallel:
+            norm += ", parallel"
         attention = block.attention
         table.add_row(
             str(block.index),
@@ -56,5 +59,20 @@ def structure_table(structure: ModelStructure, title: str) -> Table:
             norm,
             "-" if attention is None else f"{attention.kind} ({len(attention.projections)} proj)",
             "-" if attention is None else human_count(attention.parameter_count),
+        )
+    return table
+
+
+def explanation_table(rows: list[Explanation], title: str) -> Table:
+    """``inspect --explain``: what was recognised where, and why (or why not)."""
+    table = Table(title=title, title_justify="left", show_lines=False)
+    for column in ("block", "part", "found", "why"):
+        table.add_column(column, overflow="fold")
+    for row in rows:
+        table.add_row(
+            "-" if row.block is None else str(row.block),
+            row.part,
+            "yes" if row.found else "no",
+            row.why,
         )
     return table

@@ -3,22 +3,25 @@
 from layerfuse.passes.detect.attention import Attention
 from layerfuse.passes.detect.feedforward import FeedForward
 from layerfuse.passes.detect.norms import Norm, Residual
+from layerfuse.passes.detect.result import Match, Rejection
 from layerfuse.passes.detect.structure import (
     SCHEMA,
     Block,
     ModelStructure,
-    Wiring,
     detect_structure,
     sublayer_counts,
 )
+from layerfuse.passes.detect.wiring import Wiring
 
 __all__ = [
     "SCHEMA",
     "Attention",
     "Block",
     "FeedForward",
+    "Match",
     "ModelStructure",
     "Norm",
+    "Rejection",
     "Residual",
     "Wiring",
     "detect_structure",

@@ -8,7 +8,7 @@ through ``Shape`` nodes and carry no attention weights.
 
 from __future__ import annotations
 
-__all__ = ["FUSED_ATTENTION_OPS", "Attention", "find_attentions"]
+__all__ = ["FUSED_ATTENTION_OPS", "Attention", "find_attentions", "scan_attentions"]
 
 from collections import Counter, deque
 from dataclasses import dataclass
@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import onnx_ir as ir
 
 from layerfuse.model.graph import consumers, is_constant, skip_views_up
+from layerfuse.passes.detect.result import Match, Rejection
 from layerfuse.passes.linears import Linear, as_linear
 
 FUSED_ATTENTION_OPS = frozenset(
@@ -113,26 +114,40 @@ def _upstream_projections(starts: list[ir.Node], stop: set[ir.Node]) -> list[Lin
     return found
 
 
-def _attention_at(core: ir.Node, stop: set[ir.Node]) -> Attention | None:
+def _attention_at(core: ir.Node, stop: set[ir.Node]) -> Match[Attention]:
     downstream = _output_projection(core)
     if downstream is None:
-        return None
+        return Match.fail(
+            f"no linear layer reads its result within {_MAX_DOWNSTREAM} steps (an attention "
+            "sublayer ends in an output projection)",
+            core,
+        )
     output_projection, interior = downstream
     candidates = _upstream_projections([core, *interior], stop | {output_projection.node})
     if not candidates:
-        return Attention(core, (), output_projection, None)
+        return Match.ok(Attention(core, (), output_projection, None))
     by_input = Counter(skip_views_up(linear.input) for linear in candidates)
     shared_input, _ = by_input.most_common(1)[0]
     projections = tuple(lin for lin in candidates if skip_views_up(lin.input) is shared_input)
-    return Attention(core, projections, output_projection, shared_input)
+    return Match.ok(Attention(core, projections, output_projection, shared_input))
+
+
+def scan_attentions(
+    graph: ir.Graph, feedforward_nodes: set[ir.Node]
+) -> tuple[list[Attention], list[Rejection]]:
+    """Every attention sublayer of ``graph`` in graph order (FF nodes bound the search), and
+    why each other Softmax is not one."""
+    found, rejected = [], []
+    for node in graph:
+        if node.op_type == "Softmax" or node.op_type in FUSED_ATTENTION_OPS:
+            match = _attention_at(node, feedforward_nodes)
+            if match:
+                found.append(match.value)
+            else:
+                rejected.append(match.rejection("attention", node))
+    return found, rejected
 
 
 def find_attentions(graph: ir.Graph, feedforward_nodes: set[ir.Node]) -> list[Attention]:
     """Every attention sublayer of ``graph`` in graph order; FF nodes bound the search."""
-    found = []
-    for node in graph:
-        if node.op_type == "Softmax" or node.op_type in FUSED_ATTENTION_OPS:
-            attention = _attention_at(node, feedforward_nodes)
-            if attention is not None:
-                found.append(attention)
-    return found
+    return scan_attentions(graph, feedforward_nodes)[0]

@@ -1,4 +1,4 @@
-"""Find the normalization in front of a sublayer and the residual Add behind it.
+"""Find normalizations (fused or decomposed) and describe residual Adds.
 
 Norms arrive fused (``LayerNormalization``, ``RMSNormalization``, ORT's
 ``SimplifiedLayerNormalization`` and ``Skip*`` variants) or decomposed into ReduceMean/Pow/
@@ -14,7 +14,6 @@ __all__ = [
     "Norm",
     "Residual",
     "find_norm",
-    "find_residual",
     "same_tensor",
 ]
 
@@ -22,13 +21,7 @@ from dataclasses import dataclass
 
 import onnx_ir as ir
 
-from layerfuse.model.graph import (
-    constant_array,
-    consumers,
-    is_constant,
-    skip_views_down,
-    skip_views_up,
-)
+from layerfuse.model.graph import constant_array, is_constant, skip_views_up
 
 FUSED_NORM_OPS = {
     "LayerNormalization": "layer",
@@ -97,6 +90,12 @@ class Residual:
     node: ir.Node
     operand: ir.Value
     output: ir.Value
+
+    @property
+    def addend(self) -> ir.Value:
+        """The other input: what the Add puts onto ``operand``."""
+        first, second = self.node.inputs[0], self.node.inputs[1]
+        return second if first is self.operand else first
 
     def to_json(self) -> dict:
         return {"node": self.node.name, "operand": self.operand.name, "output": self.output.name}
@@ -219,18 +218,3 @@ def find_norm(value: ir.Value, width: int, order: dict[ir.Node, int]) -> Norm | 
         stream = node.outputs[3] if is_skip and len(node.outputs) > 3 else node.inputs[0]
         return Norm(kind, True, stream, value, weight, bias, (node,))
     return _decomposed_norm(value, width, order)
-
-
-def find_residual(output: ir.Value) -> Residual | None:
-    """The Add (or fused Skip*Norm) that adds ``output`` to the residual stream."""
-    for view in skip_views_down(output):
-        for node in consumers(view):
-            if node.op_type == "Add" and len(node.inputs) == 2:
-                other = node.inputs[1] if node.inputs[0] is view else node.inputs[0]
-                if other is not None and not is_constant(other):
-                    return Residual(node, other, node.outputs[0])
-            if node.op_type in SKIP_NORM_OPS and len(node.inputs) >= 2:
-                other = node.inputs[1] if node.inputs[0] is view else node.inputs[0]
-                stream = node.outputs[3] if len(node.outputs) > 3 else node.outputs[0]
-                return Residual(node, other, stream)
-    return None

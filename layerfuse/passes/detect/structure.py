@@ -1,9 +1,12 @@
 """Assemble detected sublayers into transformer blocks: the map every pass works from.
 
 A block is one FF sublayer plus the attention sublayer that precedes it on the residual
-stream, each with its normalization and residual Add. ``norm_position`` says whether the norm
-sits before the sublayer (pre-norm: Llama, GPT-2, ViT) or after the residual Add (post-norm:
-BERT); passes that rewire the residual stream need to know.
+stream, each with its norms and residual Add (:mod:`~layerfuse.passes.detect.wiring`:
+pre-, post-, sandwich and output norms, parallel blocks). An attention belongs to the FF
+whose residual Add it shares (parallel blocks) or whose stream it writes (the FF's residual
+operand is the attention's output stream); graph order decides only where wiring could not
+be traced. Why a candidate was not taken is kept (``rejected``, ``notes``) for
+``layerfuse inspect --explain`` and for the one-line errors of passes that need a wiring.
 
 :meth:`ModelStructure.to_json` is the stable schema ``layerfuse inspect --json`` prints and
 plans refer to (by node and initializer names, which survive a save/load round trip).
@@ -13,48 +16,25 @@ from __future__ import annotations
 
 __all__ = ["SCHEMA", "Block", "ModelStructure", "Wiring", "detect_structure", "sublayer_counts"]
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import onnx_ir as ir
 
 from layerfuse.errors import DetectionError
 from layerfuse.model.fingerprint import fingerprint
-from layerfuse.model.graph import consumers, node_index
+from layerfuse.model.graph import node_index
 from layerfuse.model.io import parameter_count, weight_bytes
-from layerfuse.passes.detect.attention import Attention, find_attentions
-from layerfuse.passes.detect.feedforward import FeedForward, find_feedforwards
-from layerfuse.passes.detect.norms import Norm, Residual, find_norm, find_residual, same_tensor
+from layerfuse.passes.detect.attention import Attention, find_attentions, scan_attentions
+from layerfuse.passes.detect.feedforward import (
+    FeedForward,
+    find_feedforwards,
+    scan_feedforwards,
+)
+from layerfuse.passes.detect.norms import same_tensor
+from layerfuse.passes.detect.result import Rejection, describe
+from layerfuse.passes.detect.wiring import Wiring, find_wiring
 
 SCHEMA = "layerfuse.structure/1"
-
-
-@dataclass
-class Wiring:
-    """Norm and residual bookkeeping shared by attention and FF sublayers.
-
-    ``post_norm`` is the norm applied after the residual Add in post-norm models; its output
-    is the residual stream the next sublayer reads.
-    """
-
-    norm: Norm | None
-    norm_position: str | None
-    residual: Residual | None
-    post_norm: Norm | None = None
-
-    @property
-    def stream_out(self) -> ir.Value | None:
-        """The residual stream after this sublayer (after its post-norm, if any)."""
-        if self.post_norm is not None:
-            return self.post_norm.output
-        return None if self.residual is None else self.residual.output
-
-    def to_json(self) -> dict:
-        return {
-            "norm": None if self.norm is None else self.norm.to_json(),
-            "norm_position": self.norm_position,
-            "residual": None if self.residual is None else self.residual.to_json(),
-            "post_norm": None if self.post_norm is None else self.post_norm.to_json(),
-        }
 
 
 @dataclass
@@ -65,6 +45,7 @@ class Block:
     attention: Attention | None
     attention_wiring: Wiring | None
     module: str | None
+    notes: tuple[str, ...] = ()
 
     @property
     def stream_in(self) -> ir.Value | None:
@@ -127,6 +108,7 @@ class ModelStructure:
     weight_bytes: int
     fingerprint: str
     opset: int
+    rejected: list[Rejection] = field(default_factory=list)
 
     @property
     def model_dim(self) -> int:
@@ -175,67 +157,95 @@ def _module_label(node: ir.Node) -> str | None:
     return modules[-2].removeprefix("m.")
 
 
-def _wiring(
-    sublayer_input: ir.Value | None, output: ir.Value, width: int, order: dict[ir.Node, int]
-) -> Wiring:
-    residual = find_residual(output)
-    norm = None if sublayer_input is None else find_norm(sublayer_input, width, order)
-    position = None
-    if residual is not None:
-        if norm is not None and same_tensor(norm.input, residual.operand):
-            position = "pre"
-        elif sublayer_input is not None and same_tensor(sublayer_input, residual.operand):
-            return Wiring(None, "post", residual, _post_norm(residual, width, order))
-    return Wiring(norm, position, residual)
+def _no_ff_message(rejected: list[Rejection]) -> str:
+    """The one-line error for a graph without FFs, quoting the nearest misses."""
+    if not rejected:
+        return (
+            "no feed-forward sublayer found: the graph has no linear layer (MatMul/Gemm with "
+            "a constant 2-D weight)"
+        )
+    depth = max(r.depth for r in rejected)
+    nearest = [r for r in rejected if r.depth == depth]
+    text = "; ".join(str(r) for r in nearest[:2])
+    more = len(rejected) - min(len(nearest), 2)
+    if more:
+        text += f"; {more} more linear layers rejected (layerfuse inspect --explain lists them)"
+    return f"no feed-forward sublayer found: {text}"
 
 
-def _post_norm(residual: Residual, width: int, order: dict[ir.Node, int]) -> Norm | None:
-    """The norm reading the residual Add's output (post-norm models such as BERT)."""
-    for node in consumers(residual.output):
-        norm = find_norm(node.outputs[0], width, order) if node.outputs else None
-        if norm is not None and same_tensor(norm.input, residual.output):
-            return norm
+def _pair(
+    ff_wiring: Wiring, candidates: list[tuple[Attention, Wiring]]
+) -> tuple[Attention, Wiring] | None:
+    """The attention that feeds this FF on the residual stream, if wiring shows one."""
+    residual = ff_wiring.residual
+    if residual is None:
+        return None
+    for attention, wiring in candidates:
+        if wiring.residual is None:
+            continue
+        if ff_wiring.parallel and wiring.residual.node is residual.node:
+            return attention, wiring
+        stream = wiring.stream_out
+        if not ff_wiring.parallel and stream is not None and same_tensor(stream, residual.operand):
+            return attention, wiring
     return None
+
+
+def _by_order(
+    ff: FeedForward, candidates: list[tuple[Attention, Wiring]], after: int, order
+) -> tuple[Attention, Wiring] | None:
+    """The last attention between the previous FF and this one, in graph order."""
+    start = min(order[lin.node] for role, lin in ff.linears.items() if role != "down")
+    preceding = [c for c in candidates if after < order[c[0].output_projection.node] < start]
+    return preceding[-1] if preceding else None
+
+
+def _blocks(
+    feedforwards: list[FeedForward], attentions: list[Attention], order
+) -> tuple[list[Block], list[Attention]]:
+    """Blocks in graph order of their FFs, and the attentions no FF took."""
+    width = feedforwards[0].model_dim
+    free = [(att, find_wiring(att.input, att.output, width, order)) for att in attentions]
+    free.sort(key=lambda item: order[item[0].output_projection.node])
+    blocks, previous_end = [], -1
+    for index, ff in enumerate(sorted(feedforwards, key=lambda ff: order[ff.down.node])):
+        ff_wiring = find_wiring(ff.input, ff.output, ff.model_dim, order)
+        paired = _pair(ff_wiring, free) or _by_order(ff, free, previous_end, order)
+        notes = ()
+        if paired is not None:
+            free.remove(paired)
+        else:
+            notes = ("no attention sublayer writes the stream this FF reads",)
+        attention, attention_wiring = paired or (None, None)
+        module = _module_label(ff.down.node)
+        blocks.append(Block(index, ff, ff_wiring, attention, attention_wiring, module, notes))
+        previous_end = order[ff.down.node]
+    return blocks, [att for att, _ in free]
 
 
 def detect_structure(model: ir.Model) -> ModelStructure:
     """Map the model's blocks, or raise :class:`DetectionError` if it has no FF sublayer."""
     graph = model.graph
-    feedforwards = find_feedforwards(graph)
+    feedforwards, rejected = scan_feedforwards(graph)
     if not feedforwards:
-        raise DetectionError(
-            "no feed-forward sublayer found: expected MatMul/Gemm with a constant weight, "
-            "an elementwise activation (GELU, ReLU, SiLU, SwiGLU, GeGLU), then MatMul/Gemm"
-        )
+        raise DetectionError(_no_ff_message(rejected), tuple(rejected))
     order = node_index(graph)
     ff_nodes = {node for ff in feedforwards for node in ff.nodes}
-    attentions = find_attentions(graph, ff_nodes)
-    blocks = []
-    previous_end = -1
-    remaining = sorted(attentions, key=lambda att: order[att.output_projection.node])
-    for index, ff in enumerate(sorted(feedforwards, key=lambda ff: order[ff.down.node])):
-        start = min(order[lin.node] for role, lin in ff.linears.items() if role != "down")
-        preceding = [
-            att for att in remaining if previous_end < order[att.output_projection.node] < start
-        ]
-        attention = preceding[-1] if preceding else None
-        attention_wiring = None
-        if attention is not None:
-            attention_wiring = _wiring(attention.input, attention.output, ff.model_dim, order)
-        blocks.append(
-            Block(
-                index=index,
-                ff=ff,
-                ff_wiring=_wiring(ff.input, ff.output, ff.model_dim, order),
-                attention=attention,
-                attention_wiring=attention_wiring,
-                module=_module_label(ff.down.node),
-            )
+    attentions, attention_rejected = scan_attentions(graph, ff_nodes)
+    blocks, unpaired = _blocks(feedforwards, attentions, order)
+    rejected += attention_rejected
+    rejected += [
+        Rejection(
+            "attention",
+            describe(att.core),
+            "no FF sublayer reads the stream it writes, so it belongs to no block",
+            1,
         )
-        previous_end = order[ff.down.node]
+        for att in unpaired
+    ]
     opset = model.opset_imports.get("", 0)
     return ModelStructure(
-        blocks, parameter_count(model), weight_bytes(model), fingerprint(model), opset
+        blocks, parameter_count(model), weight_bytes(model), fingerprint(model), opset, rejected
     )
 
 

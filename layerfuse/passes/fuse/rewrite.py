@@ -10,7 +10,12 @@ The FFNs then concatenate along the hidden dimension into one ``layerfuse.Fused*
 
 Residual norms fused by onnxruntime (``Skip*Norm``) are split into Add + norm first.
 Pre-condition: after the attention removal no block inside a run (after its first) has
-attention; all FFNs of a run are pre-norm, of one kind and one norm epsilon. Post-condition:
+attention; all FFNs of a run are pre-norm, of one kind and one norm epsilon. Post-norm FFNs
+(BERT) are refused, and so are FFNs with output norms (Gemma-2/3's sandwich, OLMo-2): each
+normalizes its own output, so their sum is not one wide FFN. Parallel blocks (GPT-J, Phi-2,
+GPT-NeoX, Falcon) fuse: once its attention is removed a parallel block is an FFN-only block,
+and a run's first block may keep its attention branch, the fused FFN taking its FF's place
+(``x + attn(ln(x)) + sum_k FFN_k(norm_k(x))``). Post-condition:
 the model has exactly the removed attention sublayers and the fused FFNs fewer.
 """
 
@@ -25,13 +30,39 @@ import onnx_ir.passes.common as common_passes
 from layerfuse.errors import PlanError
 from layerfuse.model.graph import bypass, constant_array
 from layerfuse.passes.base import PlanPass
-from layerfuse.passes.detect import Block, ModelStructure, detect_structure, sublayer_counts
+from layerfuse.passes.detect import (
+    Block,
+    ModelStructure,
+    Wiring,
+    detect_structure,
+    sublayer_counts,
+)
 from layerfuse.passes.fuse.functions import DOMAIN, function_name, fused_function
 from layerfuse.passes.merge.ff_weights import read_ff_weights
 from layerfuse.passes.prune.rewrite import check_removable, remove_sublayers
 from layerfuse.passes.unfuse import unfuse_residual_norms
 
 _PREFIX = "layerfuse.fused"
+
+
+def _wiring_problem(wiring: Wiring) -> str | None:
+    """Why an FFN with this wiring cannot join a fused run (None: it can)."""
+    if wiring.residual is None:
+        return "; ".join(wiring.notes) or "its residual Add was not found"
+    if wiring.output_norm is not None:
+        return (
+            f"its output is normalized on its own before the residual Add "
+            f"({wiring.norm_position} norms), and a norm of each FFN's output is not one wide "
+            f"FFN"
+        )
+    if wiring.norm_position == "post":
+        return (
+            "FFN fusion needs pre-norm FFNs, this one is post-norm (its norm follows the "
+            "residual Add, so the FFNs cannot all read the run's input)"
+        )
+    if wiring.norm_position != "pre" or wiring.norm is None:
+        return "FFN fusion needs pre-norm FFNs, this one has no norm in front of it"
+    return None
 
 
 def _check_run(blocks: list[Block], first: int, last: int, dropped: set[int]) -> None:
@@ -43,12 +74,9 @@ def _check_run(blocks: list[Block], first: int, last: int, dropped: set[int]) ->
                 f"of FFN-only blocks (remove attention first, e.g. --drop-attention)"
             )
     for block in run:
-        wiring = block.ff_wiring
-        if wiring.norm_position != "pre" or wiring.norm is None or wiring.residual is None:
-            raise PlanError(
-                f"block {block.index}: FFN fusion needs pre-norm FFNs with a residual Add "
-                f"(found norm position {wiring.norm_position})"
-            )
+        problem = _wiring_problem(block.ff_wiring)
+        if problem is not None:
+            raise PlanError(f"block {block.index}: cannot fuse its FFN: {problem}")
         if block.ff.neuron_parameters:
             raise PlanError(f"block {block.index}: constants inside the activation are not fused")
         if block.ff.gated and any(lin.bias is not None for lin in block.ff.linears.values()):
@@ -136,11 +164,18 @@ def _fuse_run(model: ir.Model, run: list[Block], first: int, last: int) -> None:
     ]
     fused = tape.op(function_name(kind), inputs, domain=DOMAIN, name=prefix)
     fused.name = f"{prefix}.ffn"
-    residual = tape.op("Add", [x, fused], name=f"{prefix}.residual")
-    residual.name = f"{prefix}.out"
     last_stream = run[-1].ff_wiring.residual.output
-    residual.type, residual.shape = last_stream.type, last_stream.shape
-    bypass(last_stream, residual)
+    if run[0].ff_wiring.parallel:
+        # The first block keeps its attention branch; the fused FFN takes its FF's place.
+        fused.type, fused.shape = run[0].ff.output.type, run[0].ff.output.shape
+        bypass(run[0].ff.output, fused)
+        end = run[0].ff_wiring.residual.output
+    else:
+        end = tape.op("Add", [x, fused], name=f"{prefix}.residual")
+        end.name = f"{prefix}.out"
+        end.type, end.shape = last_stream.type, last_stream.shape
+    if end is not last_stream:
+        bypass(last_stream, end)
     function = fused_function(kind)
     model.functions.setdefault(function.identifier(), function)
 

@@ -45,6 +45,7 @@ def _signature(ff: FeedForward) -> tuple:
                 lin.consumed_transposed,
                 lin.consumed_dtype(),
                 lin.bias is not None,
+                lin.columns,
             )
             for role, lin in ff.linears.items()
         ),
@@ -101,21 +102,25 @@ def tie_weights(
 ) -> None:
     """Point every FF in ``feedforwards`` at new initializers holding ``weights``.
 
-    With one FF this simply replaces its weights (used to permute a single FF).
+    With one FF this simply replaces its weights (used to permute a single FF). The parts of
+    a fused projection (Phi-3's gate and up halves) are written back as one initializer, each
+    part's (permuted) columns in the range it occupies.
     """
     tape = ir.tape.Tape(graph)
     template = feedforwards[0]
-    for role, linear in template.linears.items():
-        weight = tape.initializer(
-            linear.consumed_weight_tensor(weights.matrices[role], f"{prefix}.{role}.weight")
-        )
+    by_node: dict[ir.Node, list[str]] = {}
+    for role, linear in sorted(template.linears.items(), key=lambda item: item[1].columns or ()):
+        by_node.setdefault(linear.node, []).append(role)
+    for roles in by_node.values():
+        linear, name = template.linears[roles[0]], "+".join(roles)
+        joined = np.concatenate([weights.matrices[role] for role in roles], axis=1)
+        weight = tape.initializer(linear.consumed_weight_tensor(joined, f"{prefix}.{name}.weight"))
         bias = None
         if linear.bias is not None:
-            bias = tape.initializer(
-                linear.bias_tensor(weights.biases[role], f"{prefix}.{role}.bias")
-            )
+            joined = np.concatenate([weights.biases[role] for role in roles])
+            bias = tape.initializer(linear.bias_tensor(joined, f"{prefix}.{name}.bias"))
         for ff in feedforwards:
-            member = ff.linears[role]
+            member = ff.linears[roles[0]]
             member.node.replace_input_with(1, weight)
             if bias is not None:
                 node, slot = member.bias_input_index()

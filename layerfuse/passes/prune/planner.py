@@ -73,20 +73,34 @@ def _count(structure: ModelStructure, request: PruneRequest) -> int:
     return count
 
 
-def _stream_pairs(structure: ModelStructure, target: str) -> list[tuple[str, str]]:
-    """(input, output) residual-stream tensors per block for the influence score."""
+def _stream_pairs(structure: ModelStructure, target: str) -> list[tuple[str, str, str | None]]:
+    """(input, output, branch) residual-stream tensors per block for the influence score.
+
+    In a parallel block the stream without one sublayer exists nowhere in the graph (both
+    branches are added at once), so it is computed as output minus that sublayer's branch;
+    ``branch`` names it, and is None where the input tensor exists.
+    """
     pairs = []
     for block in structure.blocks:
+        wirings = (
+            [block.attention_wiring, block.ff_wiring] if block.attention else [block.ff_wiring]
+        )
+        if target != "block":
+            wirings = [block.ff_wiring if target == "ff" else block.attention_wiring]
+        if any(w is None or w.residual is None for w in wirings):
+            notes = [note for w in wirings if w is not None for note in w.notes]
+            why = "; ".join(notes) or "it has no such sublayer"
+            raise PlanError(
+                f"block {block.index}: cannot trace the residual stream around it: {why}"
+            )
+        branch = None
         if target == "block":
             start, end = block.stream_in, block.stream_out
         else:
-            wiring = block.ff_wiring if target == "ff" else block.attention_wiring
-            residual = None if wiring is None else wiring.residual
-            start = None if residual is None else residual.operand
-            end = None if residual is None else residual.output
-        if start is None or end is None:
-            raise PlanError(f"block {block.index}: cannot trace the residual stream around it")
-        pairs.append((start.name, end.name))
+            start, end = wirings[0].residual.operand, wirings[0].residual.output
+            if wirings[0].parallel:
+                branch = wirings[0].branch.addend.name
+        pairs.append((start.name, end.name, branch))
     return pairs
 
 
@@ -101,14 +115,15 @@ def block_influence(
     """ShortGPT block influence, ``1 - mean cos(input, output)``, per block or sublayer."""
     structure = detect_structure(load_model(model_path))
     pairs = _stream_pairs(structure, target)
-    names = sorted({name for pair in pairs for name in pair})
+    names = sorted({name for pair in pairs for name in pair if name is not None})
     tap = ActivationTap(model_path, names, provider=provider)
     sums, count = np.zeros(len(pairs)), 0
     for rows in stream_rows(
         tap, batches, total=len(batches), reporter=reporter, description="block influence"
     ):
-        for index, (start, end) in enumerate(pairs):
-            sums[index] += float((1.0 - row_cosine(rows[start], rows[end])).sum())
+        for index, (start, end, branch) in enumerate(pairs):
+            before = rows[start] if branch is None else rows[end] - rows[branch]
+            sums[index] += float((1.0 - row_cosine(before, rows[end])).sum())
         count += next(iter(rows.values())).shape[0]
     return (sums / max(count, 1)).tolist()
 

@@ -1,7 +1,10 @@
 """Drop whole blocks or single sublayers; the residual stream passes through.
 
 Removing a sublayer makes the readers of its residual Add read the Add's other operand, so
-``h + f(h)`` becomes ``h`` (in post-norm models the norm after the Add stays: ``LN(h)``).
+``h + f(h)`` becomes ``h`` (in post-norm models the norm after the Add stays: ``LN(h)``; an
+output norm between the sublayer and the Add goes with it, as in Gemma-2's sandwich). In a
+parallel block (``x + attn(ln(x)) + ff(ln(x))``) the Add joining the two branches is bypassed
+instead, so removing the FF leaves ``x + attn(ln(x))``; removing the block removes both.
 Removing a whole block makes the readers of the block's output stream read its input stream
 (in post-norm models that skips both norms too). Blocks are bypassed from the last to the
 first so that consecutive removals chain. Dead nodes and initializers are then removed.
@@ -31,7 +34,8 @@ from layerfuse.passes.unfuse import unfuse_residual_norms
 def _residual_add(wiring: Wiring | None, what: str, block: int):
     """The residual Add to bypass, or a one-line reason why there is none."""
     if wiring is None or wiring.residual is None:
-        raise PlanError(f"block {block} has no {what} sublayer with a residual Add to remove")
+        why = "; ".join(wiring.notes) if wiring is not None and wiring.notes else "not traced"
+        raise PlanError(f"block {block}: cannot remove its {what} sublayer: {why}")
     return wiring.residual
 
 
@@ -62,7 +66,8 @@ def remove_sublayers(model: ir.Model, target: str, indices: list[int]) -> None:
             bypass(block.stream_out, block.stream_in)
         else:
             wiring = block.ff_wiring if target == "ff" else block.attention_wiring
-            bypass(wiring.residual.output, wiring.residual.operand)
+            # A parallel block keeps its sibling: the branch Add, not the residual, goes.
+            bypass(wiring.removal.output, wiring.removal.operand)
     if target != "ff":
         remove_attention_cache(model, [blocks[i].attention for i in indices if blocks[i].attention])
     common_passes.RemoveUnusedNodesPass()(model)
