@@ -18,11 +18,15 @@ from tests import tiny_models
 def test_fortune_splits_are_disjoint_stable_and_sized():
     splits = {name: corpus.split_texts(name) for name in corpus.SPLITS}
     sets = {name: set(texts) for name, texts in splits.items()}
-    assert not sets["calib"] & sets["valid"] and not sets["calib"] & sets["test"]
-    assert not sets["valid"] & sets["test"]
+    for a, b in [("calib", "valid"), ("calib", "test"), ("valid", "test")]:
+        assert not sets[a] & sets[b]
+    assert all(not sets["train"] & sets[other] for other in ("calib", "valid", "test"))
     total = sum(len(texts) for texts in splits.values())
     assert total > 10_000
-    assert 0.45 < len(splits["calib"]) / total < 0.55
+    assert 0.45 < (len(splits["calib"]) + len(splits["train"])) / total < 0.55
+    # calib is the reserve calibration reads (a prefix in corpus order); train is the rest.
+    assert sum(map(len, splits["calib"])) - len(splits["calib"][-1]) < corpus.CALIB_RESERVE_CHARS
+    assert len(splits["train"]) > 4 * len(splits["calib"])
     assert corpus.split_texts("test")[:5] == splits["test"][:5]
 
 

@@ -3,8 +3,10 @@
 A spec names where inputs come from:
 
 - ``fortunes`` (default): real English text, see :mod:`layerfuse.data.corpus`;
-- a path to a UTF-8 ``.txt`` file: paragraphs (blank-line separated) split by hash like the
-  corpus;
+- a path to a UTF-8 ``.txt`` file (paragraphs separated by blank lines), a ``.jsonl`` file
+  (one ``{"text": ...}`` object a line) or a Hugging Face ``datasets`` folder written by
+  ``save_to_disk`` (its ``text`` column; needs the ``datasets`` package): each text goes to a
+  split by a hash of its content, 1/8 ``calib``, 3/8 ``train``, 1/4 ``valid``, 1/4 ``test``;
 - ``random``: seeded random token ids or pixels, for smoke tests and output-fidelity checks
   only (never for quality claims).
 
@@ -17,6 +19,7 @@ from __future__ import annotations
 __all__ = ["DataSpec", "InputBatch", "make_batches", "parse_spec", "texts_for"]
 
 import hashlib
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,9 +27,12 @@ from pathlib import Path
 import numpy as np
 
 from layerfuse.data import corpus
-from layerfuse.data.tokens import load_tokenizer, packed_batches, sentence_batches
+from layerfuse.data.tokens import load_tokenizer, packed_rows, sentence_batches
 from layerfuse.errors import DataError
 from layerfuse.model.manifest import Manifest, require_manifest
+
+# Files datasets' save_to_disk writes into a Dataset or DatasetDict folder.
+_DATASET_MARKERS = ("dataset_info.json", "dataset_dict.json")
 
 
 @dataclass
@@ -58,25 +64,74 @@ def parse_spec(spec: str) -> DataSpec:
     if spec in ("fortunes", "random"):
         return DataSpec(spec)
     path = Path(spec.removeprefix("text:"))
-    if path.suffix == ".txt" or spec.startswith("text:"):
+    if path.suffix in (".txt", ".jsonl") or spec.startswith("text:"):
         if not path.is_file():
             raise DataError(f"data file {path} does not exist")
         return DataSpec("text", path)
-    raise DataError(f"unknown data '{spec}' (use fortunes, random, or a path to a .txt file)")
+    if path.is_dir() and any((path / name).is_file() for name in _DATASET_MARKERS):
+        return DataSpec("text", path)
+    raise DataError(
+        f"unknown data '{spec}' (use fortunes, random, a .txt or .jsonl file, or a folder "
+        f"written by datasets' save_to_disk)"
+    )
+
+
+def _jsonl_texts(path: Path) -> list[str]:
+    texts = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{path}:{number}: not a JSON object ({exc.msg})") from None
+        if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+            raise DataError(f"{path}:{number}: expected an object with a string 'text' field")
+        texts.append(record["text"].strip())
+    return texts
+
+
+def _dataset_texts(path: Path) -> list[str]:
+    try:
+        import datasets
+    except ImportError:
+        raise DataError(
+            f"{path} is a datasets folder, but the 'datasets' package is not installed "
+            f"(pip install datasets)"
+        ) from None
+    loaded = datasets.load_from_disk(str(path))
+    parts = [loaded[name] for name in sorted(loaded)] if hasattr(loaded, "keys") else [loaded]
+    if any("text" not in part.column_names for part in parts):
+        raise DataError(f"{path}: the dataset has no 'text' column")
+    return [text.strip() for part in parts for text in part["text"] if isinstance(text, str)]
+
+
+def _source_texts(path: Path) -> list[str]:
+    if path.is_dir():
+        return _dataset_texts(path)
+    if path.suffix == ".jsonl":
+        return _jsonl_texts(path)
+    return [p.strip() for p in path.read_text(encoding="utf-8").split("\n\n")]
+
+
+def _hash_split(text: str) -> str:
+    """valid and test a quarter each; the calib half is cut into calib 1/4 and train 3/4."""
+    code = int(hashlib.sha256(text.encode()).hexdigest()[:8], 16)
+    bucket = code % 4
+    if bucket >= 2:
+        return "valid" if bucket == 2 else "test"
+    return "calib" if (code // 4) % 4 == 0 else "train"
 
 
 def texts_for(spec: DataSpec, split: str) -> list[str]:
     if spec.kind == "fortunes":
         return corpus.split_texts(split)
     assert spec.path is not None
-    paragraphs = [p.strip() for p in spec.path.read_text(encoding="utf-8").split("\n\n")]
-    chosen = []
-    for text in filter(None, paragraphs):
-        bucket = int(hashlib.sha256(text.encode()).hexdigest()[:8], 16) % 4
-        if {"calib": bucket < 2, "valid": bucket == 2, "test": bucket == 3}[split]:
-            chosen.append(text)
+    if split not in corpus.SPLITS:
+        raise DataError(f"unknown split '{split}' (choose {', '.join(corpus.SPLITS)})")
+    chosen = [text for text in filter(None, _source_texts(spec.path)) if _hash_split(text) == split]
     if not chosen:
-        raise DataError(f"{spec.path}: no paragraphs fall into the '{split}' split")
+        raise DataError(f"{spec.path}: no texts fall into the '{split}' split")
     return chosen
 
 
@@ -106,6 +161,16 @@ def _random_batches(manifest: Manifest, tokens: int, seq_len: int, batch_size: i
     return batches
 
 
+def _check_calib_budget(spec: DataSpec, available: int, wanted: int) -> None:
+    """Calibration reads a prefix of the calib split; asking for more than it holds would
+    silently calibrate on less (and, for fortunes, the rest of the bucket is training text)."""
+    if available < wanted:
+        raise DataError(
+            f"a calibration budget of {wanted} tokens exceeds the calib split of '{spec}' "
+            f"({available} tokens); lower --calib-tokens"
+        )
+
+
 def make_batches(
     model_path: str | os.PathLike,
     spec: DataSpec | str,
@@ -132,10 +197,13 @@ def make_batches(
     tokenizer = load_tokenizer(Path(model_path).parent / manifest.tokenizer)
     texts = texts_for(spec, split)
     if manifest.task == "causal-lm":
-        batches = packed_batches(
-            tokenizer, texts, seq_len=seq_len, batch_size=batch_size, max_tokens=tokens
-        )
-        return [InputBatch(b.feeds(), b.attention_mask) for b in batches]
+        rows = packed_rows(tokenizer, texts, seq_len=seq_len, max_tokens=tokens)
+        if split == "calib":
+            _check_calib_budget(spec, rows.size, max(1, tokens // seq_len) * seq_len)
+        return [
+            InputBatch({"input_ids": ids, "attention_mask": np.ones_like(ids)}, np.ones_like(ids))
+            for ids in (rows[i : i + batch_size] for i in range(0, len(rows), batch_size))
+        ]
     lengths = [
         len(ids) for ids in tokenizer(texts, truncation=True, max_length=seq_len)["input_ids"]
     ]
@@ -145,5 +213,7 @@ def make_batches(
             break
         chosen.append(text)
         total += length
+    if split == "calib":
+        _check_calib_budget(spec, total, tokens)
     batches = sentence_batches(tokenizer, chosen, max_length=seq_len, batch_size=batch_size)
     return [InputBatch(b.feeds(), b.attention_mask) for b in batches]

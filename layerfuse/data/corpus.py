@@ -7,13 +7,18 @@ in 40 topic files (about 2.7 MB, free licence). If the files are not installed s
 cache; no root and no system install is needed.
 
 Splits are assigned by a hash of each entry's text, so they are stable across machines and
-runs: ``calib`` (50%) for calibration, ``valid`` (25%) for window selection, ``test`` (25%)
-for the numbers in reports. The topic labels give a real classification task.
+runs: the calib bucket (50%), ``valid`` (25%) for window selection, ``test`` (25%) for the
+numbers in reports. The calib bucket is cut once more, in corpus order: its first
+:data:`CALIB_RESERVE_CHARS` characters are ``calib`` (what calibration reads: a prefix of a few
+thousand tokens, so every committed result keeps its calibration text), the rest is
+``train`` (recovery training text, about 280k SmolLM2 tokens), disjoint from the other three.
+The topic labels give a real classification task.
 """
 
 from __future__ import annotations
 
 __all__ = [
+    "CALIB_RESERVE_CHARS",
     "SPLITS",
     "TOPIC_CLASSES",
     "Entry",
@@ -34,7 +39,10 @@ from pathlib import Path
 
 from layerfuse.errors import DataError
 
-SPLITS = ("calib", "valid", "test")
+SPLITS = ("calib", "valid", "test", "train")
+# Characters of the calib bucket, in corpus order, kept for calibration (about 68k SmolLM2
+# tokens, several times the largest calibration budget); the rest of the bucket is ``train``.
+CALIB_RESERVE_CHARS = 256_000
 _SYSTEM_DIR = Path("/usr/share/games/fortunes")
 _DEBIAN_PACKAGES = ("fortunes", "fortunes-min")
 
@@ -129,10 +137,22 @@ def load_entries() -> tuple[Entry, ...]:
 
 
 def split_texts(split: str) -> list[str]:
-    """All entry texts of one split, for calibration or perplexity."""
+    """All entry texts of one split, for calibration, perplexity or training."""
     if split not in SPLITS:
         raise DataError(f"unknown split '{split}' (choose {', '.join(SPLITS)})")
-    return [entry.text for entry in load_entries() if entry.split == split]
+    if split not in ("calib", "train"):
+        return [entry.text for entry in load_entries() if entry.split == split]
+    calib, train, used = [], [], 0
+    for entry in load_entries():
+        if entry.split != "calib":
+            continue
+        (calib if used < CALIB_RESERVE_CHARS else train).append(entry.text)
+        used += len(entry.text)
+    if split == "calib":
+        return calib
+    # Some fortunes appear in several topic files; a copy of a reserved one is not training text.
+    reserved = set(calib)
+    return [text for text in train if text not in reserved]
 
 
 def topic_dataset(split: str, per_class: int = 150) -> tuple[list[str], list[int], list[str]]:

@@ -8,7 +8,14 @@ mask telling real tokens from padding (calibration then drops the padded rows).
 
 from __future__ import annotations
 
-__all__ = ["TokenBatch", "count_batches", "load_tokenizer", "packed_batches", "sentence_batches"]
+__all__ = [
+    "TokenBatch",
+    "count_batches",
+    "load_tokenizer",
+    "packed_batches",
+    "packed_rows",
+    "sentence_batches",
+]
 
 import math
 import os
@@ -57,6 +64,19 @@ def _token_stream(tokenizer, texts: Sequence[str]) -> np.ndarray:
     return np.asarray(pieces, dtype=np.int64)
 
 
+def packed_rows(
+    tokenizer, texts: Sequence[str], *, seq_len: int, max_tokens: int | None = None
+) -> np.ndarray:
+    """``[windows, seq_len]`` token ids: the concatenated texts cut into full windows."""
+    stream = _token_stream(tokenizer, texts)
+    windows = len(stream) // seq_len
+    if max_tokens is not None:
+        windows = min(windows, max(1, max_tokens // seq_len))
+    if windows == 0:
+        raise DataError(f"the text has {len(stream)} tokens, fewer than one window of {seq_len}")
+    return stream[: windows * seq_len].reshape(windows, seq_len)
+
+
 def packed_batches(
     tokenizer,
     texts: Sequence[str],
@@ -66,13 +86,8 @@ def packed_batches(
     max_tokens: int | None = None,
 ) -> Iterator[TokenBatch]:
     """Fixed-length windows of the concatenated texts; the last partial window is dropped."""
-    stream = _token_stream(tokenizer, texts)
-    windows = len(stream) // seq_len
-    if max_tokens is not None:
-        windows = min(windows, max(1, max_tokens // seq_len))
-    if windows == 0:
-        raise DataError(f"the text has {len(stream)} tokens, fewer than one window of {seq_len}")
-    rows = stream[: windows * seq_len].reshape(windows, seq_len)
+    rows = packed_rows(tokenizer, texts, seq_len=seq_len, max_tokens=max_tokens)
+    windows = rows.shape[0]
     for start in range(0, windows, batch_size):
         ids = rows[start : start + batch_size]
         yield TokenBatch(ids, np.ones_like(ids))

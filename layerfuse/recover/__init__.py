@@ -1,0 +1,1 @@
+"""Recovery training: distil an optimized graph from its original, write weights back."""

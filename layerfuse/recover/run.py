@@ -1,0 +1,178 @@
+"""``recover``: check the inputs, train the optimized graph against the original, write it.
+
+Everything the user can get wrong is checked before the first training step (provenance,
+plan, data, output folder, device), so a mistake costs seconds, not an hour of training.
+"""
+
+from __future__ import annotations
+
+__all__ = ["RecoverRequest", "recover"]
+
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from layerfuse.data.batches import make_batches
+from layerfuse.errors import LayerfuseError
+from layerfuse.model.fingerprint import fingerprint
+from layerfuse.model.io import load_model
+from layerfuse.model.manifest import require_manifest
+from layerfuse.progress import SILENT, Reporter
+from layerfuse.recover.data import TrainingData, load_training_data
+from layerfuse.recover.distributed import Distributed, from_environment
+from layerfuse.recover.graph_module import GraphModule
+from layerfuse.recover.mapping import map_blocks
+from layerfuse.recover.objectives import Objective
+from layerfuse.recover.provenance import check_derived, load_any_plan
+from layerfuse.recover.teacher import Teacher
+from layerfuse.recover.trainer import Trainer, TrainSettings
+from layerfuse.recover.validation import Validator
+from layerfuse.recover.writeback import write_back
+
+TRAIN_CHOICES = ("all", "touched")
+
+
+@dataclass
+class RecoverRequest:
+    original: Path
+    optimized: Path
+    output: Path
+    data: str = "fortunes"
+    objective: str = "kd"
+    temperature: float = 1.0
+    hidden_weight: float = 1.0
+    train: str = "all"
+    plan: Path | None = None
+    settings: TrainSettings = field(default_factory=TrainSettings)
+    checkpoint_dir: Path | None = None
+    resume: bool = False
+    stop_after: int | None = None
+    device: str = "cpu"
+
+
+def _check_output(output: Path) -> None:
+    if output.suffix != ".onnx":
+        raise LayerfuseError(f"output {output} must be an .onnx file")
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=output.parent, prefix=".layerfuse-check-"):
+            pass
+    except OSError as exc:
+        raise LayerfuseError(f"cannot write {output}: {exc.strerror or exc}") from None
+
+
+def _device(name: str, local_rank: int) -> torch.device:
+    if name == "cuda":
+        if not torch.cuda.is_available():
+            raise LayerfuseError("--device cuda: this torch build sees no CUDA device")
+        return torch.device("cuda", local_rank)
+    if name != "cpu":
+        raise LayerfuseError(f"unknown device '{name}' (choose cpu or cuda)")
+    return torch.device("cpu")
+
+
+def _student(request: RecoverRequest, original, optimized, plan) -> tuple[GraphModule, list]:
+    """The student, with only the chosen parameters trainable, and hidden-state pairs."""
+    needs_map = request.train == "touched" or request.objective == "kd+hidden"
+    block_map = map_blocks(original, optimized, plan) if needs_map else None
+    student = GraphModule(optimized)
+    if request.train == "touched":
+        for name, parameter in student.named_weights().items():
+            parameter.requires_grad_(name in block_map.touched_initializers)
+    if not any(p.requires_grad for p in student.weights):
+        raise LayerfuseError("no trainable weights: the graph has no linear, norm or embedding")
+    return student, [] if block_map is None else block_map.hidden_pairs
+
+
+def _data(request: RecoverRequest, reporter: Reporter) -> tuple[TrainingData, list]:
+    """Training rows (checked to hold one global batch) and validation batches."""
+    settings = request.settings
+    reporter.step("reading training text")
+    data = load_training_data(request.original, request.data, "train", seq_len=settings.seq_len)
+    data.step_indices(0, settings.global_batch, settings.seed)
+    valid = make_batches(
+        request.original,
+        request.data,
+        "valid",
+        tokens=settings.valid_tokens,
+        seq_len=settings.seq_len,
+        batch_size=settings.batch_size,
+    )
+    return data, valid
+
+
+def _teacher(request: RecoverRequest, objective: Objective, dist: Distributed) -> Teacher:
+    """The original in onnxruntime; a distributed run shares the cores among its processes."""
+    provider = "cpu" if request.device == "cpu" else "auto"
+    threads = max(1, (os.cpu_count() or 1) // dist.world_size) if dist.active else None
+    return Teacher(request.original, objective.teacher_taps, provider=provider, threads=threads)
+
+
+def _finish(request: RecoverRequest, trainer: Trainer, result, data, valid, dist) -> dict:
+    """The summary; process 0 writes the trained weights into the optimized graph."""
+    summary = {
+        **result.to_json(),
+        "objective": request.objective,
+        "train": request.train,
+        "trained_parameters": int(sum(p.numel() for p in trainer.trained)),
+        "training_rows": len(data),
+        "training_tokens_available": data.tokens,
+        "output": str(request.output),
+    }
+    if result.finished and dist.is_main:
+        verify = {k: v[:2] for k, v in valid[0].feeds.items()}
+        record = {k: summary[k] for k in ("objective", "train", "steps_done", "tokens_seen")}
+        summary["verified_max_abs_diff"] = write_back(
+            request.optimized, trainer.student, request.output, verify_feeds=verify, summary=record
+        )
+    dist.barrier()
+    dist.close()
+    return summary
+
+
+def recover(request: RecoverRequest, reporter: Reporter = SILENT) -> dict:
+    """Train, write ``request.output``; a summary (``finished`` False if stopped early)."""
+    settings = request.settings
+    if request.train not in TRAIN_CHOICES:
+        raise LayerfuseError(f"unknown --train '{request.train}' (choose all or touched)")
+    _check_output(request.output)
+    original, optimized = load_model(request.original), load_model(request.optimized)
+    source = check_derived(original, optimized)
+    plan = load_any_plan(request.plan, original, optimized) if request.plan else None
+    task = require_manifest(request.original).task
+    dist = from_environment(request.device)
+    device = _device(request.device, dist.local_rank)
+    torch.manual_seed(settings.seed)
+    student, pairs = _student(request, original, optimized, plan)
+    objective = Objective(
+        request.objective, task, request.temperature, request.hidden_weight, pairs
+    )
+    data, valid = _data(request, reporter)
+    teacher = _teacher(request, objective, dist)
+    student.to(device)
+    trained = sorted(n for n, p in student.named_weights().items() if p.requires_grad)
+    run_key = {
+        "source": source,
+        "optimized": fingerprint(optimized),
+        "data": request.data,
+        "trained": trained,
+    }
+    trainer = Trainer(
+        student,
+        teacher,
+        objective,
+        data,
+        Validator(valid, teacher, task),
+        settings,
+        checkpoint_dir=request.checkpoint_dir,
+        run_key=run_key,
+        dist=dist,
+        reporter=reporter,
+    )
+    if request.resume:
+        trainer.resume()
+    result = trainer.run(stop_after=request.stop_after)
+    return _finish(request, trainer, result, data, valid, dist)

@@ -1,0 +1,273 @@
+"""The training loop: AdamW, warm-up and cosine decay, accumulation, validation, checkpoints.
+
+One optimizer step reads a global batch of ``batch_size * grad_accum`` rows (fixed by the
+seed and the step), split into ``grad_accum`` micro-batches, each shared out over the
+processes of a distributed run. The loss of every micro-batch is a sum of per-token terms
+divided by the term count of the whole step (see :mod:`layerfuse.recover.objectives`), so
+the update is the same however the batch is split.
+
+Validation runs every ``eval_every`` steps and at step 0: perplexity of next-token prediction
+on the valid split for causal LMs, the relative error of the output against the teacher for
+encoders. The best score's parameters are kept (in memory and in ``best.pt``) and are the
+result; ``patience`` evaluations without improvement stop the run early. A checkpoint is
+written after each validation, so ``--resume`` continues from the last one and reaches the
+same weights as an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+__all__ = ["TrainResult", "TrainSettings", "Trainer"]
+
+import contextlib
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from layerfuse.errors import LayerfuseError
+from layerfuse.progress import SILENT, Reporter
+from layerfuse.recover.checkpoint import load_state, restore_random, save_state, snapshot_random
+from layerfuse.recover.data import TrainingData
+from layerfuse.recover.distributed import Distributed
+from layerfuse.recover.graph_module import GraphModule
+from layerfuse.recover.objectives import Objective
+from layerfuse.recover.teacher import Teacher
+from layerfuse.recover.validation import Validator
+
+
+@dataclass
+class TrainSettings:
+    """Defaults: 100 steps of 4 x 2 x 128 tokens, in tens of minutes for SmolLM2-135M on 2
+    CPU cores (the command line shows these defaults)."""
+
+    steps: int = 100
+    batch_size: int = 4
+    grad_accum: int = 2
+    seq_len: int = 128
+    lr: float = 1e-4
+    warmup: int = 10
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.0
+    clip: float = 1.0
+    eval_every: int = 25
+    patience: int = 3
+    valid_tokens: int = 4096
+    seed: int = 0
+
+    @property
+    def global_batch(self) -> int:
+        return self.batch_size * self.grad_accum
+
+    def check(self, world_size: int) -> None:
+        positive = ("steps", "batch_size", "grad_accum", "seq_len", "lr")
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise LayerfuseError(f"--{name.replace('_', '-')} must be positive")
+        if self.batch_size % world_size:
+            raise LayerfuseError(
+                f"--batch-size {self.batch_size} must be a multiple of the {world_size} processes"
+            )
+
+    def learning_rate_factor(self, step: int) -> float:
+        """Linear warm-up to 1, then cosine decay to ``min_lr_ratio`` at the last step."""
+        if step < self.warmup:
+            return (step + 1) / self.warmup
+        span = max(1, self.steps - self.warmup)
+        progress = min(1.0, (step - self.warmup) / span)
+        cosine = 0.5 * (1 + math.cos(math.pi * progress))
+        return self.min_lr_ratio + (1 - self.min_lr_ratio) * cosine
+
+
+@dataclass
+class TrainResult:
+    history: list[dict] = field(default_factory=list)
+    best_step: int | None = None
+    best_score: float | None = None
+    steps_done: int = 0
+    tokens_seen: int = 0
+    stopped_early: bool = False
+    finished: bool = False
+    metric: str = ""
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+class Trainer:
+    """Trains ``student`` (its parameters with ``requires_grad``) against ``teacher``."""
+
+    def __init__(
+        self,
+        student: GraphModule,
+        teacher: Teacher,
+        objective: Objective,
+        data: TrainingData,
+        validator: Validator,
+        settings: TrainSettings,
+        *,
+        checkpoint_dir: Path | None,
+        run_key: dict,
+        dist: Distributed,
+        reporter: Reporter = SILENT,
+    ) -> None:
+        self.student, self.teacher, self.objective = student, teacher, objective
+        self.data, self.validator, self.settings = data, validator, settings
+        self.checkpoint_dir, self.dist, self.reporter = checkpoint_dir, dist, reporter
+        self.run_key = {**run_key, "settings": asdict(settings), "objective": asdict(objective)}
+        settings.check(dist.world_size)
+        self.device = student.device
+        self.model = dist.wrap(student, self.device)
+        self.trained = [p for p in student.weights if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(
+            self.trained, lr=settings.lr, weight_decay=settings.weight_decay
+        )
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, settings.learning_rate_factor
+        )
+        self.result = TrainResult(metric=validator.metric)
+        self.best: dict[str, torch.Tensor] | None = None
+        self.bad_evaluations = 0
+
+    # state -------------------------------------------------------------------------------
+
+    def _state(self) -> dict:
+        return {
+            "run_key": self.run_key,
+            "params": {
+                n: p.detach().cpu().clone() for n, p in self.student.named_weights().items()
+            },
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "random": snapshot_random(),
+            "result": self.result.to_json(),
+            "bad_evaluations": self.bad_evaluations,
+        }
+
+    def _save(self, name: str, state: dict) -> None:
+        if self.checkpoint_dir is not None and self.dist.is_main:
+            save_state(self.checkpoint_dir / name, state)
+        self.dist.barrier()
+
+    def resume(self) -> None:
+        """Continue from ``state.pt`` in the checkpoint folder."""
+        if self.checkpoint_dir is None:
+            raise LayerfuseError("--resume needs --checkpoint-dir")
+        state = load_state(self.checkpoint_dir / "state.pt")
+        if state["run_key"] != self.run_key:
+            changed = sorted(k for k in self.run_key if state["run_key"].get(k) != self.run_key[k])
+            raise LayerfuseError(
+                f"{self.checkpoint_dir}: the checkpoint was made by a run with other "
+                f"{', '.join(changed)}; resume with the same models and options"
+            )
+        self._load_params(state["params"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        restore_random(state["random"])
+        self.result = TrainResult(**state["result"])
+        self.bad_evaluations = state["bad_evaluations"]
+        if self.result.best_step is not None:
+            self.best = load_state(self.checkpoint_dir / "best.pt")["params"]
+
+    def _load_params(self, params: dict[str, torch.Tensor]) -> None:
+        with torch.no_grad():
+            for name, parameter in self.student.named_weights().items():
+                parameter.copy_(params[name].to(parameter.device))
+
+    # loop --------------------------------------------------------------------------------
+
+    def _micro_batches(self, step: int) -> list[np.ndarray]:
+        s = self.settings
+        indices = self.data.step_indices(step, s.global_batch, s.seed)
+        return [indices[i : i + s.batch_size] for i in range(0, len(indices), s.batch_size)]
+
+    def _micro_step(self, rows: np.ndarray, terms: int, sync: bool) -> float:
+        batch = self.data.batch(rows[self.dist.shard(len(rows))])
+        feeds = self.teacher.feeds(batch.feeds)
+        teacher_out, teacher_taps = None, {}
+        if self.objective.uses_teacher:
+            out, tapped = self.teacher.run(feeds)
+            teacher_out = torch.from_numpy(out).to(self.device)
+            teacher_taps = {k: torch.from_numpy(v).to(self.device) for k, v in tapped.items()}
+        inputs = {n: torch.from_numpy(feeds[n]).to(self.device) for n in self.student.input_names}
+        mask = torch.from_numpy(batch.mask).to(self.device)
+        skip = self.model.no_sync() if self.dist.active and not sync else contextlib.nullcontext()
+        with skip:
+            outputs, taps = self.model(inputs, self.objective.student_taps)
+            loss = self.objective.loss_sum(
+                outputs[0], taps, teacher_out, teacher_taps, inputs["input_ids"], mask
+            )
+            loss = loss * self.dist.world_size / terms
+            loss.backward()
+        return float(loss.detach()) / self.dist.world_size
+
+    def _train_step(self, step: int) -> tuple[float, int]:
+        micro = self._micro_batches(step)
+        masks = [self.data.batch(rows).mask for rows in micro]
+        terms = sum(self.objective.term_count(mask) for mask in masks)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.student.train()
+        loss = sum(
+            self._micro_step(rows, terms, sync=i == len(micro) - 1) for i, rows in enumerate(micro)
+        )
+        if self.settings.clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.trained, self.settings.clip)
+        self.optimizer.step()
+        self.scheduler.step()
+        return self.dist.sum([loss])[0], int(sum(mask.sum() for mask in masks))
+
+    def _evaluate(self, step: int, train_loss: float | None) -> bool:
+        """Validate, keep the best parameters, checkpoint; True when patience ran out."""
+        score = self.validator.score(self.student, self.dist)
+        self.result.history.append({"step": step, "train_loss": train_loss, "valid": score})
+        if self.result.best_score is None or score < self.result.best_score:
+            self.result.best_score, self.result.best_step = score, step
+            self.bad_evaluations = 0
+            self.best = {
+                n: p.detach().cpu().clone() for n, p in self.student.named_weights().items()
+            }
+            self._save("best.pt", {"step": step, "params": self.best})
+        else:
+            self.bad_evaluations += 1
+        self.reporter.step(f"step {step}: valid {self.validator.metric} {score:.4g}")
+        patience = self.settings.patience
+        return bool(patience) and self.bad_evaluations >= patience
+
+    def run(self, *, stop_after: int | None = None) -> TrainResult:
+        """Train to ``steps`` (or early stop); ``stop_after`` ends this process at that step
+        with a checkpoint, to be continued with :meth:`resume`."""
+        s, result = self.settings, self.result
+        if not result.history and s.eval_every:
+            self._evaluate(0, None)
+            self._save("state.pt", self._state())
+        started, window_loss, window_tokens = time.perf_counter(), [], 0
+        steps = range(result.steps_done, s.steps)
+        for step in self.reporter.track(steps, len(steps), "recovering"):
+            if stop_after is not None and step >= stop_after:
+                self._save("state.pt", self._state())
+                return result
+            loss, tokens = self._train_step(step)
+            result.steps_done, result.tokens_seen = step + 1, result.tokens_seen + tokens
+            window_loss.append(loss)
+            window_tokens += tokens
+            done = step + 1
+            if done % 10 == 0 or done == s.steps:
+                elapsed = time.perf_counter() - started
+                remaining = elapsed / (done - steps.start) * (s.steps - done)
+                self.reporter.step(
+                    f"step {done}/{s.steps}: loss {np.mean(window_loss):.4g}, "
+                    f"{window_tokens / elapsed:.0f} tokens/s, ETA {remaining / 60:.1f} min"
+                )
+            if s.eval_every and (done % s.eval_every == 0 or done == s.steps):
+                stop = self._evaluate(done, float(np.mean(window_loss)))
+                window_loss = []
+                self._save("state.pt", self._state())
+                if stop:
+                    result.stopped_early = True
+                    break
+        result.finished = True
+        if self.best is not None:
+            self._load_params(self.best)
+        return result
