@@ -3,7 +3,10 @@
 Timing is interleaved: every repetition runs each graph once, starting from a different graph
 each round, so drifts in machine load (another process, thermal state) spread over all graphs
 instead of biasing whichever ran last. On CUDA inputs and outputs are bound to the device
-(IO binding), so host-device copies are not timed. Every ratio is taken against the first
+(IO binding), so host-device copies are not timed; with ``cuda_graph`` each shape's run is
+captured once as a CUDA graph (onnxruntime ``enable_cuda_graph``, inputs and outputs in fixed
+device buffers, one graph id per shape) and replayed, so kernel-launch overhead is not timed
+either and a fused-vs-unfused ratio measures the work. Every ratio is taken against the first
 graph measured in the same run; absolute times are reported but never compared across runs.
 """
 
@@ -18,8 +21,8 @@ from pathlib import Path
 from layerfuse.errors import LayerfuseError
 from layerfuse.model.stats import ModelStats, model_stats
 from layerfuse.progress import SILENT, Reporter
-from layerfuse.runtime.environment import environment
 from layerfuse.runtime.calibration import adapt_feeds
+from layerfuse.runtime.environment import environment
 from layerfuse.runtime.inputs import InputShape, cache_inputs, graph_inputs, synthetic_feeds
 from layerfuse.runtime.measure import LatencyStats, MemoryStats, measure_memory
 from layerfuse.runtime.session import PROVIDERS, create_session, resolve_provider
@@ -34,11 +37,12 @@ class BenchConfig:
     warmup: int = 3
     runs: int = 20
     threads: int | None = None
-    # None: layerfuse's policy (off when MatMul weights are shared); True/False force it.
+    # None: layerfuse's policy (runtime/session.py); True/False force it.
     prepacking: bool | None = None
     memory: bool = True
     eval_data: str | None = None
     eval_tokens: int = 8192
+    cuda_graph: bool = False
 
     def to_json(self) -> dict:
         return {
@@ -50,6 +54,7 @@ class BenchConfig:
             "prepacking": self.prepacking,
             "eval_data": self.eval_data,
             "eval_tokens": self.eval_tokens,
+            "cuda_graph": self.cuda_graph,
         }
 
 
@@ -84,11 +89,18 @@ def _check_same_inputs(paths: list[Path]) -> None:
 
 
 class _Runner:
-    """Runs one graph on fixed feeds; binds to the device once on CUDA."""
+    """Runs one graph on fixed feeds; binds to the device once on CUDA.
 
-    def __init__(self, session, feeds: dict, provider: str) -> None:
+    ``graph_id`` (CUDA graphs): onnxruntime captures a graph on its first run with a graph id
+    (it repeats that run internally until captured) and replays it on every later one, so the
+    outputs must be fixed device buffers before then. One run with ``gpu_graph_id=-1`` (no
+    capture) gives their shapes; they are bound, and the next run (a warm-up) captures.
+    """
+
+    def __init__(self, session, feeds: dict, provider: str, graph_id: int | None = None) -> None:
         self.session = session
         self.binding = None
+        self.options = None
         feeds = adapt_feeds(session, feeds)
         if provider == PROVIDERS["cuda"]:
             import onnxruntime as ort
@@ -100,11 +112,28 @@ class _Runner:
                 )
             for output in session.get_outputs():
                 self.binding.bind_output(output.name, "cuda")
+        if graph_id is not None and self.binding is not None:
+            self._fix_outputs(graph_id)
         self.feeds = feeds
+
+    def _fix_outputs(self, graph_id: int) -> None:
+        import onnxruntime as ort
+
+        uncaptured = ort.RunOptions()
+        uncaptured.add_run_config_entry("gpu_graph_id", "-1")
+        self.session.run_with_iobinding(self.binding, uncaptured)
+        outputs = self.binding.get_outputs()
+        for output, value in zip(self.session.get_outputs(), outputs, strict=True):
+            fixed = ort.OrtValue.ortvalue_from_shape_and_type(
+                value.shape(), value.numpy().dtype, "cuda", 0
+            )
+            self.binding.bind_ortvalue_output(output.name, fixed)
+        self.options = ort.RunOptions()
+        self.options.add_run_config_entry("gpu_graph_id", str(graph_id))
 
     def __call__(self) -> None:
         if self.binding is not None:
-            self.session.run_with_iobinding(self.binding)
+            self.session.run_with_iobinding(self.binding, self.options)
         else:
             self.session.run(None, self.feeds)
 
@@ -149,16 +178,25 @@ def run_bench(
     if len({r.name for r in results}) != len(results):
         raise LayerfuseError("graph names must be unique; pass --names")
     _check_same_inputs(paths)
+    if config.cuda_graph and provider != PROVIDERS["cuda"]:
+        raise LayerfuseError("CUDA graphs need the CUDA provider (--provider cuda)")
     reporter.step(f"building {len(paths)} sessions on {provider}")
     sessions = [
         create_session(
-            path, provider=config.provider, threads=config.threads, prepacking=config.prepacking
+            path,
+            provider=config.provider,
+            threads=config.threads,
+            prepacking=config.prepacking,
+            provider_options={"enable_cuda_graph": "1"} if config.cuda_graph else None,
         )
         for path in paths
     ]
-    for shape in reporter.track(config.shapes, len(config.shapes), "timing shapes"):
+    for index, shape in enumerate(
+        reporter.track(config.shapes, len(config.shapes), "timing shapes")
+    ):
         feeds = synthetic_feeds(paths[0], shape)
-        runners = [_Runner(session, feeds, provider) for session in sessions]
+        graph_id = index if config.cuda_graph else None
+        runners = [_Runner(session, feeds, provider, graph_id) for session in sessions]
         samples = _time_interleaved(runners, config.warmup, config.runs)
         for result, timings in zip(results, samples, strict=True):
             result.latency[str(shape)] = LatencyStats.from_samples(timings)
