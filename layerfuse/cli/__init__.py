@@ -25,12 +25,25 @@ from layerfuse.cli import (
     inspect,
     merge,
     prune,
+    quantize,
+    recover,
     serve,
 )
 from layerfuse.cli.rewrite import register_rewrite
 from layerfuse.errors import LayerfuseError
 
-_COMMAND_MODULES = (export, inspect, evaluate, analyze, bench, deploy, serve, generate)
+_COMMAND_MODULES = (
+    export,
+    inspect,
+    evaluate,
+    analyze,
+    bench,
+    quantize,
+    deploy,
+    serve,
+    generate,
+    recover,
+)
 # Rewriting commands: a RewriteCommand each, registered by one driver.
 _REWRITE_MODULES = (merge, prune, fuse)
 
