@@ -10,9 +10,6 @@ onnxruntime's CPU GroupQueryAttention needs a multiple of 16.
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import torch
@@ -115,13 +112,11 @@ class GenerationModels:
 
     def build(self, precision: str) -> Path:
         """The onnxruntime-genai builder's graph of the folder at ``precision`` (fp32, int4)."""
-        out = self.root / f"genai-{precision}"
-        command = [sys.executable, "-m", "onnxruntime_genai.models.builder"]
-        command += ["-i", str(self.folder), "-o", str(out), "-p", precision, "-e", "cpu"]
-        command += ["-c", str(self.root / f"builder-cache-{precision}")]
-        env = dict(os.environ, HF_HUB_OFFLINE="1")
-        subprocess.run(command, check=True, capture_output=True, env=env)
-        return out / "model.onnx"
+        from layerfuse.export.genai_builder import build_genai_folder
+
+        return build_genai_folder(
+            self.folder, self.root / f"genai-{precision}", precision=precision
+        )
 
     def prompts(self, count: int = 5) -> list[list[int]]:
         """Real prompts: fortunes of the test split, cut to different lengths."""

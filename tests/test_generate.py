@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 
 import numpy as np
@@ -166,3 +167,79 @@ def test_builder_folder_is_read_without_writing_into_it(lm):
     assert not (folder / "layerfuse.json").exists()
     config = json.loads((folder / "genai_config.json").read_text())
     assert config["model"]["decoder"]["num_hidden_layers"] == kv_models.LAYERS
+
+
+def test_decode_bench_times_every_target_on_the_same_prompts(lm):
+    """The export, the builder graph in layerfuse's loop and in onnxruntime-genai compute one
+    function, so every target's tokens equal the peer's; the cache size comes from the graph."""
+    from layerfuse.data import corpus
+    from layerfuse.generate.bench import DecodeCase, DecodeTarget, decode_prompts, run_decode_bench
+
+    targets = [DecodeTarget("export", lm.export), DecodeTarget("builder", lm.builder)]
+    if importlib.util.find_spec("onnxruntime_genai"):
+        targets.append(DecodeTarget("genai", lm.builder, "genai"))
+    cases = [DecodeCase(1, 24, 6, repeats=2), DecodeCase(3, 16, 4)]
+    texts = corpus.split_texts("test")
+    rows = run_decode_bench(
+        targets, cases, lambda c: decode_prompts(lm.tokenizer, texts, c.batch, c.context), threads=1
+    )
+    assert [(r["target"], r["case"]) for r in rows] == [
+        (t.name, c.label) for c in cases for t in targets
+    ]
+    for row in rows:
+        assert row["tokens_equal_to_peer"] == 1.0, row
+        assert row["kv_bytes_per_token"] == kv_models.LAYERS * 2 * kv_models.KV_HEADS * 16 * 4
+        assert row["repeats"] == (2 if row["batch"] == 1 else 1)
+        assert row["p90_token_ms"] >= row["p50_token_ms"] > 0
+        assert row["batch_tokens_per_second"] == pytest.approx(
+            row["tokens_per_second"] * row["batch"]
+        )
+    prompts = decode_prompts(lm.tokenizer, texts, 3, 16)
+    assert [len(p) for p in prompts] == [16] * 3 and prompts[0] != prompts[1]
+    with pytest.raises(DataError, match="are needed"):
+        decode_prompts(lm.tokenizer, texts[:2], 4, 1000)
+
+
+@pytest.mark.slow
+def test_smollm2_greedy_generation_matches_torch_for_the_export_and_the_builder_graph(
+    real, tmp_path_factory
+):
+    """32 greedy tokens on 5 real prompts: ``layerfuse export --kv-cache`` of the packaged
+    model and onnxruntime-genai's builder graph of it, both through layerfuse's loop, equal
+    torch's ``generate`` token for token."""
+    import torch
+
+    from layerfuse.data import corpus
+    from layerfuse.export.genai_builder import build_genai_folder, save_hf_folder
+    from layerfuse.export.onnx_export import export_model
+    from layerfuse.generate.loop import token_ids
+
+    source = real.source("smollm2-135m")
+    root = tmp_path_factory.mktemp("smollm2-generation")
+    graphs = [
+        export_model(source, root / "kv", kv_cache=True).model_path,
+        build_genai_folder(save_hf_folder(source, root / "hf"), root / "genai"),
+    ]
+    prompts = [source.tokenizer(t)["input_ids"][:24] for t in corpus.split_texts("test")[:5]]
+    expected = []
+    for prompt in prompts:
+        ids = torch.tensor([prompt])
+        with torch.no_grad():
+            out = source.model.generate(
+                ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=32,
+                min_new_tokens=32,
+                do_sample=False,
+            )
+        expected.append(out[0, len(prompt) :].tolist())
+    eos = token_ids(source.model.generation_config.eos_token_id)
+    for path in graphs:
+        decoder = Decoder(path, provider="cpu")
+        got = [
+            generate_ids(
+                decoder, [p], max_new_tokens=32, eos_token_ids=eos, suppress_eos=True
+            ).tokens[0]
+            for p in prompts
+        ]
+        assert got == expected, path
