@@ -26,6 +26,8 @@ def _report(result) -> int:
         f"{human_bytes(result.source_unique_bytes)} -> {human_bytes(result.unique_bytes)}; "
         + (kept if result.ties else "no tied weights")
     )
+    if result.details.get("embeddings"):
+        out.print(f"tied word embeddings {result.details['embeddings']}: one quantized table")
     if result.details.get("fused"):
         fused = ", ".join(f"{op} x{n}" for op, n in result.details["fused"].items())
         out.print(f"optimizer fusions: {fused}")
@@ -43,6 +45,7 @@ def _quantize(args: argparse.Namespace) -> int:
             scheme,
             block_size=args.block_size,
             accuracy_level=args.accuracy_level,
+            embeddings=not args.float_embeddings,
         )
     )
 
@@ -77,6 +80,11 @@ def register(commands) -> None:
         type=int,
         choices=[1, 2, 3, 4],
         help="int4: MatMulNBits compute type (4 = int8 compute, fastest on CPU)",
+    )
+    quantize.add_argument(
+        "--float-embeddings",
+        action="store_true",
+        help="leave tied word embeddings float32 (default: quantized once for lookup and logits)",
     )
     quantize.set_defaults(handler=_quantize)
 

@@ -12,8 +12,9 @@
 Only MatMuls whose weight is an initializer are quantized (``MatMulConstBOnly``):
 attention's activation-by-activation MatMuls, embeddings (Gather) and an output projection
 that reads the embedding table through a Transpose (tied word embeddings, as in SmolLM2)
-stay float32 in the original and the variant alike. layerfuse's fused FFNs are inlined first
-so that their weights are quantized too.
+would stay float32; tied word embeddings are then quantized once for both of their readers
+(:mod:`.embeddings`), in the original and the variant alike. layerfuse's fused FFNs are
+inlined first so that their weights are quantized too.
 """
 
 from __future__ import annotations
@@ -31,26 +32,33 @@ from layerfuse.toolchain.convert import (
     load_inlined,
     run_conversion,
 )
+from layerfuse.toolchain.embeddings import share_tied_embeddings
 
 SCHEMES = ("int8", "int4")
 
 
-def _int8(source: Path, scratch: Path) -> onnx.ModelProto:
-    from onnxruntime.quantization import QuantType, quantize_dynamic
+def _int8(details: dict):
+    def transform(source: Path, scratch: Path) -> onnx.ModelProto:
+        from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    target = scratch / "model.onnx"
-    quantize_dynamic(
-        load_inlined(source),
-        target,
-        op_types_to_quantize=["MatMul"],
-        weight_type=QuantType.QInt8,
-        use_external_data_format=True,
-        extra_options={"MatMulConstBOnly": True},
-    )
-    return onnx.load(target)
+        target = scratch / "model.onnx"
+        quantize_dynamic(
+            load_inlined(source),
+            target,
+            op_types_to_quantize=["MatMul"],
+            weight_type=QuantType.QInt8,
+            use_external_data_format=True,
+            extra_options={"MatMulConstBOnly": True},
+        )
+        model = onnx.load(target)
+        if details["embeddings"]:
+            details["embeddings"] = share_tied_embeddings(model, "int8")
+        return model
+
+    return transform
 
 
-def _int4(block_size: int, accuracy_level: int | None):
+def _int4(details: dict, block_size: int, accuracy_level: int | None):
     def transform(source: Path, scratch: Path) -> onnx.ModelProto:
         from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
@@ -63,7 +71,10 @@ def _int4(block_size: int, accuracy_level: int | None):
             op_types_to_quantize=("MatMul",),
         )
         quantizer.process()
-        return quantizer.model.model
+        model = quantizer.model.model
+        if details["embeddings"]:
+            details["embeddings"] = share_tied_embeddings(model, "int4", block_size, accuracy_level)
+        return model
 
     return transform
 
@@ -75,22 +86,28 @@ def quantize_model(
     *,
     block_size: int = 32,
     accuracy_level: int | None = None,
+    embeddings: bool = True,
 ) -> ConversionResult:
     """Quantize ``source`` to ``scheme`` (``int8`` or ``int4``) into ``out``; see module doc.
 
     ``block_size`` (int4: elements per scale, a power of two >= 16) and ``accuracy_level``
     (int4: 4 lets the CPU kernel compute in int8, faster and slightly less exact) pass
-    through to ``MatMulNBitsQuantizer``.
+    through to ``MatMulNBitsQuantizer``. ``embeddings``: quantize tied word embeddings once
+    for both readers (:mod:`.embeddings`); ``details["embeddings"]`` names the table or is
+    None where the model has none.
     """
     if scheme not in SCHEMES:
         raise ConversionError(f"unknown quantization '{scheme}' (choose {' or '.join(SCHEMES)})")
     if scheme == "int8":
-        return run_conversion(source, out, "int8", _int8, {"quantizer": "quantize_dynamic"})
+        details = {"quantizer": "quantize_dynamic", "embeddings": embeddings}
+        return run_conversion(source, out, "int8", _int8(details), details)
     if block_size < 16 or block_size & (block_size - 1):
         raise ConversionError(f"block size {block_size} must be a power of two of at least 16")
     details = {
         "quantizer": "MatMulNBitsQuantizer",
         "block_size": block_size,
         "accuracy_level": accuracy_level,
+        "embeddings": embeddings,
     }
-    return run_conversion(source, out, "int4", _int4(block_size, accuracy_level), details)
+    transform = _int4(details, block_size, accuracy_level)
+    return run_conversion(source, out, "int4", transform, details)
