@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from layerfuse.cli import main
-from layerfuse.errors import DetectionError
+from layerfuse.errors import DetectionError, PlanError
 from layerfuse.model.io import load_model
 from layerfuse.passes.detect import detect_structure
+from layerfuse.passes.fuse import FusePlan
 from layerfuse.passes.plan import apply_plan
-from tests import tiny_models
+from layerfuse.passes.prune import PrunePlan
+from tests import graphs, tiny_models
 from tests.conftest import EXPORTERS
 
 EXPECTED_KIND = {"llama": "swiglu", "gpt2": "gelu_tanh", "bert": "gelu", "vit": "gelu"}
@@ -61,7 +64,7 @@ def test_ff_weights_match_torch(tiny, exporter):
 def test_structure_json_is_stable(tiny, capsys):
     assert main(["inspect", str(tiny.model("gpt2")), "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
-    assert data["schema"] == "layerfuse.structure/1"
+    assert data["schema"] == "layerfuse.structure/2"
     assert data["num_blocks"] == tiny_models.LAYERS
     block = data["blocks"][1]
     assert set(block) == {"index", "module", "ff", "attention"}
@@ -92,11 +95,69 @@ def test_graph_without_ff_is_a_clear_error(tmp_path, capsys):
     onnx.save(
         helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=10), path
     )
-    with pytest.raises(DetectionError):
+    with pytest.raises(DetectionError, match="MatMul 'only': reads the graph input 'x'"):
         detect_structure(load_model(path))
     assert main(["inspect", str(path)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("layerfuse: error: no feed-forward sublayer")
+    # --explain lists every rejected candidate, then the same one-line error.
+    assert main(["inspect", str(path), "--explain", "--json"]) == 2
+    captured = capsys.readouterr()
+    rows = json.loads(captured.out)["explain"]
+    assert [(r["part"], r["found"]) for r in rows] == [("FF candidate MatMul 'only'", False)]
+    assert "no up-projection" in rows[0]["why"]
+    assert len(captured.err.strip().splitlines()) == 1
+
+
+def test_inspect_explain_says_what_was_found_per_block_and_why(tiny, capsys):
+    path = tiny.model("llama")
+    assert main(["inspect", str(path), "--explain", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)["explain"]
+    wanted = {"FF", "FF norm", "FF residual", "attention", "attention norm", "attention residual"}
+    for index in range(tiny_models.LAYERS):
+        parts = {row["part"]: row for row in rows if row["block"] == index}
+        assert set(parts) == wanted and all(row["found"] for row in parts.values())
+        assert parts["FF"]["why"].startswith("swiglu: down-projection MatMul")
+        assert "rms norm before it" in parts["FF norm"]["why"]
+        assert "(norm position: pre)" in parts["FF residual"]["why"]
+    # Linear layers that are not down-projections (q/k/v, LM head) are each given a reason.
+    others = [row for row in rows if row["block"] is None]
+    assert len(others) >= 4 * tiny_models.LAYERS and not any(row["found"] for row in others)
+    assert all(row["why"] for row in others)
+    assert main(["inspect", str(path), "--explain"]) == 0
+    assert "why each part was (not) recognised" in capsys.readouterr().out
+
+
+def _stack_without_last_residual(tmp_path) -> Path:
+    """Two FF blocks whose second FF output is the graph output: no residual Add."""
+    import onnx
+
+    path = graphs.ff_stack(tmp_path / "stack.onnx", [8, 8])
+    model = onnx.load(path)
+    nodes = model.graph.node
+    last_add = next(node for node in nodes if node.output[0] == "b1.out")
+    nodes.remove(last_add)
+    next(node for node in nodes if node.op_type == "Identity").input[0] = "b1.d"
+    onnx.save(model, path)
+    return path
+
+
+def test_rewrites_refuse_a_sublayer_they_cannot_trace_in_one_line(tmp_path):
+    path = _stack_without_last_residual(tmp_path)
+    structure = detect_structure(load_model(path))
+    assert [block.ff_wiring.residual is None for block in structure.blocks] == [False, True]
+    assert "no residual: no Add puts 'b1.d' back" in structure.blocks[1].ff_wiring.notes[-1]
+    assert structure.blocks[0].attention is None
+    fingerprint, count = structure.fingerprint, len(structure.blocks)
+    for plan, message in (
+        (PrunePlan(fingerprint, count, "ff", [1]), "block 1: cannot remove its FF sublayer: "),
+        (PrunePlan(fingerprint, count, "attention", [0]), "block 0 has no attention sublayer"),
+        (FusePlan(fingerprint, count, [], [(0, 1)]), "block 1: cannot fuse its FFN: no residual"),
+    ):
+        with pytest.raises(PlanError) as error:
+            apply_plan(path, plan)
+        assert str(error.value).startswith(message) and "\n" not in str(error.value)
+    apply_plan(path, PrunePlan(fingerprint, count, "ff", [0]))
 
 
 def test_graphs_fused_by_the_onnxruntime_optimizer_are_read_and_merged(tiny, tmp_path):

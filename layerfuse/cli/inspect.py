@@ -76,7 +76,7 @@ def register(commands) -> None:
     parser = commands.add_parser("inspect", help="find blocks and FF sublayers in a graph")
     parser.add_argument("model", help="an .onnx file")
     parser.add_argument(
-        "--json", action="store_true", help="print the layerfuse.structure/1 JSON schema"
+        "--json", action="store_true", help="print the layerfuse.structure/2 JSON schema"
     )
     parser.add_argument(
         "--explain",

@@ -34,7 +34,7 @@ from layerfuse.passes.detect.norms import same_tensor
 from layerfuse.passes.detect.result import Rejection, describe
 from layerfuse.passes.detect.wiring import Wiring, find_wiring
 
-SCHEMA = "layerfuse.structure/1"
+SCHEMA = "layerfuse.structure/2"
 
 
 @dataclass
