@@ -1,12 +1,11 @@
 """Decode benchmarks: generation timed the way users run it, every target in one run.
 
 A target is a graph and the runtime that runs it: layerfuse's decode loop (``ort``, the loop
-``layerfuse generate`` uses) or onnxruntime-genai's generator (``genai``). All targets are
-opened once and kept open; every case (batch, context, new tokens) then runs on every target
-in turn, repeat after repeat with the order rotated, so load from other processes falls on all
-of them alike. Prompts are real text cut to exactly ``context`` tokens per row, so no row is
-padded and both runtimes see the same tokens, and EOS is suppressed, so every row gets exactly
-the asked number of new tokens.
+``layerfuse generate`` uses) or onnxruntime-genai's generator (``genai``). Every case (batch,
+context, new tokens) runs on every target in turn, repeat after repeat with the order rotated,
+so load from other processes falls on all of them alike. Prompts are real text cut to exactly
+``context`` tokens per row, so no row is padded and both runtimes see the same tokens, and EOS
+is suppressed, so every row gets exactly the asked number of new tokens.
 
 Reported per target and case: time to first token (prefill and the first choice; median over
 repeats), decode speed (steps after the first token per second, per sequence and for the
@@ -19,6 +18,7 @@ from __future__ import annotations
 
 __all__ = ["DecodeCase", "DecodeTarget", "decode_prompts", "run_decode_bench"]
 
+import gc
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -129,13 +129,12 @@ def run_decode_bench(
 ) -> list[dict]:
     """One row per target and case (the first target is the peer the others are compared to).
 
-    Each target is warmed up with one short generation after it is opened.
+    Only one target is open at a time: each run opens its target, warms it up with one short
+    generation and closes it after the timed one. Sessions keep the buffers of their largest
+    run (a prefill of 8 x 1024 tokens holds 1.6 GB of SmolLM2 logits alone), so several open
+    side by side run out of memory; fresh sessions also start every target from the same state.
     """
-    runners = {}
-    for target in targets:
-        log(f"opening {target.name} ({target.runtime})")
-        runners[target.name] = _open(target, provider, threads)
-        runners[target.name](prompts(DecodeCase(1, 16, 4))[:1], 4)
+    warmup = prompts(DecodeCase(1, 16, 4))[:1]
     runs: dict[tuple[str, str], list[Generation]] = {}
     for case in cases:
         rows = prompts(case)
@@ -143,8 +142,11 @@ def run_decode_bench(
             shift = repeat % len(targets)
             for target in [*targets[shift:], *targets[:shift]]:
                 log(f"{case.label}, repeat {repeat + 1}/{case.repeats}: {target.name}")
-                result = runners[target.name](rows, case.new_tokens)
-                runs.setdefault((target.name, case.label), []).append(result)
+                runner = _open(target, provider, threads)
+                runner(warmup, 4)
+                runs.setdefault((target.name, case.label), []).append(runner(rows, case.new_tokens))
+                del runner
+                gc.collect()
     table = []
     for case in cases:
         peer = runs[(targets[0].name, case.label)][0].tokens
