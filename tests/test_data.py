@@ -9,7 +9,7 @@ import pytest
 
 from layerfuse.cli import main
 from layerfuse.data import corpus
-from layerfuse.data.batches import make_batches, parse_spec
+from layerfuse.data.batches import make_batches, parse_spec, texts_for
 from layerfuse.data.tokens import packed_batches
 from layerfuse.errors import DataError
 from tests import tiny_models
@@ -58,6 +58,25 @@ def test_text_file_spec_and_bad_specs(tiny, tmp_path):
         parse_spec(str(tmp_path / "missing.txt"))
     with pytest.raises(DataError, match="unknown data"):
         parse_spec("wikipedia")
+
+
+def test_jsonl_texts_split_into_four_disjoint_parts(tmp_path):
+    texts = [f"entry {i} of the training text" for i in range(400)]
+    path = tmp_path / "texts.jsonl"
+    path.write_text("\n".join(json.dumps({"text": t}) for t in texts) + "\n\n")
+    spec = parse_spec(str(path))
+    splits = {name: texts_for(spec, name) for name in ("calib", "train", "valid", "test")}
+    assert sorted(t for part in splits.values() for t in part) == sorted(texts)
+    # calib 1/8, train 3/8, valid and test 1/4 each, by hash of the text.
+    shares = {name: len(part) / len(texts) for name, part in splits.items()}
+    assert abs(shares["train"] - 3 / 8) < 0.07 and abs(shares["calib"] - 1 / 8) < 0.05
+    assert abs(shares["valid"] - 1 / 4) < 0.07 and abs(shares["test"] - 1 / 4) < 0.07
+    path.write_text('{"text": "fine"}\n{"title": "no text"}\n')
+    with pytest.raises(DataError, match=r"texts.jsonl:2: expected an object"):
+        texts_for(spec, "train")
+    path.write_text("not json\n")
+    with pytest.raises(DataError, match=r"texts.jsonl:1: not a JSON object"):
+        texts_for(spec, "train")
 
 
 def test_evaluate_reports_quality_and_latency(tiny, capsys):
