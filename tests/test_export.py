@@ -79,3 +79,19 @@ def test_left_padding_tokenizers_are_verified_on_valid_positions_only(tiny, tmp_
         expected = wrap_for_export(source.model, source.task)(*inputs.values()).numpy()
     valid = mask.astype(bool)
     assert np.max(np.abs(logits[valid] - expected[valid])) == pytest.approx(result.max_abs_diff)
+
+
+def test_exporter_failure_is_one_line_and_writes_nothing(tiny, tmp_path):
+    source = load_source(str(tiny.folder("bert")))
+
+    def untraceable(*args, **kwargs):
+        raise RuntimeError("an op the exporter cannot trace\n  frame 1\n  frame 2")
+
+    source.model.embeddings.forward = untraceable
+    out = tmp_path / "broken"
+    with pytest.raises(LayerfuseError) as failure:
+        export_model(source, out)
+    message = str(failure.value)
+    assert message.startswith(f"the dynamo exporter failed on {source.name}: ")
+    assert "\n" not in message and "--exporter torchscript" in message
+    assert list(out.iterdir()) == []

@@ -172,6 +172,14 @@ def _config_summary(config) -> dict:
     return summary
 
 
+def _exporter_failure(name: str, exporter: str, exc: Exception) -> str:
+    """One line from a torch exporter's failure: its first message line and what to try."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    reason = lines[0] if lines else type(exc).__name__
+    hint = "; --exporter torchscript may succeed" if exporter == "dynamo" else ""
+    return f"the {exporter} exporter failed on {name}: {reason[:300]}{hint}"
+
+
 def _export_staged(
     source: ModelSource, staged: Path, exporter: str, opset: int, kv_cache: bool
 ) -> tuple[float, dict, object]:
@@ -180,15 +188,20 @@ def _export_staged(
 
     wrapper = wrap_for_export(source.model, source.task, kv_cache=kv_cache)
     geometry = cache_geometry(source.model) if kv_cache else None
-    with torch.no_grad():
-        if geometry is not None:
-            args = cache_trace_args(source.tokenizer, _TRACE_TEXTS, geometry)
-            names = cache_io_names(geometry.num_layers)
-            shapes = cache_dynamic_shapes(geometry.num_layers)
-            _run_dynamo(wrapper, args, staged, opset, names, shapes)
-        else:
-            args = tuple(example_inputs(source, _TRACE_TEXTS).values())
-            _run_exporter(wrapper, args, staged, exporter, opset, source.task)
+    try:
+        with torch.no_grad():
+            if geometry is not None:
+                args = cache_trace_args(source.tokenizer, _TRACE_TEXTS, geometry)
+                names = cache_io_names(geometry.num_layers)
+                shapes = cache_dynamic_shapes(geometry.num_layers)
+                _run_dynamo(wrapper, args, staged, opset, names, shapes)
+            else:
+                args = tuple(example_inputs(source, _TRACE_TEXTS).values())
+                _run_exporter(wrapper, args, staged, exporter, opset, source.task)
+    except LayerfuseError:
+        raise
+    except Exception as exc:  # torch's exporters raise anything; the user needs one line
+        raise LayerfuseError(_exporter_failure(source.name, exporter, exc)) from None
     if geometry is None:
         return _verify(source, wrapper, staged), {}, None
     session = _cpu_session(staged)
