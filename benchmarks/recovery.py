@@ -164,12 +164,59 @@ def run_variant(model: str, original: Path, name: str, settings: TrainSettings, 
     }
 
 
+def targets(rows: list[dict]) -> dict:
+    """The claims this benchmark checks on SmolLM2, each with its numbers and whether it holds
+    (None where a variant was not run)."""
+    after = {r["variant"]: r["after_recovery"] for r in rows if r["model"] == "smollm2-135m"}
+    base = after.get("original")
+
+    def check(a: str, b: str | None, factor: float = 1.0) -> dict:
+        value_b = base if b is None else after.get(b)
+        if a not in after or value_b is None:
+            return {"met": None}
+        return {"met": after[a] <= factor * value_b, a: after[a], b or "original": value_b}
+
+    return {
+        "permute within 1.3x of the original": check("merge permute", None, 1.3),
+        "permute beats vanilla": check("merge permute", "merge vanilla"),
+        "merging beats pruning": check("merge permute", "prune blocks"),
+    }
+
+
+def _targets_markdown(found: dict) -> str:
+    lines = ["\n## Targets (SmolLM2-135M, after recovery)\n\n"]
+    for claim, result in found.items():
+        verdict = {True: "met", False: "NOT met", None: "not run"}[result["met"]]
+        numbers = ", ".join(f"{k} {v:.4g}" for k, v in result.items() if k != "met")
+        lines.append(f"- {claim}: **{verdict}**" + (f" ({numbers})" if numbers else "") + "\n")
+    return "".join(lines)
+
+
+def _cells(r: dict, base: dict) -> list:
+    """One table row: sizes, quality before/after, and the training the variant got."""
+    trained = r["variant"] != "original"
+    return [
+        r["variant"],
+        f"{r['parameters'] / 1e6:.2f}M",
+        f"{100 * (1 - r['parameters'] / base['parameters']):.1f}%",
+        f"{base['after_surgery']:.4g}",
+        f"{r['after_surgery']:.4g}",
+        f"{r['after_recovery']:.4g}",
+        f"{r['after_recovery'] / base['after_surgery']:.2f}x",
+        r["training"]["best_step"] if trained else "-",
+        f"{r['training']['tokens_seen']:,}" if trained else "-",
+        f"{r['train_seconds_this_run'] / 60:.1f}" if trained else "-",
+    ]
+
+
 def markdown(rows: list[dict], budgets: dict) -> str:
     out = ["# Recovery training: merged, pruned and fused models distilled back\n"]
     out.append(
         "Each variant trained from the optimized graph's own weights against the original graph "
         "(objective `kd`, all weights), with one budget per model; numbers on the test split. "
-        "Validation is on the valid split; the best validation step is kept.\n"
+        "Validation is on the valid split; the best validation step is kept. `minutes`: wall "
+        "time of the recover call (training, validation and write-back) on 2 CPU cores shared "
+        "with other jobs.\n"
     )
     for model in dict.fromkeys(r["model"] for r in rows):
         own = [r for r in rows if r["model"] == model]
@@ -181,25 +228,12 @@ def markdown(rows: list[dict], budgets: dict) -> str:
             f"{budget['grad_accum']} x {budget['seq_len']} tokens (<= {tokens:,} training "
             f"tokens), AdamW lr {budget['lr']:g}, {budget['warmup']} warm-up steps, cosine.\n\n"
         )
-        table = []
-        for r in own:
-            ratio = r["after_recovery"] / base["after_surgery"]
-            table.append(
-                [
-                    r["variant"],
-                    f"{r['parameters'] / 1e6:.2f}M",
-                    f"{100 * (1 - r['parameters'] / base['parameters']):.1f}%",
-                    f"{base['after_surgery']:.4g}",
-                    f"{r['after_surgery']:.4g}",
-                    f"{r['after_recovery']:.4g}",
-                    f"{ratio:.2f}x",
-                    "-" if r["variant"] == "original" else r["training"]["best_step"],
-                ]
-            )
+        table = [_cells(r, base) for r in own]
         metric = base["metric"].replace("_", " ")
         headers = ["variant", "params", "removed", f"{metric} original", "after surgery"]
-        headers += ["after recovery", "vs original", "best step"]
+        headers += ["after recovery", "vs original", "best step", "tokens", "minutes"]
         out.append(markdown_table(headers, table))
+    out.append(_targets_markdown(targets(rows)))
     out.append("\n![validation during recovery](recovery.png)\n")
     return "".join(out)
 
@@ -260,7 +294,8 @@ def main() -> None:
         return
     plot(rows, RESULTS / "recovery.png")
     settings = {k: asdict(v) for k, v in budgets.items()}
-    write_results("recovery", {"budgets": settings, "rows": rows}, markdown(rows, settings))
+    payload = {"budgets": settings, "test_tokens": TEST_TOKENS, "targets": targets(rows)}
+    write_results("recovery", payload | {"rows": rows}, markdown(rows, settings))
 
 
 if __name__ == "__main__":
