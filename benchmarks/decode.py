@@ -10,20 +10,25 @@ layerfuse's loop. Plans, as in serve_load.py and ffn_fusion.py (no calibration d
 
 - ``merged 1/3``: the FFs of blocks 19-29 averaged into one shared weight set (10 of 30 FFs);
 - ``attention-removed``: the attention sublayers of blocks 4-9 removed (and their cache);
-- ``fused``: those removed, and the FFNs of blocks 3-8 fused into one wide FFN (ffn_fusion's plan).
+- ``fused``: those removed, and the FFNs of blocks 3-8 fused into one wide FFN (ffn_fusion's plan);
+- ``merged 1/3 + fused``: both rewrites in one graph (the windows do not overlap).
 
-Quality is not measured here (see ffn_fusion_cpu.md and merge_quality.md for the same plans).
-All targets are measured interleaved in one run by :mod:`layerfuse.generate.bench`.
+Measured interleaved in one run by :mod:`layerfuse.generate.bench`; quality is not measured.
 
-    python benchmarks/decode.py              # about 20 minutes on 2 shared cores
+    python benchmarks/decode.py                 # about 12 minutes on 2 shared cores
+    python benchmarks/decode.py --report-only   # the report again from the saved measurements
 """
 
 from __future__ import annotations
 
+import argparse
 import functools
+import json
 import os
+import sys
 from pathlib import Path
 
+import numpy as np
 from common import RESULTS, WORK, log, markdown_table, write_results
 
 from layerfuse.data import corpus
@@ -41,13 +46,12 @@ from layerfuse.passes.prune import PrunePlan
 MODEL = "smollm2-135m"
 ROOT = WORK / "decode"
 CASES = (
-    DecodeCase(batch=1, context=128, new_tokens=32, repeats=3),
+    DecodeCase(batch=1, context=128, new_tokens=24, repeats=6),
     DecodeCase(batch=8, context=128, new_tokens=16, repeats=2),
-    DecodeCase(batch=1, context=1024, new_tokens=8, repeats=1),
+    DecodeCase(batch=1, context=1024, new_tokens=8, repeats=2),
     DecodeCase(batch=8, context=1024, new_tokens=6, repeats=1),
 )
 PEER = "genai builder graph (peer)"
-OPTIMIZED = ("merged 1/3", "attention-removed", "fused")
 
 
 @functools.cache
@@ -80,25 +84,39 @@ def exported_graph() -> Path:
     return path
 
 
+def fuse_plan(base: Path, fuse: bool = True) -> FusePlan | PrunePlan:
+    """ffn_fusion.py's plan: attention of blocks 4-9 removed, FFNs of blocks 3-8 fused."""
+    structure = detect_structure(load_model(base))
+    known = (structure.fingerprint, len(structure.blocks))
+    if not fuse:
+        return PrunePlan(*known, "attention", list(range(4, 10)))
+    return FusePlan(*known, list(range(4, 10)), [(3, 8)])
+
+
+# name -> (the variant it rewrites, None for the original; its plan for that graph)
+RECIPES = {
+    "merged 1/3": (
+        None,
+        lambda base: plan_merge(base, MergeRequest(ranges=[(19, 29)], method="vanilla")),
+    ),
+    "attention-removed": (None, functools.partial(fuse_plan, fuse=False)),
+    "fused": (None, fuse_plan),
+    "merged 1/3 + fused": ("merged 1/3", fuse_plan),
+}
+OPTIMIZED = tuple(RECIPES)
+
+
 def variants(original: Path) -> dict[str, Path]:
-    structure = detect_structure(load_model(original))
-    fingerprint, blocks = structure.fingerprint, len(structure.blocks)
-    plans = {
-        "merged 1/3": lambda: plan_merge(
-            original, MergeRequest(ranges=[(19, 29)], method="vanilla")
-        ),
-        "attention-removed": lambda: PrunePlan(
-            fingerprint, blocks, "attention", list(range(4, 10))
-        ),
-        "fused": lambda: FusePlan(fingerprint, blocks, list(range(4, 10)), [(3, 8)]),
-    }
     paths = {}
-    for name, plan in plans.items():
-        paths[name] = ROOT / name.replace(" ", "-").replace("/", "_") / "model.onnx"
+    for name, (base_name, plan) in RECIPES.items():
+        base = paths[base_name] if base_name else original
+        paths[name] = (
+            ROOT / name.replace(" + ", "+").replace(" ", "-").replace("/", "_") / "model.onnx"
+        )
         if not paths[name].exists():
             log(f"building {name}")
-            save_model(apply_plan(original, plan()), paths[name])
-            carry_manifest(original, paths[name])
+            save_model(apply_plan(base, plan(base)), paths[name])
+            carry_manifest(base, paths[name])
     return paths
 
 
@@ -122,6 +140,7 @@ def with_ratios(rows: list[dict]) -> list[dict]:
         row["speed_vs_peer"] = row["tokens_per_second"] / peer["tokens_per_second"]
         row["ttft_vs_peer"] = peer["time_to_first_token_s"] / row["time_to_first_token_s"]
         row["kv_vs_peer"] = row["kv_bytes_per_token"] / peer["kv_bytes_per_token"]
+        row["token_timings"] = row["repeats"] * (row["new_tokens"] - 1)
     return rows
 
 
@@ -137,24 +156,17 @@ def verdict(rows: list[dict]) -> dict:
         context: {
             "target": row["target"],
             "speed_vs_peer": row["speed_vs_peer"],
+            "token_timings": row["token_timings"],
             "meets_1_25x": row["speed_vs_peer"] >= 1.25,
         }
         for context, row in best.items()
     }
 
 
-HEADERS = [
-    "target",
-    "runtime",
-    "first token ms",
-    "tokens/s per sequence",
-    "tokens/s batch",
-    "p50 ms",
-    "p90 ms",
-    "KV bytes/token",
-    "speed vs peer",
-    "tokens = peer",
-]
+HEADERS = (
+    "target|runtime|first token ms|tokens/s per sequence|tokens/s batch|p50 ms|p90 ms|"
+    "KV bytes/token|speed vs peer|timings|tokens = peer"
+).split("|")
 
 
 def markdown(rows: list[dict], best: dict, loads: dict) -> str:
@@ -165,18 +177,24 @@ def markdown(rows: list[dict], best: dict, loads: dict) -> str:
         "benchmarks/decode.py). 2 intra-op threads, CPU, EOS suppressed, prompts of real text; "
         f"machine load average {loads['before']:.1f} before and {loads['after']:.1f} after "
         "the measurements (2 cores shared with other jobs: ratios measured side by side are "
-        "the numbers to read, absolute speeds are not).\n\n",
+        "the numbers to read, absolute speeds are not). Speed is decode steps after the "
+        "first token; `timings` is how many per-token timings each ratio rests on: cases "
+        "with one or two runs swing by tens of percent under this load, so the case with the "
+        "most timings is the one to trust. `tokens = peer`: new tokens equal to the peer's "
+        "(the variants are untrained rewrites; their quality is in ffn_fusion_cpu.md and "
+        "merge_quality.md).\n\n",
     ]
     for context, entry in sorted(best.items()):
         met = "meets" if entry["meets_1_25x"] else "misses"
         parts.append(
             f"- batch 1, context {context}: best optimized is **{entry['target']}** at "
-            f"**{entry['speed_vs_peer']:.2f}x** the peer's tokens/s ({met} the 1.25x target)\n"
+            f"**{entry['speed_vs_peer']:.2f}x** the peer's tokens/s ({met} the 1.25x target; "
+            f"{entry['token_timings']} per-token timings per target)\n"
         )
     for case in dict.fromkeys(row["case"] for row in rows):
         own = [row for row in rows if row["case"] == case]
         parts.append(
-            f"\n## {case} ({own[0]['new_tokens']} new tokens, {own[0]['repeats']} runs)\n\n"
+            f"\n## {case} ({own[0]['new_tokens']} new tokens, runs: {own[0]['repeats']})\n\n"
         )
         table = [
             [
@@ -189,6 +207,7 @@ def markdown(rows: list[dict], best: dict, loads: dict) -> str:
                 f"{row['p90_token_ms']:.1f}",
                 row["kv_bytes_per_token"],
                 f"{row['speed_vs_peer']:.2f}x",
+                row["token_timings"],
                 f"{row['tokens_equal_to_peer']:.0%}",
             ]
             for row in own
@@ -199,23 +218,36 @@ def markdown(rows: list[dict], best: dict, loads: dict) -> str:
 
 
 def figure(rows: list[dict]) -> None:
-    from layerfuse.reports.plots import bar_chart
+    """Grouped bars: decode speed relative to the peer, one group per case."""
+    from layerfuse.reports.plots import pyplot, save_figure
 
+    plt = pyplot()
     cases = list(dict.fromkeys(row["case"] for row in rows))
-    series = {}
-    for row in rows:
-        series.setdefault(row["target"], []).append(row["speed_vs_peer"])
-    bar_chart(
-        cases,
-        series,
-        f"{MODEL} decode tokens/s relative to onnxruntime-genai (builder graph)",
-        "tokens/s / peer's",
-        RESULTS / "decode.png",
-        reference_line=1.0,
-    )
+    names = list(dict.fromkeys(row["target"] for row in rows))
+    figure, axis = plt.subplots(figsize=(12, 4.8))
+    width = 0.85 / len(names)
+    for index, name in enumerate(names):
+        values = [
+            next(r["speed_vs_peer"] for r in rows if r["target"] == name and r["case"] == c)
+            for c in cases
+        ]
+        axis.bar(
+            np.arange(len(cases)) + (index - (len(names) - 1) / 2) * width,
+            values,
+            width,
+            label=name,
+        )
+    axis.axhline(1.0, color="grey", linestyle="--", linewidth=1)
+    axis.axhline(1.25, color="tab:red", linestyle=":", linewidth=1, label="target 1.25x")
+    axis.set_xticks(np.arange(len(cases)), cases)
+    axis.set_ylabel("decode tokens/s / peer's")
+    axis.set_title(f"{MODEL}: decode speed relative to onnxruntime-genai on its builder graph")
+    axis.grid(axis="y", alpha=0.3)
+    axis.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    save_figure(figure, RESULTS / "decode.png")
 
 
-def main() -> None:
+def measure() -> tuple[list[dict], dict]:
     chosen = targets()
     tokenizer = load_tokenizer(chosen[0].path.parent)
     texts = corpus.split_texts("test")
@@ -230,6 +262,23 @@ def main() -> None:
     )
     loads["after"] = os.getloadavg()[0]
     write_json_atomic(ROOT / "rows.json", {"rows": rows, "load_average_1m": loads})
+    return rows, loads
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--report-only",
+        action="store_true",
+        help=f"rewrite the results from the last run's measurements ({ROOT / 'rows.json'})",
+    )
+    if parser.parse_args().report_only:
+        saved = json.loads((ROOT / "rows.json").read_text())
+        rows, loads = saved["rows"], saved["load_average_1m"]
+        # The results record the command that measured them, not this re-rendering.
+        sys.argv = sys.argv[:1]
+    else:
+        rows, loads = measure()
     rows = with_ratios(rows)
     best = verdict(rows)
     figure(rows)

@@ -125,28 +125,40 @@ def run_decode_bench(
     *,
     provider: str = "cpu",
     threads: int | None = None,
+    open_together: int = 1024,
     log: Callable[[str], None] = lambda _message: None,
 ) -> list[dict]:
     """One row per target and case (the first target is the peer the others are compared to).
 
-    Only one target is open at a time: each run opens its target, warms it up with one short
-    generation and closes it after the timed one. Sessions keep the buffers of their largest
-    run (a prefill of 8 x 1024 tokens holds 1.6 GB of SmolLM2 logits alone), so several open
-    side by side run out of memory; fresh sessions also start every target from the same state.
+    Sessions keep the buffers of their largest run (a prefill of 8 x 1024 tokens holds 1.6 GB
+    of SmolLM2 logits alone), so for a case of more than ``open_together`` prompt tokens only
+    one target is open at a time: each run opens its target, warms it up with one short
+    generation and closes it. Smaller cases open every target once, warm them up and then
+    interleave all repeats, which keeps the rounds short and close together in time.
     """
     warmup = prompts(DecodeCase(1, 16, 4))[:1]
+
+    def opened(target: DecodeTarget) -> Runner:
+        runner = _open(target, provider, threads)
+        runner(warmup, 4)
+        return runner
+
     runs: dict[tuple[str, str], list[Generation]] = {}
     for case in cases:
         rows = prompts(case)
+        together = case.batch * case.context <= open_together
+        log(f"{case.label}: {'all targets open' if together else 'one target open at a time'}")
+        runners = {target.name: opened(target) for target in targets} if together else {}
         for repeat in range(case.repeats):
             shift = repeat % len(targets)
             for target in [*targets[shift:], *targets[:shift]]:
                 log(f"{case.label}, repeat {repeat + 1}/{case.repeats}: {target.name}")
-                runner = _open(target, provider, threads)
-                runner(warmup, 4)
+                runner = runners.get(target.name) or opened(target)
                 runs.setdefault((target.name, case.label), []).append(runner(rows, case.new_tokens))
                 del runner
                 gc.collect()
+        runners.clear()
+        gc.collect()
     table = []
     for case in cases:
         peer = runs[(targets[0].name, case.label)][0].tokens
