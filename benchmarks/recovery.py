@@ -233,6 +233,15 @@ def markdown(rows: list[dict], budgets: dict) -> str:
         headers = ["variant", "params", "removed", f"{metric} original", "after surgery"]
         headers += ["after recovery", "vs original", "best step", "tokens", "minutes"]
         out.append(markdown_table(headers, table))
+    missing = [
+        f"{model} {name}"
+        for model, names in VARIANTS.items()
+        for name in names
+        if not any(r["model"] == model and r["variant"] == name for r in rows)
+    ]
+    if missing:
+        names = ", ".join(missing)
+        out.append(f"\nNot run for this result (time on the shared machine): {names}.\n")
     out.append(_targets_markdown(targets(rows)))
     out.append("\n![validation during recovery](recovery.png)\n")
     return "".join(out)
