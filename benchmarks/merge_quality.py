@@ -47,11 +47,12 @@ VALID_TOKENS = 4096
 TEST_TOKENS = 16384
 
 
-def quality(path: Path) -> tuple[str, float]:
+def quality(path: Path, tokens: int = TEST_TOKENS) -> tuple[str, float]:
+    """Test perplexity on ``tokens`` in 128-token windows, or MiniLM's topic accuracy."""
     manifest = require_manifest(path)
     session = create_session(path, provider="cpu")
     if manifest.task == "causal-lm":
-        batches = make_batches(path, "fortunes", "test", tokens=TEST_TOKENS, seq_len=128)
+        batches = make_batches(path, "fortunes", "test", tokens=tokens, seq_len=128)
         return "perplexity", perplexity(session, batches)
     return "topic_accuracy", topic_accuracy(session, path.parent / manifest.tokenizer)
 

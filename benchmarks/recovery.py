@@ -29,13 +29,14 @@ import time
 from dataclasses import asdict, replace
 from pathlib import Path
 
+import merge_quality
 from common import RESULTS, WORK, exported_model, log, markdown_table, write_results
 from merge_quality import CALIB_TOKENS, VALID_TOKENS, choose_refit
 
 from layerfuse.data.batches import make_batches
 from layerfuse.model.fingerprint import fingerprint
 from layerfuse.model.io import load_model, parameter_count, save_model
-from layerfuse.model.manifest import carry_manifest, require_manifest
+from layerfuse.model.manifest import carry_manifest
 from layerfuse.passes.fuse import FusePlan
 from layerfuse.passes.merge import MergeRequest, plan_merge
 from layerfuse.passes.plan import apply_plan
@@ -45,7 +46,6 @@ from layerfuse.passes.scoring import CandidateScorer
 from layerfuse.progress import ConsoleReporter
 from layerfuse.recover.run import RecoverRequest, recover
 from layerfuse.recover.trainer import TrainSettings
-from layerfuse.runtime.evaluate import topic_accuracy
 from layerfuse.runtime.quality import perplexity
 from layerfuse.runtime.session import create_session
 
@@ -113,13 +113,8 @@ def build_variant(original: Path, model: str, name: str) -> Path:
 
 
 def quality(path: Path) -> tuple[str, float]:
-    """Test perplexity (128-token windows) or MiniLM's topic accuracy, as in merge_quality."""
-    manifest = require_manifest(path)
-    session = create_session(path, provider="cpu")
-    if manifest.task == "causal-lm":
-        batches = make_batches(path, "fortunes", "test", tokens=TEST_TOKENS, seq_len=128)
-        return "perplexity", perplexity(session, batches)
-    return "topic_accuracy", topic_accuracy(session, path.parent / manifest.tokenizer)
+    """merge_quality's measure on this benchmark's smaller test budget."""
+    return merge_quality.quality(path, TEST_TOKENS)
 
 
 def _slug(name: str) -> str:
