@@ -1,9 +1,12 @@
 """Regenerate every committed result in benchmarks/results/ and its summary page.
 
-    python benchmarks/run_all.py          # about 2.5 hours on 2 CPU cores
+    python benchmarks/run_all.py          # about 5 hours on 2 CPU cores
+    python benchmarks/run_all.py --summary-only
 
-Runs, in order: merge quality and ablations (issue 4), pruning vs merging and CKA (issue 6),
-FFN Fusion latency (issue 5), the side-by-side harness run (issue 7), then writes SUMMARY.md.
+Runs, in order: merge quality and ablations, pruning vs merging and CKA, FFN Fusion latency,
+the side-by-side harness run, pre-packing, the family matrix, recovery training, the
+toolchain (quantization, optimizer), decoding against onnxruntime-genai and the serving load
+test, then writes SUMMARY.md.
 The CUDA results (``*_cuda.*``) come from ``ffn_fusion.py --provider cuda --tag cuda`` and the
 ``layerfuse bench`` command recorded in ``harness_cuda.json``, run on a GPU machine.
 """
@@ -24,6 +27,11 @@ STEPS = (
     "ffn_fusion.py",
     "side_by_side.py",
     "prepacking.py",
+    "family_matrix.py",
+    "recovery.py",
+    "toolchain.py",
+    "decode.py",
+    "serve_load.py",
 )
 
 
@@ -49,7 +57,8 @@ def summary() -> str:
 
 
 def main() -> int:
-    for step in STEPS:
+    steps = () if "--summary-only" in sys.argv[1:] else STEPS
+    for step in steps:
         print(f"== {step}", flush=True)
         if subprocess.run([sys.executable, str(HERE / step)], check=False).returncode != 0:
             print(f"{step} failed", file=sys.stderr)
