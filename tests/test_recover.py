@@ -21,6 +21,7 @@ from layerfuse.data.batches import make_batches
 from layerfuse.model.io import load_model, save_model, weight_bytes
 from layerfuse.model.manifest import carry_manifest
 from layerfuse.model.stats import shared_matmul_weights
+from layerfuse.passes.detect import detect_structure
 from layerfuse.passes.merge import MergeRequest, plan_merge
 from layerfuse.passes.plan import apply_plan
 from layerfuse.passes.prune import PruneRequest, plan_prune
@@ -230,3 +231,23 @@ def test_bad_input_is_one_error_line_and_writes_nothing(models, tiny, tmp_path, 
         assert err[-1].startswith("layerfuse: error:") and message in err[-1], (extra, err)
     assert not out.parent.exists() or not any(out.parent.iterdir())
     assert blocked.read_text() == "not a folder"
+
+
+def test_kd_hidden_trains_only_the_touched_blocks(models, tmp_path):
+    # FFs 2-3 merged: blocks 1-3 are touched (modified and their neighbours), block 0 is not.
+    merged, plan = _merged(models.original, tmp_path / "merged23", [(2, 3)])
+    out = tmp_path / "out" / "model.onnx"
+    partial = replace(models, merged=merged, plan=plan)
+    summary = _recover(
+        partial, out, objective="kd+hidden", train="touched", plan=plan, settings={"lr": 1e-2}
+    )
+    assert summary["finished"]
+    structure = detect_structure(load_model(merged))
+    before, after = _weights(merged), _weights(out)
+    changed = {name for name in before if not np.array_equal(before[name], after[name])}
+    block_0 = {linear.weight.name for linear in structure.blocks[0].ff.linears.values()}
+    block_3 = {linear.weight.name for linear in structure.blocks[3].ff.linears.values()}
+    assert block_3 <= changed
+    assert not block_0 & changed
+    embedding = max(before, key=lambda name: before[name].size)
+    assert embedding not in changed
