@@ -60,6 +60,7 @@ class Plan:
     def save(self, path: str | os.PathLike) -> Path:
         path = Path(path)
         data = {"schema": self.SCHEMA, **self.to_json()}
+        path.parent.mkdir(parents=True, exist_ok=True)  # sidecars are written before the JSON
         self.save_sidecars(path, data)
         return write_json_atomic(path, data)
 
