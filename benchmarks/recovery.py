@@ -204,7 +204,7 @@ def _cells(r: dict, base: dict) -> list:
     ]
 
 
-def markdown(rows: list[dict], budgets: dict) -> str:
+def markdown(rows: list[dict], budgets: dict, name: str = "recovery") -> str:
     out = ["# Recovery training: merged, pruned and fused models distilled back\n"]
     out.append(
         "Each variant trained from the optimized graph's own weights against the original graph "
@@ -238,7 +238,7 @@ def markdown(rows: list[dict], budgets: dict) -> str:
         names = ", ".join(missing)
         out.append(f"\nNot run for this result (time on the shared machine): {names}.\n")
     out.append(_targets_markdown(targets(rows)))
-    out.append("\n![validation during recovery](recovery.png)\n")
+    out.append(f"\n![validation during recovery]({name}.png)\n")
     return "".join(out)
 
 
@@ -270,7 +270,12 @@ def main() -> None:
     parser.add_argument("--steps", type=int, help="override the step budget (smoke tests)")
     parser.add_argument("--variants", help="comma-separated subset of the variants (smoke tests)")
     parser.add_argument("--tag", default="full", help="work folder and partial-result name")
+    parser.add_argument(
+        "--results",
+        help="write benchmarks/results/NAME.{json,md,png} (default: recovery for --tag full)",
+    )
     args = parser.parse_args()
+    results = args.results or ("recovery" if args.tag == "full" else None)
     budgets = {"smollm2-135m": SMOLLM2, "minilm-l6": MINILM}
     if args.steps:
         budgets = {k: replace(v, steps=args.steps) for k, v in budgets.items()}
@@ -294,12 +299,12 @@ def main() -> None:
             rows.append(run_variant(model, original, name, budgets[model], args.tag))
             partial.write_text(json.dumps(rows, indent=1))
     partial.write_text(json.dumps(rows, indent=1))
-    if args.tag != "full":
+    if results is None:
         return
-    plot(rows, RESULTS / "recovery.png")
+    plot(rows, RESULTS / f"{results}.png")
     settings = {k: asdict(v) for k, v in budgets.items()}
     payload = {"budgets": settings, "test_tokens": TEST_TOKENS, "targets": targets(rows)}
-    write_results("recovery", payload | {"rows": rows}, markdown(rows, settings))
+    write_results(results, payload | {"rows": rows}, markdown(rows, settings, results))
 
 
 if __name__ == "__main__":
