@@ -121,12 +121,7 @@ class GenaiGenerator:
                 generator.generate_next_token()
                 result.step_seconds.append(time.perf_counter() - began)
             tokens = np.asarray(generator.get_next_tokens(), dtype=np.int64)
-            for row in np.flatnonzero(~finished):
-                result.tokens[row].append(int(tokens[row]))
-            if on_token is not None:
-                on_token(tokens)
-            finished |= np.isin(tokens, eos)
-            if finished.all():
+            if result.record(tokens, finished, eos, on_token):
                 break
         return result
 

@@ -35,6 +35,16 @@ class Generation:
         """Decode speed of one sequence: steps after the first token per second."""
         return len(self.step_seconds) / max(sum(self.step_seconds), 1e-12)
 
+    def record(self, tokens: np.ndarray, finished: np.ndarray, eos, on_token) -> bool:
+        """Keep one step's tokens of the rows still running, stream them, and mark the rows
+        that reached EOS in ``finished`` (in place); True once every row has finished."""
+        for row in np.flatnonzero(~finished):
+            self.tokens[row].append(int(tokens[row]))
+        if on_token is not None:
+            on_token(tokens)
+        finished |= np.isin(tokens, eos)
+        return bool(finished.all())
+
 
 def token_ids(value) -> list[int]:
     """A token id or a list of them (configs write both) as a list."""
@@ -96,12 +106,7 @@ def generate_ids(
             began = time.perf_counter()
             tokens = np.where(finished, pad, choose(decoder.step(tokens)))
             result.step_seconds.append(time.perf_counter() - began)
-        for row in np.flatnonzero(~finished):
-            result.tokens[row].append(int(tokens[row]))
-        if on_token is not None:
-            on_token(tokens)
-        finished |= np.isin(tokens, eos)
-        if finished.all():
+        if result.record(tokens, finished, eos, on_token):
             break
     result.cache_bytes = decoder.cache_bytes()
     return result
