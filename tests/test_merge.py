@@ -11,7 +11,7 @@ import pytest
 from layerfuse.cli import main
 from layerfuse.data.batches import make_batches
 from layerfuse.errors import DataError, PlanError
-from layerfuse.model.io import external_data_path, load_model, save_model, weight_bytes
+from layerfuse.model.io import load_model, save_model, weight_bytes
 from layerfuse.model.manifest import carry_manifest
 from layerfuse.passes.detect import detect_structure
 from layerfuse.passes.merge import MergePlan, MergeRequest, plan_merge
@@ -118,8 +118,8 @@ def test_tied_file_holds_exactly_the_expected_bytes(tiny, tmp_path):
     assert weight_bytes(original) - weight_bytes(tied) == 2 * ff_bytes
     save_model(load_model(path), tmp_path / "a" / "model.onnx", external_data=True)
     save_model(tied, tmp_path / "b" / "model.onnx", external_data=True)
-    a = external_data_path(tmp_path / "a" / "model.onnx").stat().st_size
-    b = external_data_path(tmp_path / "b" / "model.onnx").stat().st_size
+    a = (tmp_path / "a" / "model.onnx.data").stat().st_size
+    b = (tmp_path / "b" / "model.onnx.data").stat().st_size
     assert a - b == 2 * ff_bytes
     # Every FF of the window reads the same initializer objects, directly.
     blocks = detect_structure(load_model(tmp_path / "b" / "model.onnx")).blocks

@@ -16,7 +16,6 @@ from __future__ import annotations
 __all__ = ["EXPORTERS", "ExportResult", "example_inputs", "export_model"]
 
 import os
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,8 +32,10 @@ from layerfuse.export.kv_cache import (
 )
 from layerfuse.export.sources import ModelSource
 from layerfuse.export.wrappers import TASK_IO, cache_geometry, cache_io_names, wrap_for_export
-from layerfuse.model.io import external_data_path, load_model, save_model
+from layerfuse.files import staging_dir
+from layerfuse.model.io import load_model, save_model
 from layerfuse.model.manifest import Manifest
+from layerfuse.model.publish import publish_model
 from layerfuse.progress import SILENT, Reporter
 
 EXPORTERS = ("dynamo", "torchscript")
@@ -229,8 +230,8 @@ def export_model(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    with tempfile.TemporaryDirectory(dir=out_dir, prefix=".layerfuse-export-") as tmp:
-        staged = Path(tmp) / MODEL_FILE
+    with staging_dir(out_dir, "export") as tmp:
+        staged = tmp / MODEL_FILE
         reporter.step(f"exporting {source.name} with the {exporter} exporter (opset {opset})")
         diff, checks, geometry = _export_staged(source, staged, exporter, opset, kv_cache)
         if not diff <= tolerance:
@@ -238,11 +239,7 @@ def export_model(
                 f"exported graph differs from torch by {diff:.3g} (tolerance {tolerance:g}); "
                 f"nothing was written"
             )
-        target = out_dir / MODEL_FILE
-        staged_data = external_data_path(staged)
-        if staged_data.exists():
-            os.replace(staged_data, external_data_path(target))
-        os.replace(staged, target)
+        target = publish_model(staged, out_dir / MODEL_FILE)
     tokenizer_dir = None
     if source.tokenizer is not None:
         tokenizer_dir = "tokenizer"

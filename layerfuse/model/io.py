@@ -5,24 +5,24 @@ data that is missing, short, or points outside the model folder) and turns it in
 :class:`InvalidModelError`. Weights stay lazy: onnx_ir memory-maps external tensors and reads
 bytes only when a pass asks for them.
 
-Saving never leaves a half-written model where a good one stood: everything is written into a
-temporary folder beside the destination and moved into place with atomic renames.
+Saving never leaves a half-written model where a good one stood, and never writes over a file
+that any graph reads: everything is written into a staging folder beside the destination and
+published by :mod:`layerfuse.model.publish`, whose last step is the one rename of the graph.
 """
 
 from __future__ import annotations
 
 __all__ = [
     "EXTERNAL_DATA_THRESHOLD",
-    "external_data_path",
     "file_bytes",
     "load_model",
+    "model_files",
     "parameter_count",
     "save_model",
     "weight_bytes",
 ]
 
 import os
-import tempfile
 from pathlib import Path
 
 import onnx
@@ -30,6 +30,8 @@ import onnx_ir as ir
 from google.protobuf.message import DecodeError
 
 from layerfuse.errors import InvalidModelError
+from layerfuse.files import staging_dir
+from layerfuse.model.publish import model_files, publish_model
 
 # Models whose weights exceed this are written with external data (one ``<name>.data`` file);
 # smaller ones keep weights inside the .onnx file so a test model is a single file.
@@ -126,17 +128,9 @@ def parameter_count(model: ir.Model) -> int:
     )
 
 
-def external_data_path(model_path: str | os.PathLike) -> Path:
-    """Where :func:`save_model` puts the weights of ``model_path`` when they go external."""
-    model_path = Path(model_path)
-    return model_path.with_name(model_path.name + ".data")
-
-
 def file_bytes(model_path: str | os.PathLike) -> int:
-    """Bytes of a model on disk: the .onnx file and its external data, if any."""
-    model_path = Path(model_path)
-    data = external_data_path(model_path)
-    return model_path.stat().st_size + (data.stat().st_size if data.exists() else 0)
+    """Bytes of a model on disk: the .onnx file and every external data file it reads."""
+    return sum(path.stat().st_size for path in model_files(model_path) if path.is_file())
 
 
 def save_model(
@@ -146,22 +140,18 @@ def save_model(
 
     ``external_data=None`` picks external data when the weights exceed
     :data:`EXTERNAL_DATA_THRESHOLD`. The destination may be the file the model was loaded
-    from: lazy tensors keep reading the old inode until the rename.
+    from: lazy tensors keep reading the old files, which :func:`publish_model` never writes
+    over (the new weights take a free name; see :mod:`layerfuse.model.publish`).
     """
     model_path = Path(path)
-    out_dir = model_path.parent
-    out_dir.mkdir(parents=True, exist_ok=True)
     use_external = (
         weight_bytes(model) > EXTERNAL_DATA_THRESHOLD if external_data is None else external_data
     )
-    data_path = external_data_path(model_path)
-    with tempfile.TemporaryDirectory(dir=out_dir, prefix=".layerfuse-") as tmp:
-        tmp_model = Path(tmp) / model_path.name
+    with staging_dir(model_path.parent) as tmp:
+        staged = tmp / model_path.name
         if use_external:
-            ir.save(model, tmp_model, external_data=data_path.name)
-            os.replace(Path(tmp) / data_path.name, data_path)
+            ir.save(model, staged, external_data=model_path.name + ".data")
         else:
             # Small models keep their weights inline; lazy external tensors are read into memory.
-            ir.save(ir.external_data.load_to_model(model), tmp_model)
-        os.replace(tmp_model, model_path)
-    return model_path
+            ir.save(ir.external_data.load_to_model(model), staged)
+        return publish_model(staged, model_path)

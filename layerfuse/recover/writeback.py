@@ -22,7 +22,6 @@ __all__ = ["TOLERANCE", "graph_invariants", "write_back"]
 
 import json
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -30,9 +29,11 @@ import onnx_ir as ir
 import torch
 
 from layerfuse.errors import LayerfuseError
+from layerfuse.files import staging_dir
 from layerfuse.model.graph import weight_source
-from layerfuse.model.io import external_data_path, load_model, save_model
+from layerfuse.model.io import load_model, save_model
 from layerfuse.model.manifest import carry_manifest
+from layerfuse.model.publish import publish_model
 from layerfuse.model.stats import shared_matmul_weights
 from layerfuse.recover.graph_module import GraphModule
 from layerfuse.runtime.calibration import adapt_feeds
@@ -110,12 +111,9 @@ def write_back(
         raise LayerfuseError("write-back changed the graph's initializers or weight readers")
     model.metadata_props[RECOVERY_PROPERTY] = json.dumps(summary, sort_keys=True)
     output.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=output.parent, prefix=".layerfuse-recover-") as tmp:
-        staged = save_model(model, Path(tmp) / output.name)
+    with staging_dir(output.parent, "recover") as tmp:
+        staged = save_model(model, tmp / output.name)
         difference = _verify(staged, student, verify_feeds)
-        staged_data = external_data_path(staged)
-        if staged_data.exists():
-            os.replace(staged_data, external_data_path(output))
-        os.replace(staged, output)
+        publish_model(staged, output)
     carry_manifest(optimized, output)
     return difference
