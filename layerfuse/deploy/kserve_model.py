@@ -3,8 +3,10 @@
 KServe's ``ModelServer`` answers the v2 protocol (REST and gRPC) for it: metadata comes from
 the graph's signature, inference runs in :func:`layerfuse.runtime.session.create_session`'s
 session with pre-packing on. Requests are checked against the signature before they reach
-onnxruntime, so a wrong name, datatype, rank or size is a 400 / INVALID_ARGUMENT naming the
-tensor, not an onnxruntime traceback.
+onnxruntime, so a wrong name, datatype, rank or size, an empty or oversized shape, data that
+does not fill its shape or has the wrong JSON kind (a float for INT64 would be truncated), and
+inputs that disagree on a dimension the graph names alike (onnxruntime would broadcast them) are
+a 400 / INVALID_ARGUMENT naming the tensor, not a 200, a 500 or an onnxruntime traceback.
 """
 
 from __future__ import annotations
@@ -22,6 +24,13 @@ from kserve.protocol.infer_type import InferOutput, InferRequest, InferResponse
 from onnxruntime.capi.onnxruntime_pybind11_state import InvalidArgument
 
 from layerfuse.deploy.signature import Signature, TensorSpec, graph_signature
+from layerfuse.deploy.tensor_checks import (
+    RequestError,
+    check_binary_size,
+    check_json_data,
+    check_shape,
+    check_shared_dims,
+)
 
 
 def _first_line(exc: Exception) -> str:
@@ -46,6 +55,7 @@ class OnnxModel(kserve.Model):
         self.provider, self.threads, self.max_input_elements = provider, threads, max_input_elements
         self.signature: Signature | None = None
         self.session = None
+        self.symbols: dict[str, list] = {}
         self.error: str | None = None
 
     def load(self) -> bool:
@@ -55,6 +65,8 @@ class OnnxModel(kserve.Model):
         self.session = create_session(
             self.path, provider=self.provider, threads=self.threads or None, prepacking=True
         )
+        # onnxruntime names symbolic dimensions ("batch", "sequence"); fixed ones are ints.
+        self.symbols = {value.name: list(value.shape) for value in self.session.get_inputs()}
         self.ready = True
         return self.ready
 
@@ -70,19 +82,21 @@ class OnnxModel(kserve.Model):
                 f"input '{spec.name}' has datatype {tensor.datatype}, the model expects "
                 f"{spec.datatype}"
             )
-        shape = [int(dim) for dim in tensor.shape]
-        if len(shape) != len(spec.shape) or any(
-            want not in (-1, got) for want, got in zip(spec.shape, shape, strict=True)
-        ):
-            raise InvalidInput(
-                f"input '{spec.name}' has shape {shape}, the model expects {list(spec.shape)}"
-            )
-        elements = int(np.prod(shape))
-        if self.max_input_elements and elements > self.max_input_elements:
-            raise InvalidInput(
-                f"input '{spec.name}' has {elements} elements, the limit is "
-                f"{self.max_input_elements}"
-            )
+        try:
+            shape = list(tensor.shape)
+            count = check_shape(spec.name, shape, self.max_input_elements)
+            if len(shape) != len(spec.shape) or any(
+                want not in (-1, got) for want, got in zip(spec.shape, shape, strict=True)
+            ):
+                raise RequestError(
+                    f"input '{spec.name}' has shape {shape}, the model expects {list(spec.shape)}"
+                )
+            if tensor._raw_data is not None:  # binary data (REST extension) or raw gRPC contents
+                check_binary_size(spec.name, spec.datatype, len(tensor._raw_data), count)
+            elif isinstance(tensor.data, list):
+                check_json_data(spec.name, spec.datatype, tensor.data, count)
+        except (RequestError, TypeError, ValueError) as exc:
+            raise InvalidInput(_first_line(exc)) from None
         try:
             array = tensor.as_numpy()
         except Exception as exc:
@@ -100,6 +114,10 @@ class OnnxModel(kserve.Model):
             feed[spec.name] = self._array(spec, given.pop(spec.name))
         if given:
             raise InvalidInput(f"unexpected inputs {sorted(given)}")
+        try:
+            check_shared_dims({name: array.shape for name, array in feed.items()}, self.symbols)
+        except RequestError as exc:
+            raise InvalidInput(str(exc)) from None
         return feed
 
     async def predict(self, payload, headers=None) -> InferResponse:
