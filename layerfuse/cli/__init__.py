@@ -1,7 +1,8 @@
 """``layerfuse``: the command line.
 
 Every command reports user mistakes as one ``layerfuse: error: ...`` line on stderr with exit
-status 2; progress goes to stderr so that ``--json`` output on stdout stays machine-readable.
+status 2; an error nothing foresaw is one line too, with exit status 3 (``--debug`` shows its
+traceback). Progress goes to stderr so that ``--json`` output on stdout stays machine-readable.
 Each command lives in its own module with a ``register(subparsers)`` function.
 """
 
@@ -29,6 +30,7 @@ from layerfuse.cli import (
     recover,
     serve,
 )
+from layerfuse.cli.common import refuse_bad_numbers
 from layerfuse.cli.rewrite import register_rewrite
 from layerfuse.errors import LayerfuseError
 
@@ -72,12 +74,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def describe_unexpected(exc: Exception) -> str:
+    """One line for an error no check foresaw: onnxruntime's own complaint about a graph or
+    a shape is the user's to read; anything else is a layerfuse bug to report."""
+    first_line = (str(exc).strip().splitlines() or [""])[0][:300]
+    if type(exc).__module__.startswith("onnxruntime"):
+        return f"onnxruntime: {first_line}"
+    return (
+        f"unexpected {type(exc).__name__}: {first_line} (a layerfuse bug: please report it "
+        f"with the output of --debug)"
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
     except SystemExit as exc:
         return int(exc.code or 0)
     try:
+        refuse_bad_numbers(args)
         return args.handler(args)
     except LayerfuseError as exc:
         if args.debug:
@@ -87,3 +102,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("layerfuse: interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:  # the last net: one line, never a traceback dump
+        if args.debug:
+            raise
+        print(f"layerfuse: error: {describe_unexpected(exc)}", file=sys.stderr)
+        return 3

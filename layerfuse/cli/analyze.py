@@ -7,7 +7,7 @@ __all__ = ["register"]
 import argparse
 from pathlib import Path
 
-from layerfuse.cli.common import add_data_options, console
+from layerfuse.cli.common import add_data_options, console, model_file
 from layerfuse.progress import ConsoleReporter
 
 
@@ -39,7 +39,9 @@ def register(commands) -> None:
     parser = commands.add_parser(
         "analyze", help="CKA between every pair of FF and of attention sublayer outputs"
     )
-    parser.add_argument("model", help="an .onnx file with layerfuse.json beside it")
+    parser.add_argument(
+        "model", type=model_file, help="an .onnx file with layerfuse.json beside it"
+    )
     add_data_options(parser, calib_tokens=4096, valid_tokens=None)
     parser.add_argument("--out", help="output folder (default: MODEL_DIR/analysis)")
     parser.set_defaults(handler=_run)

@@ -6,13 +6,20 @@ __all__ = ["register"]
 
 import argparse
 import sys
+from pathlib import Path
 
-from layerfuse.cli.common import DATA_HELP, add_provider_option, console
+from layerfuse.cli.common import DATA_HELP, add_provider_option, console, model_file, positive_int
 from layerfuse.progress import ConsoleReporter
 
 
 def _run(args: argparse.Namespace) -> int:
-    from layerfuse.files import write_json_atomic, write_text_atomic
+    from layerfuse.files import (
+        check_writable,
+        refuse_overwriting_inputs,
+        write_json_atomic,
+        write_text_atomic,
+    )
+    from layerfuse.model.publish import model_files
     from layerfuse.reports.bench import bench_figure, bench_markdown, bench_table
     from layerfuse.runtime.bench import BenchConfig, run_bench
     from layerfuse.runtime.gate import find_regressions, load_baseline, parse_tolerance
@@ -21,6 +28,9 @@ def _run(args: argparse.Namespace) -> int:
 
     tolerance = parse_tolerance(args.max_regression)
     baseline = load_baseline(args.baseline) if args.baseline else None
+    outputs = [check_writable(path) for path in (args.json, args.markdown, args.plot) if path]
+    inputs = [file for model in args.models for file in model_files(model)]
+    refuse_overwriting_inputs(inputs + ([Path(args.baseline)] if args.baseline else []), outputs)
     config = BenchConfig(
         shapes=parse_shapes(args.inputs),
         provider=args.provider,
@@ -62,7 +72,9 @@ def register(commands) -> None:
     parser = commands.add_parser(
         "bench", help="latency, memory, size and quality of graphs side by side"
     )
-    parser.add_argument("models", nargs="+", help="the reference graph first, then variants")
+    parser.add_argument(
+        "models", nargs="+", type=model_file, help="the reference graph first, then variants"
+    )
     parser.add_argument("--names", help="comma-separated names for the graphs")
     parser.add_argument(
         "--inputs", default="1x32,1x128", help="BATCHxSEQUENCE shapes, e.g. 1x32,8x512"
@@ -72,9 +84,11 @@ def register(commands) -> None:
         "--warmup", type=int, default=3, help="untimed runs per graph and shape (default 3)"
     )
     parser.add_argument(
-        "--runs", type=int, default=20, help="timed runs per graph and shape (default 20)"
+        "--runs", type=positive_int, default=20, help="timed runs per graph and shape (default 20)"
     )
-    parser.add_argument("--threads", type=int, help="intra-op threads (default: onnxruntime's)")
+    parser.add_argument(
+        "--threads", type=positive_int, help="intra-op threads (default: onnxruntime's)"
+    )
     parser.add_argument(
         "--prepacking",
         default="auto",
@@ -87,7 +101,10 @@ def register(commands) -> None:
     )
     parser.add_argument("--data", default="fortunes", help=DATA_HELP)
     parser.add_argument(
-        "--eval-tokens", type=int, default=8192, help="tokens of the test split (default 8192)"
+        "--eval-tokens",
+        type=positive_int,
+        default=8192,
+        help="tokens of the test split (default 8192)",
     )
     parser.add_argument("--json", help="write the result JSON here")
     parser.add_argument("--markdown", help="write a Markdown table here")

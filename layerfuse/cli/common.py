@@ -13,10 +13,15 @@ __all__ = [
     "add_provider_option",
     "console",
     "data_settings",
+    "model_file",
     "output_path",
+    "positive_float",
+    "positive_int",
+    "refuse_bad_numbers",
 ]
 
 import argparse
+import math
 import sys
 from pathlib import Path
 
@@ -27,6 +32,43 @@ DATA_HELP = (
     "text to calibrate and validate on: fortunes (Debian's fortunes, the default), random "
     "(random token ids or pixels, for smoke tests only), or a .txt/.jsonl file"
 )
+
+
+def positive_int(text: str) -> int:
+    """argparse type for counts where zero means nothing (tokens, steps, batch sizes)."""
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive whole number, not {text}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    """argparse type for rates and scales: finite and above zero."""
+    value = float(text)
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a positive finite number, not {text}")
+    return value
+
+
+def refuse_bad_numbers(args: argparse.Namespace) -> None:
+    """The rule every numeric option obeys: finite and not negative (``--threads -1``,
+    ``--lr nan``); options where zero means nothing declare :func:`positive_int` too."""
+    for name, value in vars(args).items():
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            continue
+        if not math.isfinite(value) or value < 0:
+            option = "--" + name.replace("_", "-")
+            raise LayerfuseError(f"{option} must be a finite number >= 0, not {value}")
+
+
+def model_file(text: str) -> Path:
+    """argparse type for a model argument: checked before any command reads it."""
+    from layerfuse.model.io import check_model_file
+
+    try:
+        return check_model_file(text)
+    except LayerfuseError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def console():
@@ -52,19 +94,19 @@ def add_data_options(
     parser.add_argument("--data", default="fortunes", help=DATA_HELP)
     parser.add_argument(
         "--calib-tokens",
-        type=int,
+        type=positive_int,
         default=calib_tokens,
         help=f"tokens of the calib split to calibrate on (default {calib_tokens})",
     )
     if valid_tokens is not None:
         parser.add_argument(
             "--valid-tokens",
-            type=int,
+            type=positive_int,
             default=valid_tokens,
             help=f"tokens of the valid split candidates are scored on (default {valid_tokens})",
         )
     parser.add_argument(
-        "--seq-len", type=int, default=128, help="tokens per sequence (default 128)"
+        "--seq-len", type=positive_int, default=128, help="tokens per sequence (default 128)"
     )
     add_provider_option(parser)
 

@@ -7,7 +7,7 @@ __all__ = ["register"]
 import argparse
 import json
 
-from layerfuse.cli.common import DATA_HELP, add_provider_option, console
+from layerfuse.cli.common import DATA_HELP, add_provider_option, console, model_file, positive_int
 from layerfuse.progress import ConsoleReporter
 
 
@@ -47,12 +47,19 @@ def register(commands) -> None:
     parser = commands.add_parser(
         "evaluate", help="quality on real data and latency of a graph in onnxruntime"
     )
-    parser.add_argument("model", help="an .onnx file with layerfuse.json beside it")
+    parser.add_argument(
+        "model", type=model_file, help="an .onnx file with layerfuse.json beside it"
+    )
     parser.add_argument("--data", default="fortunes", help=DATA_HELP)
     parser.add_argument(
-        "--eval-tokens", type=int, default=8192, help="tokens of the test split (default 8192)"
+        "--eval-tokens",
+        type=positive_int,
+        default=8192,
+        help="tokens of the test split (default 8192)",
     )
-    parser.add_argument("--reference", help="original graph to measure output fidelity against")
+    parser.add_argument(
+        "--reference", type=model_file, help="original graph to measure output fidelity against"
+    )
     add_provider_option(parser)
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
     parser.set_defaults(handler=_run)

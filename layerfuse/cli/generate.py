@@ -8,7 +8,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from layerfuse.cli.common import add_provider_option
+from layerfuse.cli.common import add_provider_option, model_file, positive_int
 
 
 def _write(text: str) -> None:
@@ -56,10 +56,15 @@ def register(commands) -> None:
         "graph needs cache inputs: a 'layerfuse export --kv-cache' folder, an "
         "onnxruntime-genai builder folder, or a layerfuse variant of either.",
     )
-    parser.add_argument("model", help="the .onnx graph (its manifest or genai_config beside it)")
+    parser.add_argument(
+        "model", type=model_file, help="the .onnx graph (its manifest or genai_config beside it)"
+    )
     parser.add_argument("--prompt", required=True, help="the text to continue")
     parser.add_argument(
-        "--max-new-tokens", type=int, default=64, help="tokens to generate at most (default 64)"
+        "--max-new-tokens",
+        type=positive_int,
+        default=64,
+        help="tokens to generate at most (default 64)",
     )
     parser.add_argument(
         "--sample", action="store_true", help="sample tokens instead of greedy decoding"
@@ -86,5 +91,7 @@ def register(commands) -> None:
         "generator on the model's folder (needs genai_config.json)",
     )
     add_provider_option(parser)
-    parser.add_argument("--threads", type=int, help="intra-op threads (default: onnxruntime's)")
+    parser.add_argument(
+        "--threads", type=positive_int, help="intra-op threads (default: onnxruntime's)"
+    )
     parser.set_defaults(handler=_run)

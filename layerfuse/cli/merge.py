@@ -6,7 +6,7 @@ __all__ = ["COMMAND"]
 
 import argparse
 
-from layerfuse.cli.common import data_settings
+from layerfuse.cli.common import data_settings, positive_int
 from layerfuse.cli.rewrite import RewriteCommand
 from layerfuse.passes.plan import Plan
 from layerfuse.progress import Reporter
@@ -18,7 +18,9 @@ def _merge_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--ratio", default="1/3", help="share of FF sublayers removed: 1/3, 0.5, all-but-one"
     )
-    parser.add_argument("--windows", type=int, default=1, help="split the ratio over N windows")
+    parser.add_argument(
+        "--windows", type=positive_int, default=1, help="split the ratio over N windows"
+    )
     parser.add_argument("--blocks", help="explicit windows instead of --ratio, e.g. 3-8,12-15")
     parser.add_argument(
         "--method",
@@ -70,13 +72,10 @@ def _merge_plan(args: argparse.Namespace, reporter: Reporter) -> Plan:
 
 
 def _merge_summary(plan) -> str:
-    from layerfuse.reports.tables import human_bytes, human_count
-
     windows = ", ".join(f"{w.blocks[0]}-{w.blocks[-1]} (anchor {w.anchor})" for w in plan.windows)
     return (
         f"tied {plan.merged_blocks + len(plan.windows)} FF sublayers in windows {windows} "
-        f"with the {plan.method} method; removed {human_count(plan.parameters_removed)} "
-        f"parameters ({human_bytes(plan.bytes_removed)})"
+        f"with the {plan.method} method"
     )
 
 

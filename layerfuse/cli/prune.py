@@ -6,7 +6,7 @@ __all__ = ["COMMAND"]
 
 import argparse
 
-from layerfuse.cli.common import data_settings
+from layerfuse.cli.common import data_settings, positive_int
 from layerfuse.cli.rewrite import RewriteCommand
 from layerfuse.passes.plan import Plan
 from layerfuse.progress import Reporter
@@ -20,8 +20,10 @@ def _prune_options(parser: argparse.ArgumentParser) -> None:
         help="what to drop: whole blocks, FF sublayers or attention sublayers",
     )
     budget = parser.add_mutually_exclusive_group()
-    budget.add_argument("--count", type=int, help="how many blocks or sublayers to drop")
-    budget.add_argument("--params", type=int, help="parameters to remove (rounded to units)")
+    budget.add_argument("--count", type=positive_int, help="how many blocks or sublayers to drop")
+    budget.add_argument(
+        "--params", type=positive_int, help="parameters to remove (rounded to units)"
+    )
     budget.add_argument("--match-plan", help="remove as many parameters as this merge plan removes")
     budget.add_argument("--blocks", help="explicit blocks, e.g. 3,5-7")
     parser.add_argument(
@@ -51,12 +53,7 @@ def _prune_plan(args: argparse.Namespace, reporter: Reporter) -> Plan:
 
 
 def _prune_summary(plan) -> str:
-    from layerfuse.reports.tables import human_count
-
-    return (
-        f"pruned {plan.target} {', '.join(map(str, plan.blocks))}: removed "
-        f"{human_count(plan.parameters_removed)} parameters"
-    )
+    return f"pruned {plan.target} {', '.join(map(str, plan.blocks))}"
 
 
 def _prune_plan_class():

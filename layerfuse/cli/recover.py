@@ -16,7 +16,7 @@ import json
 import shutil
 from pathlib import Path
 
-from layerfuse.cli.common import console
+from layerfuse.cli.common import console, model_file, positive_float, positive_int
 from layerfuse.progress import ConsoleReporter
 
 DATA_HELP = (
@@ -101,21 +101,31 @@ def _options(parser: argparse.ArgumentParser) -> None:
 
     add = parser.add_argument
     add("--data", default="fortunes", help=DATA_HELP)
-    add("--steps", type=int, default=D.steps, help=f"optimizer steps (default {D.steps})")
+    add("--steps", type=positive_int, default=D.steps, help=f"optimizer steps (default {D.steps})")
     add(
         "--batch-size",
-        type=int,
+        type=positive_int,
         default=D.batch_size,
         help=f"sequences per micro-batch, shared out over processes (default {D.batch_size})",
     )
     add(
         "--grad-accum",
-        type=int,
+        type=positive_int,
         default=D.grad_accum,
         help=f"micro-batches accumulated per optimizer step (default {D.grad_accum})",
     )
-    add("--seq-len", type=int, default=D.seq_len, help=f"tokens per sequence (default {D.seq_len})")
-    add("--lr", type=float, default=D.lr, help=f"peak AdamW learning rate (default {D.lr:g})")
+    add(
+        "--seq-len",
+        type=positive_int,
+        default=D.seq_len,
+        help=f"tokens per sequence (default {D.seq_len})",
+    )
+    add(
+        "--lr",
+        type=positive_float,
+        default=D.lr,
+        help=f"peak AdamW learning rate (default {D.lr:g})",
+    )
     add(
         "--warmup",
         type=int,
@@ -140,7 +150,12 @@ def _objective_options(parser: argparse.ArgumentParser) -> None:
         "lm: next-token loss on the text; kd+hidden: kd plus the residual stream after every "
         "block both graphs share",
     )
-    add("--temperature", type=float, default=1.0, help="softmax temperature of kd (default 1)")
+    add(
+        "--temperature",
+        type=positive_float,
+        default=1.0,
+        help="softmax temperature of kd (default 1)",
+    )
     add("--hidden-weight", type=float, default=1.0, help="weight of the hidden term of kd+hidden")
     add(
         "--train",
@@ -176,7 +191,11 @@ def _run_options(parser: argparse.ArgumentParser) -> None:
     )
     add("--checkpoint-dir", help="checkpoint folder (default OUTPUT.recover, removed when done)")
     add("--resume", action="store_true", help="continue from the last checkpoint")
-    add("--stop-after", type=int, help="stop at this step with a checkpoint, to --resume later")
+    add(
+        "--stop-after",
+        type=positive_int,
+        help="stop at this step with a checkpoint, to --resume later",
+    )
     add("--seed", type=int, default=D.seed, help=f"seed of the data order (default {D.seed})")
     add("--device", default="cpu", choices=["cpu", "cuda"], help="torch device of the student")
     add("--json", action="store_true", help="print the summary as JSON")
@@ -189,8 +208,10 @@ def register(commands) -> None:
         description="Train OPTIMIZED (a merged, pruned or fused graph) to match ORIGINAL and "
         "write the trained weights into a copy of OPTIMIZED's graph, ties and all.",
     )
-    parser.add_argument("original", help="the original .onnx (the teacher)")
-    parser.add_argument("optimized", help="the .onnx layerfuse merged, pruned or fused from it")
+    parser.add_argument("original", type=model_file, help="the original .onnx (the teacher)")
+    parser.add_argument(
+        "optimized", type=model_file, help="the .onnx layerfuse merged, pruned or fused from it"
+    )
     parser.add_argument("-o", "--output", required=True, help="the recovered model (.onnx)")
     _options(parser)
     _objective_options(parser)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 __all__ = [
     "EXTERNAL_DATA_THRESHOLD",
+    "check_model_file",
     "file_bytes",
     "load_model",
     "model_files",
@@ -81,11 +82,12 @@ def _check_external_data(proto: onnx.ModelProto, model_path: Path) -> None:
             )
 
 
-def load_model(path: str | os.PathLike) -> ir.Model:
-    """Load an ONNX model lazily, or raise :class:`InvalidModelError` saying what is wrong."""
-    model_path = Path(path)
-    if not model_path.is_file():
+def _validated_proto(model_path: Path) -> onnx.ModelProto:
+    """The graph (weights not read) of a file that passed every check onnx would fail late."""
+    if not model_path.exists():
         raise InvalidModelError(f"{model_path}: no such file")
+    if not model_path.is_file():
+        raise InvalidModelError(f"{model_path}: not a file (give the .onnx file, not a folder)")
     try:
         proto = onnx.load(model_path, load_external_data=False)
     except (DecodeError, RuntimeWarning, ValueError, OSError) as exc:
@@ -103,7 +105,23 @@ def load_model(path: str | os.PathLike) -> ir.Model:
         # domain; graphs its optimizer wrote are valid for it but unknown to the checker.
         if not any(marker in first_line for marker in _RUNTIME_SPECIFIC):
             raise InvalidModelError(f"{model_path}: invalid ONNX model ({first_line})") from None
-    model = ir.serde.deserialize_model(proto)
+    return proto
+
+
+def check_model_file(path: str | os.PathLike) -> Path:
+    """``path`` if it is a loadable model, else :class:`InvalidModelError` saying why.
+
+    Commands run this on every model they are given before anything else reads it, so a
+    wrong file is one line up front instead of a traceback from whichever reader came first.
+    """
+    _validated_proto(Path(path))
+    return Path(path)
+
+
+def load_model(path: str | os.PathLike) -> ir.Model:
+    """Load an ONNX model lazily, or raise :class:`InvalidModelError` saying what is wrong."""
+    model_path = Path(path)
+    model = ir.serde.deserialize_model(_validated_proto(model_path))
     ir.external_data.set_base_dir(model.graph, model_path.parent)
     return model
 

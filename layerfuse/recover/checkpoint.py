@@ -28,13 +28,20 @@ def save_state(path: Path, state: dict) -> None:
     os.replace(tmp, path)
 
 
-def load_state(path: Path) -> dict:
+def load_state(path: Path, required: tuple[str, ...] = ("params",)) -> dict:
+    """The state in ``path``, refused in one line if unreadable or lacking ``required`` keys."""
     if not path.is_file():
         raise LayerfuseError(f"nothing to resume: {path} does not exist")
     try:
-        return torch.load(path, map_location="cpu", weights_only=False)
+        state = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as exc:  # a corrupt pickle raises anything from EOFError to UnpicklingError
         raise LayerfuseError(f"{path}: unreadable checkpoint ({type(exc).__name__})") from None
+    missing = [key for key in required if not isinstance(state, dict) or key not in state]
+    if missing:
+        raise LayerfuseError(
+            f"{path}: not a complete layerfuse checkpoint (missing {', '.join(missing)})"
+        )
+    return state
 
 
 def snapshot_random() -> dict:

@@ -9,7 +9,6 @@ from __future__ import annotations
 __all__ = ["RecoverRequest", "recover"]
 
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,9 +16,11 @@ import torch
 
 from layerfuse.data.batches import make_batches
 from layerfuse.errors import LayerfuseError
+from layerfuse.files import check_writable, refuse_overwriting_inputs
 from layerfuse.model.fingerprint import fingerprint
 from layerfuse.model.io import load_model
 from layerfuse.model.manifest import require_manifest
+from layerfuse.model.publish import model_files
 from layerfuse.progress import SILENT, Reporter
 from layerfuse.recover.data import TrainingData, load_training_data
 from layerfuse.recover.distributed import Distributed, from_environment
@@ -53,15 +54,13 @@ class RecoverRequest:
     device: str = "cpu"
 
 
-def _check_output(output: Path) -> None:
+def _check_output(request: RecoverRequest) -> None:
+    output = request.output
     if output.suffix != ".onnx":
         raise LayerfuseError(f"output {output} must be an .onnx file")
-    try:
-        output.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=output.parent, prefix=".layerfuse-check-"):
-            pass
-    except OSError as exc:
-        raise LayerfuseError(f"cannot write {output}: {exc.strerror or exc}") from None
+    check_writable(output)
+    inputs = model_files(request.original) + model_files(request.optimized)
+    refuse_overwriting_inputs(inputs, [output])
 
 
 def _device(name: str, local_rank: int) -> torch.device:
@@ -138,12 +137,13 @@ def recover(request: RecoverRequest, reporter: Reporter = SILENT) -> dict:
     settings = request.settings
     if request.train not in TRAIN_CHOICES:
         raise LayerfuseError(f"unknown --train '{request.train}' (choose all or touched)")
-    _check_output(request.output)
+    _check_output(request)
+    dist = from_environment(request.device)
+    settings.check(dist.world_size)
     original, optimized = load_model(request.original), load_model(request.optimized)
     source = check_derived(original, optimized)
     plan = load_any_plan(request.plan, original, optimized) if request.plan else None
     task = require_manifest(request.original).task
-    dist = from_environment(request.device)
     device = _device(request.device, dist.local_rank)
     torch.manual_seed(settings.seed)
     student, pairs = _student(request, original, optimized, plan)

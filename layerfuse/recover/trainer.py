@@ -64,7 +64,7 @@ class TrainSettings:
     def check(self, world_size: int) -> None:
         positive = ("steps", "batch_size", "grad_accum", "seq_len", "lr")
         for name in positive:
-            if getattr(self, name) <= 0:
+            if not getattr(self, name) > 0 or not math.isfinite(getattr(self, name)):
                 raise LayerfuseError(f"--{name.replace('_', '-')} must be positive")
         if self.batch_size % world_size:
             raise LayerfuseError(
@@ -146,6 +146,16 @@ class Trainer:
             "bad_evaluations": self.bad_evaluations,
         }
 
+    _state_keys = (
+        "run_key",
+        "params",
+        "optimizer",
+        "scheduler",
+        "random",
+        "result",
+        "bad_evaluations",
+    )
+
     def _save(self, name: str, state: dict) -> None:
         if self.checkpoint_dir is not None and self.dist.is_main:
             save_state(self.checkpoint_dir / name, state)
@@ -155,7 +165,7 @@ class Trainer:
         """Continue from ``state.pt`` in the checkpoint folder."""
         if self.checkpoint_dir is None:
             raise LayerfuseError("--resume needs --checkpoint-dir")
-        state = load_state(self.checkpoint_dir / "state.pt")
+        state = load_state(self.checkpoint_dir / "state.pt", self._state_keys)
         if state["run_key"] != self.run_key:
             changed = sorted(k for k in self.run_key if state["run_key"].get(k) != self.run_key[k])
             raise LayerfuseError(

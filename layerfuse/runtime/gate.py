@@ -51,11 +51,32 @@ def parse_tolerance(text: str) -> float:
 def load_baseline(path: str | os.PathLike) -> dict:
     try:
         data = json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError) as exc:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise LayerfuseError(f"baseline {path}: cannot read it ({exc})") from None
-    if data.get("schema") != "layerfuse.bench/1":
+    if not isinstance(data, dict) or data.get("schema") != "layerfuse.bench/1":
         raise LayerfuseError(f"baseline {path} is not a layerfuse bench result")
+    graphs = data.get("graphs")
+    if not isinstance(graphs, list) or not all(_is_graph_entry(g) for g in graphs):
+        raise LayerfuseError(
+            f"baseline {path}: its 'graphs' are damaged (each needs a name and ratios)"
+        )
     return data
+
+
+def _is_graph_entry(entry) -> bool:
+    if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
+        return False
+    ratios = entry.get("ratios")
+    if not isinstance(ratios, dict) or not isinstance(ratios.get("speedup", {}), dict):
+        return False
+    numbers = list(ratios.get("speedup", {}).values())
+    numbers += [ratios[key] for key in ("memory", "file_size") if key in ratios]
+    quality = entry.get("quality")
+    if quality is not None:
+        if not isinstance(quality, dict) or not isinstance(quality.get("metric"), str):
+            return False
+        numbers.append(quality.get("value"))
+    return all(isinstance(n, int | float) and not isinstance(n, bool) for n in numbers)
 
 
 def _compare(

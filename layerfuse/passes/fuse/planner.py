@@ -38,6 +38,7 @@ from layerfuse.passes.blocks import check_ranges
 from layerfuse.passes.detect import ModelStructure, detect_structure
 from layerfuse.passes.fuse.attention import Reducer, attention_importance, choose_attention
 from layerfuse.passes.fuse.plan import FusePlan
+from layerfuse.passes.fuse.rewrite import fusion_problem
 from layerfuse.passes.planner import DataSettings
 from layerfuse.passes.prune.rewrite import remove_sublayers
 from layerfuse.progress import SILENT, Reporter
@@ -175,6 +176,7 @@ def plan_fuse(
     model_path = Path(model_path)
     settings = request.data
     structure = detect_structure(load_model(model_path))
+    _refuse_unfusable(structure)
     num_blocks = len(structure.blocks)
     reduce = Reducer(model_path, structure)
     scores, baseline, metric, dropped = None, None, None, []
@@ -207,5 +209,22 @@ def plan_fuse(
         baseline_score=baseline,
         dependency=dependency,
     )
+    if not plan.fuse:
+        raise PlanError(
+            f"nothing to fuse: after removing the attention of blocks {dropped or 'none'} the "
+            f"FFN-only runs are {runs or 'none'}, and fusion needs a run of 2 or more FFNs "
+            f"(3 or more without --include-last); remove more attention (--drop-attention N), "
+            f"or use 'layerfuse prune --target attention' to remove attention alone"
+        )
     plan.rewrite_pass().requires(load_model(model_path))
     return plan
+
+
+def _refuse_unfusable(structure: ModelStructure) -> None:
+    """Refuse before any calibration when the wiring alone rules fusion out."""
+    problems = [fusion_problem(block.ff_wiring) for block in structure.blocks]
+    if all(problem is not None for problem in problems):
+        raise PlanError(
+            f"no FFN of this model can be fused: block 0: {problems[0]}; "
+            f"'layerfuse prune --target attention' removes attention without fusing"
+        )

@@ -45,7 +45,7 @@ from layerfuse.passes.unfuse import unfuse_residual_norms
 _PREFIX = "layerfuse.fused"
 
 
-def _wiring_problem(wiring: Wiring) -> str | None:
+def fusion_problem(wiring: Wiring) -> str | None:
     """Why an FFN with this wiring cannot join a fused run (None: it can)."""
     if wiring.residual is None:
         return "; ".join(wiring.notes) or "its residual Add was not found"
@@ -74,7 +74,7 @@ def _check_run(blocks: list[Block], first: int, last: int, dropped: set[int]) ->
                 f"of FFN-only blocks (remove attention first, e.g. --drop-attention)"
             )
     for block in run:
-        problem = _wiring_problem(block.ff_wiring)
+        problem = fusion_problem(block.ff_wiring)
         if problem is not None:
             raise PlanError(f"block {block.index}: cannot fuse its FFN: {problem}")
         if block.ff.neuron_parameters:
