@@ -87,12 +87,15 @@ def test_evaluate_reports_quality_and_latency(tiny, capsys):
     assert main(["evaluate", path, "--eval-tokens", "256", "--reference", path, "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["metric"] == "perplexity" and 1.0 < result["perplexity"] < 10 * 256
+    assert result["bos"] is False  # what was fed: the tiny tokenizer adds no BOS
     assert result["fidelity"]["max_abs_diff"] == 0.0
     assert result["latency_batch1"]["runs"] == 10 and result["latency_batch1"]["p50_ms"] > 0
     capsys.readouterr()
     bert = tiny.model("bert")
     assert main(["evaluate", str(bert), "--json"]) == 0
-    accuracy = json.loads(capsys.readouterr().out)["topic_accuracy"]
+    encoder = json.loads(capsys.readouterr().out)
+    accuracy = encoder["topic_accuracy"]
+    assert "bos" not in encoder  # sentences carry the tokenizer's own [CLS]/[SEP]
     # The CLI reports the measure on the topic data's test split (ridge on train embeddings).
     expected = topic_accuracy(create_session(bert, provider="cpu"), bert.parent / "tokenizer")
     assert accuracy == pytest.approx(expected, abs=1e-12)

@@ -10,13 +10,22 @@ A spec names where inputs come from:
 - ``random``: seeded random token ids or pixels, for smoke tests and output-fidelity checks
   only (never for quality claims).
 
-The model's manifest says how to turn text into inputs (task, tokenizer); a spec that cannot
+The model's manifest says how to turn text into inputs (task, tokenizer, whether packed
+windows start with BOS: its ``bos`` entry, else the tokenizer's default); a spec that cannot
 feed the model (text for a vision model) is a :class:`DataError`, before any work is done.
 """
 
 from __future__ import annotations
 
-__all__ = ["DataSpec", "InputBatch", "make_batches", "parse_spec", "texts_for"]
+__all__ = [
+    "DataSpec",
+    "InputBatch",
+    "fed_bos",
+    "make_batches",
+    "packed_bos",
+    "parse_spec",
+    "texts_for",
+]
 
 import hashlib
 import json
@@ -27,7 +36,7 @@ from pathlib import Path
 import numpy as np
 
 from layerfuse.data import corpus
-from layerfuse.data.tokens import load_tokenizer, packed_rows, sentence_batches
+from layerfuse.data.tokens import adds_bos, load_tokenizer, packed_rows, sentence_batches
 from layerfuse.errors import DataError
 from layerfuse.model.manifest import Manifest, require_manifest
 
@@ -171,6 +180,35 @@ def _check_calib_budget(spec: DataSpec, available: int, wanted: int) -> None:
         )
 
 
+def packed_bos(manifest: Manifest, tokenizer) -> bool:
+    """Whether a causal LM's packed windows start with BOS: the manifest's ``bos`` (written
+    at export, editable to override), or for manifests older than that entry, the tokenizer's
+    default, which is what export would have written."""
+    if manifest.bos is None:
+        return adds_bos(tokenizer)
+    if not isinstance(manifest.bos, bool):
+        raise DataError(f"the manifest's 'bos' is {manifest.bos!r}; write true or false")
+    return manifest.bos
+
+
+def _text_tokenizer(model_path: str | os.PathLike, manifest: Manifest):
+    if not manifest.tokenizer:
+        raise DataError(
+            f"{model_path}: the manifest names no tokenizer to turn text into input_ids"
+        )
+    return load_tokenizer(Path(model_path).parent / manifest.tokenizer)
+
+
+def fed_bos(model_path: str | os.PathLike, spec: DataSpec | str) -> bool | None:
+    """Whether :func:`make_batches` starts the windows of ``spec`` with BOS for this model;
+    None where there are no packed text windows (encoders, vision, random ids)."""
+    spec = parse_spec(spec) if isinstance(spec, str) else spec
+    manifest = require_manifest(model_path)
+    if spec.kind == "random" or manifest.task != "causal-lm":
+        return None
+    return packed_bos(manifest, _text_tokenizer(model_path, manifest))
+
+
 def make_batches(
     model_path: str | os.PathLike,
     spec: DataSpec | str,
@@ -179,8 +217,13 @@ def make_batches(
     tokens: int,
     seq_len: int = 128,
     batch_size: int = 8,
+    bos: bool | None = None,
 ) -> list[InputBatch]:
-    """About ``tokens`` tokens of ``split`` as input batches for the model at ``model_path``."""
+    """About ``tokens`` tokens of ``split`` as input batches for the model at ``model_path``.
+
+    ``bos`` overrides :func:`packed_bos` for causal LMs (to reproduce a measurement made
+    with or without it).
+    """
     spec = parse_spec(spec) if isinstance(spec, str) else spec
     manifest = require_manifest(model_path)
     if spec.kind == "random":
@@ -190,14 +233,11 @@ def make_batches(
             f"'{spec}' is text, but {model_path} is a vision model fed with pixel_values; "
             f"use --calib random for vision models"
         )
-    if not manifest.tokenizer:
-        raise DataError(
-            f"{model_path}: the manifest names no tokenizer to turn text into input_ids"
-        )
-    tokenizer = load_tokenizer(Path(model_path).parent / manifest.tokenizer)
+    tokenizer = _text_tokenizer(model_path, manifest)
     texts = texts_for(spec, split)
     if manifest.task == "causal-lm":
-        rows = packed_rows(tokenizer, texts, seq_len=seq_len, max_tokens=tokens)
+        bos = packed_bos(manifest, tokenizer) if bos is None else bos
+        rows = packed_rows(tokenizer, texts, seq_len=seq_len, max_tokens=tokens, bos=bos)
         if split == "calib":
             _check_calib_budget(spec, rows.size, max(1, tokens // seq_len) * seq_len)
         return [

@@ -43,6 +43,9 @@ class Manifest:
     config: dict = field(default_factory=dict)
     # KV-cache graphs: cache geometry, context length, special tokens, padding side.
     generation: dict = field(default_factory=dict)
+    # Causal LMs: whether packed text windows start with BOS (export writes the tokenizer's
+    # default; edit to override). None: not recorded (older manifests), ask the tokenizer.
+    bos: bool | None = None
 
     def to_json(self) -> dict:
         return {"schema": SCHEMA, **asdict(self)}

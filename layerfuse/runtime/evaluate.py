@@ -2,6 +2,8 @@
 
 The metric follows the model's task (manifest): perplexity for causal LMs, topic accuracy for
 encoders; with a ``reference`` graph, output fidelity to it on the same inputs as well.
+The result says what was fed: ``bos`` tells whether packed text windows started with BOS
+(a perplexity with and without it can differ tenfold, so a number without it is ambiguous).
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from layerfuse.data import corpus
-from layerfuse.data.batches import InputBatch, make_batches, parse_spec
+from layerfuse.data.batches import InputBatch, fed_bos, make_batches, parse_spec
 from layerfuse.data.tokens import load_tokenizer, sentence_batches
 from layerfuse.model.manifest import require_manifest
 from layerfuse.progress import SILENT, Reporter
@@ -79,6 +81,10 @@ def evaluate_model(
     batches = make_batches(model_path, spec, "test", tokens=tokens, seq_len=seq_len, batch_size=4)
     metric = quality_metric(manifest.task, str(spec))
     result: dict = {"model": str(model_path), "task": manifest.task, "data": str(spec)}
+    bos = fed_bos(model_path, spec)
+    if bos is not None:
+        result["bos"] = bos
+        reporter.step(f"windows of {seq_len} tokens, {'starting with' if bos else 'without'} BOS")
     if metric == "perplexity":
         result["perplexity"] = perplexity(session, batches, reporter)
     elif metric == "topic_accuracy":
