@@ -12,11 +12,14 @@ import pytest
 import torch
 
 from layerfuse.cli import main
+from layerfuse.data.batches import make_batches
 from layerfuse.errors import LayerfuseError
+from layerfuse.export import sources
 from layerfuse.export.onnx_export import _VERIFY_TEXTS, example_inputs, export_model
-from layerfuse.export.sources import load_source
+from layerfuse.export.sources import load_source, resolve_source
 from layerfuse.export.wrappers import wrap_for_export
 from layerfuse.runtime.session import create_session
+from tests import gguf_models
 
 
 def test_export_writes_model_tokenizer_and_manifest(tiny, tmp_path, capsys):
@@ -27,7 +30,9 @@ def test_export_writes_model_tokenizer_and_manifest(tiny, tmp_path, capsys):
     assert manifest["inputs"] == ["input_ids", "attention_mask"]
     assert manifest["verification"]["max_abs_diff"] <= 1e-3
     assert (out / "tokenizer" / "tokenizer.json").is_file()
-    assert "max |onnxruntime - torch|" in capsys.readouterr().out
+    assert manifest["bos"] is False  # the tiny tokenizer has no BOS
+    printed = capsys.readouterr().out
+    assert "max |onnxruntime - torch|" in printed and "do not start with BOS" in printed
 
 
 @pytest.mark.parametrize("family", ["gpt2", "vit"])
@@ -95,3 +100,77 @@ def test_exporter_failure_is_one_line_and_writes_nothing(tiny, tmp_path):
     assert message.startswith(f"the dynamo exporter failed on {source.name}: ")
     assert "\n" not in message and "--exporter torchscript" in message
     assert list(out.iterdir()) == []
+
+
+def test_a_gguf_exports_as_a_causal_lm_fed_with_its_bos(tmp_path, capsys):
+    gguf = gguf_models.write_tiny_llama(tmp_path / "tiny.gguf", add_bos=True)
+    # transformers' config from a GGUF names no architectures; a GGUF is a causal LM anyway.
+    assert resolve_source(str(gguf)).task == "causal-lm"
+    out = tmp_path / "onnx"
+    assert main(["export", str(gguf), "-o", str(out)]) == 0
+    assert "note:" not in capsys.readouterr().out
+    manifest = json.loads((out / "layerfuse.json").read_text())
+    assert (manifest["task"], manifest["output"], manifest["bos"]) == ("causal-lm", "logits", True)
+    model = out / "model.onnx"
+    windows = make_batches(model, "fortunes", "test", tokens=256, seq_len=32)[0]
+    assert (windows.feeds["input_ids"][:, 0] == gguf_models.BOS_ID).all()
+    assert main(["evaluate", str(model), "--eval-tokens", "256", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["metric"] == "perplexity" and result["bos"] is True
+    # Random weights predict about uniformly over the 259 tokens.
+    assert 0.5 * len(gguf_models.TOKENS) < result["perplexity"] < 2 * len(gguf_models.TOKENS)
+
+
+def _without_architectures(tiny, tmp_path):
+    folder = tmp_path / "no-architectures"
+    shutil.copytree(tiny.folder("llama"), folder)
+    config = json.loads((folder / "config.json").read_text())
+    del config["architectures"]
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+def _never_load(monkeypatch):
+    def load(*args, **kwargs):
+        raise AssertionError("the options should have been refused before loading weights")
+
+    monkeypatch.setattr(sources, "_load_pretrained", load)
+
+
+def test_wrong_export_options_are_refused_before_loading(tiny, tmp_path, monkeypatch, capsys):
+    _never_load(monkeypatch)
+    gguf = gguf_models.write_tiny_llama(tmp_path / "tiny.gguf", add_bos=False)
+    bert, out = str(tiny.folder("bert")), str(tmp_path / "out")
+    cases = [
+        ([str(gguf), "--kv-cache", "--exporter", "torchscript"], "needs the dynamo exporter"),
+        ([str(gguf), "--kv-cache", "--task", "encoder"], "causal LMs, but --task encoder"),
+        ([bert, "--kv-cache"], "causal LMs, but the config of 'bert' says encoder"),
+        ([bert, "--no-bos"], "--bos/--no-bos choose how causal LMs' text windows start"),
+        ([str(gguf), "--opset", "17"], "opset 17 is too old"),
+    ]
+    for extra, message in cases:
+        capsys.readouterr()
+        assert main(["export", *extra, "-o", out]) == 2
+        (line,) = capsys.readouterr().err.strip().splitlines()
+        assert message in line
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_task_from_a_fallback_is_said_and_kv_cache_implies_causal_lm(
+    tiny, tmp_path, monkeypatch, capsys
+):
+    folder = _without_architectures(tiny, tmp_path)
+    fallback = resolve_source(str(folder))
+    assert fallback.task == "encoder" and "names no architectures" in fallback.task_note
+    assert resolve_source(str(folder), kv_cache=True).task == "causal-lm"
+    assert resolve_source(str(folder), task="causal-lm").task_note is None
+
+    def stop(*args, **kwargs):
+        raise LayerfuseError("stopped where the weights would load")
+
+    monkeypatch.setattr(sources, "_load_pretrained", stop)
+    assert main(["export", str(folder), "-o", str(tmp_path / "out")]) == 2
+    printed = capsys.readouterr().out
+    assert "note: the config names no architectures, so the model is exported as an encoder" in (
+        printed
+    )

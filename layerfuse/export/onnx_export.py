@@ -13,7 +13,7 @@ entry; the default stays the cache-free graph every pass and benchmark was built
 
 from __future__ import annotations
 
-__all__ = ["EXPORTERS", "ExportResult", "example_inputs", "export_model"]
+__all__ = ["EXPORTERS", "ExportResult", "check_export_options", "example_inputs", "export_model"]
 
 import os
 import time
@@ -210,6 +210,20 @@ def _export_staged(
     return max(checks.values()), checks, geometry
 
 
+def check_export_options(task: str, exporter: str, opset: int, kv_cache: bool) -> None:
+    """Refuse options that cannot work; the CLI calls this before loading any weights."""
+    if exporter not in EXPORTERS:
+        raise LayerfuseError(f"unknown exporter '{exporter}' (choose {' or '.join(EXPORTERS)})")
+    if opset < 18:
+        raise LayerfuseError(f"opset {opset} is too old; layerfuse exports at opset 18 or newer")
+    if kv_cache and task != "causal-lm":
+        raise LayerfuseError(
+            f"--kv-cache exports the generation signature of causal LMs, not of task {task}"
+        )
+    if kv_cache and exporter != "dynamo":
+        raise LayerfuseError("--kv-cache needs the dynamo exporter")
+
+
 def export_model(
     source: ModelSource,
     out_dir: str | os.PathLike,
@@ -221,10 +235,7 @@ def export_model(
     reporter: Reporter = SILENT,
 ) -> ExportResult:
     """Export ``source`` to ``out_dir/model.onnx`` with its tokenizer and manifest."""
-    if exporter not in EXPORTERS:
-        raise LayerfuseError(f"unknown exporter '{exporter}' (choose {' or '.join(EXPORTERS)})")
-    if opset < 18:
-        raise LayerfuseError(f"opset {opset} is too old; layerfuse exports at opset 18 or newer")
+    check_export_options(source.task, exporter, opset, kv_cache)
     if kv_cache:
         check_cache_export(source, exporter)
     out_dir = Path(out_dir)
@@ -262,6 +273,7 @@ def export_model(
         | checks,
         config=_config_summary(source.config),
         generation={} if geometry is None else generation_summary(source, geometry),
+        bos=source.bos,
     )
     manifest.write(out_dir)
     return ExportResult(target, manifest, diff, time.perf_counter() - started)
