@@ -5,9 +5,15 @@ scratch folder and returns the converted proto. The driver then folds equal-cont
 initializers into one (a converter that writes an identical copy per consumer loses nothing
 more than its duplicates), traces every tied set of the source into the result
 (:mod:`layerfuse.toolchain.ties`), and refuses to write a model in which a tie was undone:
-that would silently give back the bytes the tie removed. Output is written atomically with
-the source folder's manifest and tokenizer, so ``bench`` and ``evaluate`` read it like any
-other variant.
+that would silently give back the bytes the tie removed.
+
+Output is staged: saved into a temporary folder beside the destination, loaded back with
+every check :func:`~layerfuse.model.io.load_model` makes, and only then published
+(:mod:`layerfuse.model.publish`: weights under a name no graph reads, the graph rename
+last). A result that fails those checks leaves an existing ``-o`` file as it was and nothing
+else behind, and no file the source reads (its .onnx, its external data) is a destination.
+The source folder's manifest and tokenizer follow, so ``bench`` and ``evaluate`` read the
+output like any other variant.
 """
 
 from __future__ import annotations
@@ -24,10 +30,13 @@ import onnx
 import onnx.inliner
 import onnx_ir as ir
 
-from layerfuse.errors import LayerfuseError
-from layerfuse.model.io import load_model, save_model
+from layerfuse.errors import InvalidModelError, LayerfuseError
+from layerfuse.files import refuse_overwriting_inputs, staging_dir
+from layerfuse.model.io import load_model, model_files, save_model
 from layerfuse.model.manifest import carry_manifest
-from layerfuse.model.stats import model_stats
+from layerfuse.model.publish import publish_model
+from layerfuse.model.stats import ModelStats, model_stats
+from layerfuse.toolchain.quiet import quiet_onnxruntime
 from layerfuse.toolchain.ties import TieCheck, check_ties, deduplicate_initializers, tied_sets
 
 Transform = Callable[[Path, Path], onnx.ModelProto]
@@ -74,6 +83,69 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
+def _convert(source: Path, kind: str, transform: Transform) -> ir.Model:
+    """Run the tool quietly; its result with equal initializers folded and nodes sorted.
+
+    onnxruntime's tools append the nodes they insert to the end of the graph: the fp16
+    converter's Casts after float32 graph inputs (ViT's ``pixel_values``) and before
+    blocked ops land after their readers. onnxruntime sorts on load, so the model runs, but
+    it is not valid ONNX ("not topologically sorted"); a stable sort restores the order.
+    """
+    with tempfile.TemporaryDirectory(prefix="layerfuse-convert-") as scratch:
+        try:
+            with quiet_onnxruntime():
+                proto = transform(source, Path(scratch))
+        except LayerfuseError:
+            raise
+        except Exception as exc:  # onnxruntime's tools raise anything; report one line
+            raise ConversionError(
+                f"{kind} conversion of {source} failed: {_first_line(exc)}"
+            ) from None
+        converted = ir.serde.deserialize_model(proto)
+        del proto
+    converted.graph.sort()
+    return deduplicate_initializers(converted)
+
+
+def validate_staged(staged: Path) -> ModelStats:
+    """The checks every command makes when it loads a model, on the staged output."""
+    return model_stats(staged)
+
+
+def _make_folders(folder: Path) -> list[Path]:
+    """Create ``folder``; the folders that did not exist, deepest first."""
+    missing = [path for path in (folder, *folder.parents) if not path.exists()]
+    folder.mkdir(parents=True, exist_ok=True)
+    return missing
+
+
+def _write_staged(model: ir.Model, out: Path, source: Path, kind: str) -> ModelStats:
+    """Save ``model`` in a staging folder beside ``out``, validate it there, then publish it
+    (:func:`~layerfuse.model.publish.publish_model`: weights under a name no graph reads,
+    the graph rename last). On failure the staging folder and any output folder this call
+    created are gone and ``out`` is as it was."""
+    created = _make_folders(out.parent)
+    try:
+        with staging_dir(out.parent, "convert") as tmp:
+            staged = save_model(model, tmp / out.name)
+            try:
+                stats = validate_staged(staged)
+            except InvalidModelError as exc:
+                reason = str(exc).removeprefix(f"{staged}: ")
+                raise ConversionError(
+                    f"the {kind} conversion of {source} is not a valid model ({reason}); "
+                    f"{out} left as it was"
+                ) from None
+            publish_model(staged, out)
+    except BaseException:
+        for folder in created:
+            if any(folder.iterdir()):
+                break
+            folder.rmdir()
+        raise
+    return stats
+
+
 def run_conversion(
     source: str | os.PathLike,
     out: str | os.PathLike,
@@ -85,18 +157,11 @@ def run_conversion(
     source, out = Path(source), Path(out)
     if source.resolve() == out.resolve():
         raise ConversionError(f"output {out} is the source model; write the {kind} model elsewhere")
-    sets = tied_sets(load_model(source))
-    with tempfile.TemporaryDirectory(prefix="layerfuse-convert-") as scratch:
-        try:
-            proto = transform(source, Path(scratch))
-        except LayerfuseError:
-            raise
-        except Exception as exc:  # onnxruntime's tools raise anything; report one line
-            raise ConversionError(
-                f"{kind} conversion of {source} failed: {_first_line(exc)}"
-            ) from None
-        converted = deduplicate_initializers(ir.serde.deserialize_model(proto))
-        del proto
+    model = load_model(source)
+    refuse_overwriting_inputs(model_files(source), [out])
+    sets = tied_sets(model)
+    source_unique_bytes = model_stats(source).unique_content_bytes
+    converted = _convert(source, kind, transform)
     checks = check_ties(sets, converted)
     broken = [check for check in checks if not check.kept]
     if broken:
@@ -107,13 +172,13 @@ def run_conversion(
             f"{kind} conversion undid {len(broken)} of {len(checks)} ties of {source} "
             f"({names}); no output written"
         )
-    save_model(converted, out)
+    stats = _write_staged(converted, out, source, kind)
     carry_manifest(source, out)
     return ConversionResult(
         path=out,
         kind=kind,
         ties=checks,
-        source_unique_bytes=model_stats(source).unique_content_bytes,
-        unique_bytes=model_stats(out).unique_content_bytes,
+        source_unique_bytes=source_unique_bytes,
+        unique_bytes=stats.unique_content_bytes,
         details=details or {},
     )
