@@ -6,11 +6,24 @@ several nodes. ``unique_content_bytes`` also folds initializers whose *contents*
 which are stored twice: the gap between the two is what a deduplication pass would still
 save. :func:`shared_matmul_weights` is the one definition of "a tied weight" that the
 runtime's pre-packing policy and the reports share.
+
+``parameters`` counts *logical* weights, so a quantized variant reports the parameters of
+the float model it came from: a ``MatMulNBits`` weight stores two 4-bit values per uint8
+element (plus one scale per block), and counting its stored elements halved a 268M model to
+130M. Quantization metadata (scales, zero points, group indices) is not a parameter of the
+model but an overhead of its format; ``quantization_parameters`` reports it separately, and
+its bytes are in ``initializer_bytes`` like any other.
 """
 
 from __future__ import annotations
 
-__all__ = ["ModelStats", "model_stats", "shared_matmul_weights"]
+__all__ = [
+    "ModelStats",
+    "ParameterCount",
+    "count_parameters",
+    "model_stats",
+    "shared_matmul_weights",
+]
 
 import hashlib
 import os
@@ -23,6 +36,18 @@ from layerfuse.model.graph import weight_source
 from layerfuse.model.io import file_bytes, load_model
 
 _SHARED_MIN_BYTES = 4096
+# Inputs that hold scales, zero points or group indices of a quantized weight, by op type.
+_METADATA_INPUTS = {
+    "MatMulNBits": (2, 3, 4),
+    "GatherBlockQuantized": (2, 3),
+    "DynamicQuantizeMatMul": (2, 3),
+    "MatMulInteger": (2, 3),
+    "MatMulIntegerToFloat": (2, 3, 4, 5),
+    "DequantizeLinear": (1, 2),
+    "QuantizeLinear": (1, 2),
+}
+# Packed low-bit types whose shape is already logical (onnx_ir sizes them per element).
+_LOGICAL_DTYPES = {ir.DataType.INT4, ir.DataType.UINT4}
 
 
 @dataclass
@@ -32,6 +57,7 @@ class ModelStats:
     initializer_bytes: int
     unique_content_bytes: int
     shared_weights: int
+    quantization_parameters: int = 0
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -52,15 +78,65 @@ def shared_matmul_weights(model: ir.Model) -> dict[str, int]:
     return {name: count for name, count in readers.items() if count > 1}
 
 
+@dataclass
+class ParameterCount:
+    """Logical weight elements, and scales/zero points of quantized weights apart."""
+
+    weights: int = 0
+    quantization: int = 0
+
+
+def _is_dynamic_scale(value: ir.Value | None) -> bool:
+    """Whether ``value`` is the activation scale that ``DynamicQuantizeLinear`` computes:
+    ``quantize_dynamic`` multiplies it with each weight's scale initializer."""
+    producer = None if value is None else value.producer()
+    return producer is not None and producer.op_type == "DynamicQuantizeLinear"
+
+
+def _logical_elements(value: ir.Value, tensor: ir.TensorProtocol) -> int | None:
+    """Elements of the weight ``tensor`` stands for, or None when it is quantization
+    metadata: packed 4-bit blocks count as the N x K matrix they encode."""
+    elements = int(tensor.size)
+    for node, index in value.uses():
+        op = node.op_type
+        if index in _METADATA_INPUTS.get(op, ()):
+            return None
+        if op == "Mul" and _is_dynamic_scale(node.inputs[1 - index]):
+            return None
+        if op == "MatMulNBits" and index == 1:
+            elements = node.attributes.get_int("N", 0) * node.attributes.get_int("K", 0)
+        elif op == "GatherBlockQuantized" and index == 0 and tensor.dtype not in _LOGICAL_DTYPES:
+            elements = int(tensor.size) * 8 // node.attributes.get_int("bits", 4)
+    return elements
+
+
+def count_parameters(model: ir.Model) -> ParameterCount:
+    """Parameters of the main graph, each initializer once however often it is read.
+
+    Use this rather than counting stored elements (``layerfuse.model.io.parameter_count``)
+    wherever the graph may be quantized.
+    """
+    count = ParameterCount()
+    for value in model.graph.initializers.values():
+        tensor = value.const_value
+        if tensor is None:
+            continue
+        elements = _logical_elements(value, tensor)
+        if elements is None:
+            count.quantization += int(tensor.size)
+        else:
+            count.weights += elements
+    return count
+
+
 def model_stats(model_path: str | os.PathLike) -> ModelStats:
     model = load_model(model_path)
-    parameters = initializer_bytes = unique_bytes = shared = 0
+    initializer_bytes = unique_bytes = shared = 0
     seen: set[tuple] = set()
     for value in model.graph.initializers.values():
         tensor = value.const_value
         if tensor is None:
             continue
-        parameters += tensor.size
         initializer_bytes += tensor.nbytes
         readers = {id(use.node) for use in value.uses()}
         shared += len(readers) > 1 and tensor.nbytes >= _SHARED_MIN_BYTES
@@ -68,6 +144,12 @@ def model_stats(model_path: str | os.PathLike) -> ModelStats:
         if key not in seen:
             seen.add(key)
             unique_bytes += tensor.nbytes
+    parameters = count_parameters(model)
     return ModelStats(
-        file_bytes(model_path), int(parameters), initializer_bytes, unique_bytes, shared
+        file_bytes(model_path),
+        parameters.weights,
+        initializer_bytes,
+        unique_bytes,
+        shared,
+        parameters.quantization,
     )
