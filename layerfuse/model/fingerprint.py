@@ -1,21 +1,75 @@
-"""A model's structural fingerprint: what a plan checks before it rewrites anything.
+"""A model's fingerprint: what a plan checks before it rewrites anything.
 
-The hash covers the graph's topology (op types, node names, the names they read and write)
-and every initializer's name, dtype and shape, but not weight bytes: computing it on a 2 GB
-model reads no weights. Two graphs with the same fingerprint are the same rewrite target.
+A plan depends on the model's weights and on which ops read them (a block's FF, its norms,
+its attention projections), not on how the rest of the graph is wired: the plain export and
+the ``--kv-cache`` export of one model differ in their inputs, outputs, attention plumbing and
+every generated name (dynamo numbers its constants per trace), yet a plan made on one must
+apply to the other. So the fingerprint hashes the weights in the order the graph first reads
+them (which follows the blocks), each by dtype, shape, the op that reads it and a sample of
+its values (a few hundred elements: cheap on 2 GB, yet it tells two fine-tunes apart). Shape
+and index constants (integer tensors, scalars) are left out: they are the signature's, not
+the model's.
+
+Fingerprints carry their scheme (``w2-``); the first scheme (graph topology, node and
+initializer names, no values) wrote bare hex digests, and :func:`matches` still checks those
+so that committed plans keep applying.
 """
 
 from __future__ import annotations
 
-__all__ = ["fingerprint"]
+__all__ = ["fingerprint", "legacy_fingerprint", "matches"]
 
 import hashlib
 
+import numpy as np
 import onnx_ir as ir
+
+SCHEME = "w2-"
+# Integer and symbolic tensors are shapes, indices and masks of a signature, never weights.
+_NOT_WEIGHTS = {
+    ir.DataType.INT32,
+    ir.DataType.INT64,
+    ir.DataType.UINT32,
+    ir.DataType.UINT64,
+    ir.DataType.BOOL,
+    ir.DataType.STRING,
+}
+_SAMPLE = 256
+
+
+def _weights_in_use_order(model: ir.Model):
+    """(weight, op type of its first reader), in the order the graph first reads them."""
+    seen: set[str] = set()
+    for node in ir.traversal.RecursiveGraphIterator(model.graph):
+        for value in node.inputs:
+            if value is None or not value.is_initializer() or value.name in seen:
+                continue
+            seen.add(value.name)
+            if value.dtype in _NOT_WEIGHTS or value.shape is None or len(value.shape) == 0:
+                continue
+            yield value, node.op_type
+
+
+def _sample(value: ir.Value) -> bytes:
+    """Evenly spaced elements of the weight (all of a small one)."""
+    if value.const_value is None:
+        return b""
+    flat = np.ascontiguousarray(value.const_value.numpy()).reshape(-1)
+    return np.ascontiguousarray(flat[:: max(1, flat.size // _SAMPLE)]).tobytes()
 
 
 def fingerprint(model: ir.Model) -> str:
-    """A hash of the graph's topology and weight shapes (not weight bytes: cheap on 2 GB)."""
+    """A hash of the weights (dtype, shape, reading op, sampled values) in first-use order."""
+    digest = hashlib.sha256()
+    for value, op_type in _weights_in_use_order(model):
+        shape = tuple(value.shape)
+        digest.update(f"{value.dtype}|{shape}|{op_type}|".encode())
+        digest.update(_sample(value))
+    return SCHEME + digest.hexdigest()[:16]
+
+
+def legacy_fingerprint(model: ir.Model) -> str:
+    """The first scheme: topology and weight names and shapes (plans before ``w2-`` hold it)."""
     digest = hashlib.sha256()
     for node in model.graph:
         digest.update(f"{node.op_type}|{node.name}|".encode())
@@ -25,3 +79,10 @@ def fingerprint(model: ir.Model) -> str:
         shape = tuple(value.shape) if value.shape is not None else ()
         digest.update(f"{name}|{value.dtype}|{shape}".encode())
     return digest.hexdigest()[:16]
+
+
+def matches(model: ir.Model, recorded: str) -> bool:
+    """Whether ``recorded`` (of either scheme) is this model's fingerprint."""
+    if recorded.startswith(SCHEME):
+        return fingerprint(model) == recorded
+    return legacy_fingerprint(model) == recorded

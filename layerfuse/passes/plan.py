@@ -21,7 +21,7 @@ import onnx_ir as ir
 
 from layerfuse.errors import PlanError
 from layerfuse.files import write_json_atomic
-from layerfuse.model.fingerprint import fingerprint
+from layerfuse.model.fingerprint import fingerprint, matches
 from layerfuse.model.io import load_model
 from layerfuse.passes.detect import ModelStructure, detect_structure
 
@@ -82,13 +82,21 @@ class Plan:
         return plan
 
     def check_fits(self, model: ir.Model) -> ModelStructure:
-        """The model's structure, after checking the plan was made for this model."""
+        """The model's structure, after checking the plan was made for this model.
+
+        The fingerprint covers the weights and the ops that read them, so a plan made on one
+        signature of a model (plain, ``--kv-cache``) fits the others. A plan holding a
+        fingerprint of the first scheme is checked by that scheme, then takes today's, so the
+        provenance recorded in what it writes is of one scheme.
+        """
         actual = fingerprint(model)
         if actual != self.fingerprint:
-            raise PlanError(
-                f"the plan was made for a model with fingerprint {self.fingerprint}, "
-                f"this one has {actual}"
-            )
+            if not matches(model, self.fingerprint):
+                raise PlanError(
+                    f"the plan was made for a model with fingerprint {self.fingerprint}, "
+                    f"this one has {actual} (other weights or other ops reading them)"
+                )
+            self.fingerprint = actual
         structure = detect_structure(model)
         if len(structure.blocks) != self.num_blocks:
             raise PlanError(
