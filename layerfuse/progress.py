@@ -7,7 +7,7 @@ default, so nothing prints unless asked to.
 
 from __future__ import annotations
 
-__all__ = ["SILENT", "ConsoleReporter", "Reporter"]
+__all__ = ["LOG_EVERY_S", "SILENT", "ConsoleReporter", "Reporter"]
 
 import time
 from collections.abc import Iterable, Iterator
@@ -28,6 +28,8 @@ class Reporter:
 
 
 SILENT = Reporter()
+# Seconds between progress lines when stderr is not a terminal.
+LOG_EVERY_S = 20.0
 
 
 class ConsoleReporter(Reporter):
@@ -43,12 +45,7 @@ class ConsoleReporter(Reporter):
 
     def track(self, items: Iterable[T], total: int | None, description: str) -> Iterator[T]:
         if not self.console.is_terminal:
-            # Logs (CI, files) get one line per step instead of redrawn bars.
-            started, count = time.perf_counter(), 0
-            for item in items:
-                yield item
-                count += 1
-            self.step(f"{description}: {count} done in {time.perf_counter() - started:.1f} s")
+            yield from self._logged(items, total, description)
             return
         from rich.progress import (
             BarColumn,
@@ -71,3 +68,22 @@ class ConsoleReporter(Reporter):
             for item in items:
                 yield item
                 bar.advance(task)
+
+    def _logged(self, items: Iterable[T], total: int | None, description: str) -> Iterator[T]:
+        """Logs (CI, files, ``nohup``) get lines instead of redrawn bars: when a stage
+        starts, every ``LOG_EVERY_S`` seconds while it runs, and when it ends, so a long
+        stage is never silent."""
+        started = last = time.perf_counter()
+        self.step(f"{description}: started" + (f" ({total} to do)" if total else ""))
+        count = 0
+        for item in items:
+            yield item
+            count += 1
+            now = time.perf_counter()
+            if now - last >= LOG_EVERY_S:
+                last = now
+                done = f"{count}/{total}" if total else str(count)
+                eta = (now - started) / count * (total - count) if total else None
+                remaining = f", about {eta:.0f} s left" if eta is not None else ""
+                self.step(f"{description}: {done} after {now - started:.0f} s{remaining}")
+        self.step(f"{description}: {count} done in {time.perf_counter() - started:.1f} s")
