@@ -14,7 +14,7 @@ import torch
 from layerfuse.cli import main
 from layerfuse.data.batches import make_batches
 from layerfuse.errors import LayerfuseError
-from layerfuse.export import sources
+from layerfuse.export import onnx_export, sources
 from layerfuse.export.onnx_export import _VERIFY_TEXTS, example_inputs, export_model
 from layerfuse.export.sources import load_source, resolve_source
 from layerfuse.export.wrappers import wrap_for_export
@@ -174,3 +174,17 @@ def test_a_task_from_a_fallback_is_said_and_kv_cache_implies_causal_lm(
     assert "note: the config names no architectures, so the model is exported as an encoder" in (
         printed
     )
+
+
+def test_no_bos_overrides_a_tokenizer_that_adds_bos(tmp_path, monkeypatch):
+    gguf = gguf_models.write_tiny_llama(tmp_path / "tiny.gguf", add_bos=True)
+    assert load_source(str(gguf)).bos is True
+    exported = []
+
+    def capture(source, *args, **kwargs):
+        exported.append(source.bos)  # what export_model writes as the manifest's 'bos'
+        raise LayerfuseError("stopped before exporting")
+
+    monkeypatch.setattr(onnx_export, "export_model", capture)
+    assert main(["export", str(gguf), "--no-bos", "-o", str(tmp_path / "out")]) == 2
+    assert exported == [False]
