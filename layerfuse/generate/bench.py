@@ -30,7 +30,7 @@ import onnx_ir as ir
 from layerfuse.errors import DataError
 from layerfuse.generate.decoder import Decoder
 from layerfuse.generate.loop import Generation, generate_ids, token_ids
-from layerfuse.model.cache import cache_entries, kv_bytes_per_token
+from layerfuse.model.cache import kv_bytes_per_token, paired_cache
 
 RUNTIMES = ("ort", "genai")
 
@@ -91,7 +91,7 @@ def _open(target: DecodeTarget, provider: str, threads: int | None) -> Runner:
 
 def _kv_bytes(path: Path) -> int:
     graph = ir.serde.deserialize_model(onnx.load(path, load_external_data=False)).graph
-    return kv_bytes_per_token(cache_entries(graph))
+    return kv_bytes_per_token(paired_cache(graph, str(path)))
 
 
 def _summary(case: DecodeCase, runs: list[Generation], peer: list[list[int]]) -> dict:

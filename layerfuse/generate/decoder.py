@@ -3,8 +3,11 @@
 The cache never leaves the device: every run binds the previous presents (``OrtValue``s that
 onnxruntime allocated) as the next pasts through IO binding, on CPU and CUDA alike, so a
 decode step copies only the new token ids in and the last logits out. Which output continues
-which input is found by dataflow (:mod:`layerfuse.model.cache`); the names of the token, mask
-and position inputs and of the logits come from the manifest.
+which input is found by dataflow (:mod:`layerfuse.model.cache`), the same check the export
+runs, and a graph with a cache input nothing continues is refused in one line before any run
+(onnxruntime would stop at the first step on the input left unfed). A sliding-window layer
+whose present keeps only the window's last tokens is carried on as it is. The names of the
+token, mask and position inputs and of the logits come from the manifest.
 
 Padding follows the graph: graphs that take ``position_ids`` (torch exports) get prompts
 padded on the left with positions counted over real tokens, as Hugging Face's ``generate``
@@ -30,7 +33,7 @@ import onnx_ir as ir
 import onnxruntime as ort
 
 from layerfuse.errors import DataError
-from layerfuse.model.cache import CacheEntry, cache_entries
+from layerfuse.model.cache import CacheEntry, paired_cache
 from layerfuse.model.manifest import require_manifest
 from layerfuse.runtime.session import PROVIDERS, create_session, resolve_provider
 
@@ -64,15 +67,9 @@ class Decoder:
         self.manifest = require_manifest(self.model_path)
         proto = onnx.load(self.model_path, load_external_data=False)
         graph = ir.serde.deserialize_model(proto).graph
-        self.entries: list[CacheEntry] = cache_entries(graph)
+        self.entries: list[CacheEntry] = paired_cache(graph, str(self.model_path))
         if not self.entries:
             raise DataError(_NO_CACHE.format(path=self.model_path))
-        for entry in self.entries:
-            if entry.present is None or entry.heads is None or entry.head_dim is None:
-                raise DataError(
-                    f"{self.model_path}: cache input '{entry.past.name}' has no present output "
-                    f"or no known shape; cannot carry it from step to step"
-                )
         names = {value.name for value in graph.inputs}
         self.input_ids, self.attention_mask = self.manifest.inputs[:2]
         self.position_ids = "position_ids" if "position_ids" in names else None
@@ -119,7 +116,8 @@ class Decoder:
             value = cache[name]
             if not isinstance(value, ort.OrtValue):
                 value = self._value(np.asarray(value, entry.dtype.numpy()))
-            expected = [batch, entry.heads, past, entry.head_dim]
+            kept = past if entry.window is None else min(past, entry.window)
+            expected = [batch, entry.heads, kept, entry.head_dim]
             if list(value.shape()) != expected:
                 raise DataError(
                     f"cache tensor '{name}' has shape {list(value.shape())}; this graph and "
