@@ -9,13 +9,16 @@ always passed, counted over real tokens like Hugging Face's ``generate`` does.
 Verification runs the graph the way generation will: a prefill of left-padded prompts from
 an empty cache, then one decode step fed with the graph's own presents, both compared with
 the wrapped torch model on the positions the mask marks valid (fully masked rows of padding
-differ between runtimes by design and are never attended to).
+differ between runtimes by design and are never attended to). onnxruntime continues its
+cache through the pairing ``generate`` uses (:func:`layerfuse.model.cache.paired_cache`), so
+an export whose cache the decode loop could not carry is refused here, before it is written.
 """
 
 from __future__ import annotations
 
 __all__ = [
     "cache_dynamic_shapes",
+    "cache_routes",
     "cache_trace_args",
     "check_cache_export",
     "generation_summary",
@@ -24,11 +27,14 @@ __all__ = [
 ]
 
 import numpy as np
+import onnx
+import onnx_ir as ir
 import torch
 
 from layerfuse.errors import LayerfuseError
 from layerfuse.export.sources import ModelSource
 from layerfuse.export.wrappers import CacheGeometry, cache_io_names
+from layerfuse.model.cache import paired_cache
 
 _TRACE_PAST = 5
 
@@ -82,25 +88,41 @@ def _valid_diff(actual: np.ndarray, expected: np.ndarray, mask: np.ndarray, axis
     return float(np.max(np.abs(moved_a[valid] - moved_e[valid])))
 
 
-def _step(wrapper, session, names, ids, mask, past_torch, past_ort):
+def cache_routes(session) -> dict[str, int]:
+    """Past input -> index of the session output that continues it, paired the way
+    ``generate`` pairs them (:func:`paired_cache`): an export whose cache the decode loop
+    could not carry fails here, in one line, instead of at the user's first step."""
+    proto = onnx.load(session._model_path, load_external_data=False)
+    graph = ir.serde.deserialize_model(proto).graph
+    outputs = [output.name for output in session.get_outputs()]
+    entries = paired_cache(graph, "the exported graph")
+    return {entry.past.name: outputs.index(entry.present.name) for entry in entries}
+
+
+def _step(wrapper, session, names, ids, mask, past_torch, past_ort: dict):
     """One step in torch and in onnxruntime, each continuing its own cache."""
     positions = position_ids(mask)[:, -ids.shape[1] :]
     with torch.no_grad():
         expected = [t.numpy() for t in wrapper(ids, mask, positions, *past_torch)]
-    feeds = dict(zip(names, [ids.numpy(), mask.numpy(), positions.numpy(), *past_ort], strict=True))
-    return expected, session.run(None, feeds)
+    feeds = dict(zip(names, [ids.numpy(), mask.numpy(), positions.numpy()], strict=False))
+    return expected, session.run(None, feeds | past_ort)
 
 
 def verify_with_cache(
     wrapper, session, tokenizer, texts: list[str], geometry: CacheGeometry
 ) -> dict[str, float]:
-    """Max |onnxruntime - torch| of a prefill from an empty cache and of one decode step."""
+    """Max |onnxruntime - torch| of a prefill from an empty cache and of one decode step.
+
+    Torch continues its own presents in signature order; onnxruntime is fed its presents by
+    :func:`cache_routes`, as the decode loop will feed them."""
     names, _ = cache_io_names(geometry.num_layers)
+    routes = cache_routes(session)
     ids, mask = left_padded(tokenizer, texts)
     batch = ids.shape[0]
     empty = torch.zeros(batch, geometry.kv_heads, 0, geometry.head_dim)
     past = [empty] * (2 * geometry.num_layers)
-    expected, actual = _step(wrapper, session, names, ids, mask, past, [t.numpy() for t in past])
+    feeds = dict.fromkeys(names[3:], empty.numpy())
+    expected, actual = _step(wrapper, session, names, ids, mask, past, feeds)
     real = mask.numpy()
     prefill = max(
         _valid_diff(actual[0], expected[0], real, 1),
@@ -109,7 +131,8 @@ def verify_with_cache(
     following = torch.from_numpy(expected[0][:, -1].argmax(-1))[:, None]
     longer = torch.cat([mask, torch.ones(batch, 1, dtype=torch.int64)], dim=1)
     past_torch = [torch.from_numpy(t) for t in expected[1:]]
-    expected, actual = _step(wrapper, session, names, following, longer, past_torch, actual[1:])
+    feeds = {name: actual[index] for name, index in routes.items()}
+    expected, actual = _step(wrapper, session, names, following, longer, past_torch, feeds)
     decode = max(
         float(np.max(np.abs(actual[0] - expected[0]))),
         *(

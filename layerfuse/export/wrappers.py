@@ -115,9 +115,12 @@ class _CausalLMWithCache(torch.nn.Module):
     ) -> tuple[torch.Tensor, ...]:
         from transformers import DynamicCache
 
-        cache = DynamicCache(config=self.m.config)
+        # No config: every layer keeps all its tokens. A sliding-window layer's cache counts
+        # tokens from the past it is handed and branches on the count, so a graph traced below
+        # the window would be wrong past it; the model's mask still applies the window.
+        cache = DynamicCache()
         for i in range(self.num_layers):
-            cache.layers[i].update(past[2 * i], past[2 * i + 1])
+            cache.update(past[2 * i], past[2 * i + 1], i)
         output = self.m(
             input_ids=input_ids,
             attention_mask=attention_mask,
