@@ -171,3 +171,77 @@ def test_meaningless_numbers_are_refused(argv, good_model, tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("layerfuse: error:"), err
     assert not (tmp_path / "o.onnx").exists()
+
+
+@pytest.fixture(scope="module")
+def saved_plan(good_model, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("plan") / "model.onnx"
+    argv = ["merge", str(good_model), "-o", str(out), "--blocks", "0-1", "--method", "vanilla"]
+    assert main(argv) == 0
+    return out.with_suffix(".plan.json")
+
+
+def test_an_empty_plan_is_an_error_and_writes_nothing(good_model, saved_plan, tmp_path, capsys):
+    import json
+
+    empty = tmp_path / "empty.plan.json"
+    empty.write_text(json.dumps(json.loads(saved_plan.read_text()) | {"windows": []}))
+    capsys.readouterr()
+    assert main(["merge", str(good_model), "-o", str(tmp_path / "o.onnx"), "--plan", str(empty)])
+    assert "no windows" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty.plan.json"]
+
+
+def test_planning_options_with_a_saved_plan_are_refused(good_model, saved_plan, tmp_path, capsys):
+    out = tmp_path / "o.onnx"
+    for extra in (["--refit"], ["--calib-tokens", "99"], ["--ratio", "0.5"]):
+        capsys.readouterr()
+        argv = ["merge", str(good_model), "-o", str(out), "--plan", str(saved_plan), *extra]
+        assert main(argv) == 2
+        assert f"{extra[0]} cannot apply with --plan" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_sizes_are_measured_on_the_written_files(good_model, saved_plan, tmp_path, capsys):
+    from layerfuse.model.io import parameter_count
+
+    out = tmp_path / "o.onnx"
+    capsys.readouterr()
+    assert main(["merge", str(good_model), "-o", str(out), "--plan", str(saved_plan)]) == 0
+    printed = capsys.readouterr().out
+    before, after = (parameter_count(load_model(p)) for p in (good_model, out))
+    assert f"({(after - before) / before:+.1%})" in printed
+
+
+def test_a_manifest_cannot_reach_outside_its_folder(good_model, tmp_path, capsys):
+    import json
+
+    folder = tmp_path / "m"
+    shutil.copytree(good_model.parent, folder)
+    manifest = folder / "layerfuse.json"
+    manifest.write_text(json.dumps(json.loads(manifest.read_text()) | {"tokenizer": "../.."}))
+    out = tmp_path / "out" / "model.onnx"
+    capsys.readouterr()
+    assert main(["merge", str(folder / "model.onnx"), "-o", str(out), "--blocks", "0-1"]) == 2
+    assert "points outside the model folder" in capsys.readouterr().err
+    manifest.write_text("[]")
+    assert main(["evaluate", str(folder / "model.onnx")]) == 2
+    assert "unreadable manifest" in capsys.readouterr().err
+    assert not out.parent.exists()
+
+
+@pytest.mark.parametrize(
+    "baseline", (b"\x89PNG\r\n\x1a\n\x00\xff", b"[1, 2]", b'{"schema": "layerfuse.bench/1"}')
+)
+def test_a_damaged_baseline_is_refused_before_anything_is_written(
+    good_model, tmp_path, capsys, baseline
+):
+    previous = tmp_path / "out.json"
+    previous.write_text('{"previous": true}\n')
+    damaged = tmp_path / "baseline.json"
+    damaged.write_bytes(baseline)
+    capsys.readouterr()
+    argv = ["bench", str(good_model), "--runs", "1", "--json", str(previous)]
+    assert main([*argv, "--baseline", str(damaged)]) == 2
+    assert capsys.readouterr().err.startswith("layerfuse: error: baseline")
+    assert previous.read_text() == '{"previous": true}\n'

@@ -73,10 +73,30 @@ def _merge_plan(args: argparse.Namespace, reporter: Reporter) -> Plan:
 
 def _merge_summary(plan) -> str:
     windows = ", ".join(f"{w.blocks[0]}-{w.blocks[-1]} (anchor {w.anchor})" for w in plan.windows)
-    return (
+    summary = (
         f"tied {plan.merged_blocks + len(plan.windows)} FF sublayers in windows {windows} "
         f"with the {plan.method} method"
     )
+    return summary + _validation_note(plan.validation)
+
+
+# Validation perplexity this many times the original's means the merge broke the model.
+_BROKEN_RATIO = 3.0
+
+
+def _validation_note(validation: dict | None) -> str:
+    """What merging did to validation quality, said plainly when it broke the model."""
+    if not validation or validation["metric"] != "perplexity":
+        return ""
+    before, after = validation["original"], validation["merged"]
+    note = f"\nvalidation perplexity {before:.4g} -> {after:.4g} ({after / before:.2f}x)"
+    if after > _BROKEN_RATIO * before:
+        note += (
+            "\nwarning: the merged model is much worse than the original; merge fewer FFs "
+            "(a smaller --ratio or --blocks), try --refit, and train it back with "
+            "'layerfuse recover' before using it"
+        )
+    return note
 
 
 def _merge_plan_class():

@@ -66,9 +66,31 @@ def read_manifest(model_path: str | os.PathLike) -> Manifest | None:
 
         return genai_manifest(model_path)
     try:
-        return Manifest.from_json(json.loads(path.read_text()))
-    except (json.JSONDecodeError, TypeError) as exc:
+        data = json.loads(path.read_text())
+        if not isinstance(data, dict):
+            raise TypeError(f"a JSON object was expected, not {type(data).__name__}")
+        manifest = Manifest.from_json(data)
+    except (json.JSONDecodeError, UnicodeDecodeError, TypeError) as exc:
         raise DataError(f"{path}: unreadable manifest ({exc})") from None
+    _confine(manifest.tokenizer, path)
+    return manifest
+
+
+def _confine(entry: str | None, manifest_path: Path) -> None:
+    """A manifest names files inside its own folder only, as external data must.
+
+    Otherwise ``"tokenizer": "../../data"`` would make every variant copy a folder from
+    outside the model folder to outside the output folder.
+    """
+    if entry is None:
+        return
+    folder = manifest_path.parent.resolve()
+    if not isinstance(entry, str) or os.path.isabs(entry):
+        raise DataError(f"{manifest_path}: tokenizer '{entry}' must be a path inside the folder")
+    if not (folder / entry).resolve().is_relative_to(folder):
+        raise DataError(
+            f"{manifest_path}: tokenizer '{entry}' points outside the model folder {folder}"
+        )
 
 
 def require_manifest(model_path: str | os.PathLike) -> Manifest:

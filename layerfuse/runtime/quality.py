@@ -26,6 +26,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from layerfuse.errors import DataError
 from layerfuse.progress import SILENT, Reporter
 from layerfuse.runtime.calibration import adapt_feeds, token_rows
 
@@ -114,6 +115,11 @@ def output_fidelity(reference, candidate, batches: list, reporter: Reporter = SI
     for batch in reporter.track(batches, len(batches), "comparing outputs"):
         a = token_rows(reference.run([name_a], adapt_feeds(reference, batch.feeds))[0], batch.mask)
         b = token_rows(candidate.run([name_b], adapt_feeds(candidate, batch.feeds))[0], batch.mask)
+        if a.shape != b.shape:
+            raise DataError(
+                f"the reference's output is {list(a.shape)} per batch, this graph's "
+                f"{list(b.shape)}: compare graphs of the same model"
+            )
         diff = np.abs(a - b)
         max_diff = max(max_diff, float(diff.max()))
         abs_sum += float(diff.mean(axis=1).sum())

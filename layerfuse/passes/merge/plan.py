@@ -75,6 +75,8 @@ class MergePlan(Plan):
     parameters_removed: int = 0
     bytes_removed: int = 0
     refit: dict | None = None
+    # Validation score of the original and of the merged model, when planning scored any.
+    validation: dict | None = None
     # Refitted output-side weights per window index: {"down": [width, d], "down_bias": [d]}.
     refit_weights: dict[int, dict[str, np.ndarray]] = field(default_factory=dict)
 
@@ -86,6 +88,8 @@ class MergePlan(Plan):
         ):
             if value not in allowed:
                 raise PlanError(f"unknown merge {name} '{value}' (choose {', '.join(allowed)})")
+        if not self.windows:
+            raise PlanError("the merge plan has no windows: it would tie nothing")
         ranges = [(w.blocks[0], w.blocks[-1]) for w in self.windows if w.blocks]
         check_ranges(ranges, self.num_blocks, min_length=2, what="window")
         for window in self.windows:
@@ -116,6 +120,7 @@ class MergePlan(Plan):
             "calibration": self.calibration,
             "selection": self.selection,
             "refit": self.refit,
+            "validation": self.validation,
             "windows": [w.to_json() for w in self.windows],
         }
 
@@ -133,6 +138,7 @@ class MergePlan(Plan):
             parameters_removed=int(data.get("parameters_removed", 0)),
             bytes_removed=int(data.get("bytes_removed", 0)),
             refit=data.get("refit"),
+            validation=data.get("validation"),
         )
 
     def save_sidecars(self, path: Path, data: dict) -> None:

@@ -205,7 +205,6 @@ def _select_windows(
 
 def _validate(model_path: Path, base_plan: dict, candidates: list[list[list[int]]]) -> None:
     """Check method, anchor and every candidate window's shapes before any expensive step."""
-    MergePlan(**base_plan, windows=[])
     model = load_model(model_path)
     for options in candidates:
         for blocks in options:
@@ -254,9 +253,14 @@ def plan_merge(
         refit_if_it_helps(
             model_path, plan, calibration, scorer, provider=settings.provider, reporter=reporter
         )
-    plan.bytes_removed = weight_bytes(load_model(model_path)) - weight_bytes(
-        apply_plan(model_path, plan)
-    )
+    merged = apply_plan(model_path, plan)
+    plan.bytes_removed = weight_bytes(load_model(model_path)) - weight_bytes(merged)
+    if scorer is not None:
+        plan.validation = {
+            "metric": scorer.metric,
+            "original": scorer(load_model(model_path)),
+            "merged": scorer(merged),
+        }
     plan.parameters_removed = sum(
         (len(w.blocks) - 1) * structure.blocks[w.anchor].ff.parameter_count for w in plan.windows
     )
