@@ -245,3 +245,16 @@ def test_a_damaged_baseline_is_refused_before_anything_is_written(
     assert main([*argv, "--baseline", str(damaged)]) == 2
     assert capsys.readouterr().err.startswith("layerfuse: error: baseline")
     assert previous.read_text() == '{"previous": true}\n'
+
+
+@pytest.mark.parametrize("command", ("evaluate", "recover"))
+def test_text_that_is_not_utf8_is_one_line(command, good_model, tmp_path, capsys):
+    data = tmp_path / "latin1.txt"
+    data.write_bytes("caf\xe9 au lait\n\nd\xe9j\xe0 vu\n".encode("latin-1"))
+    argv = {
+        "evaluate": ["evaluate", str(good_model)],
+        "recover": ["recover", str(good_model), str(good_model), "-o", str(tmp_path / "r.onnx")],
+    }[command]
+    capsys.readouterr()
+    assert main([*argv, "--data", str(data)]) == 2
+    assert "not UTF-8 text" in capsys.readouterr().err

@@ -118,9 +118,17 @@ def _dataset_texts(path: Path) -> list[str]:
 def _source_texts(path: Path) -> list[str]:
     if path.is_dir():
         return _dataset_texts(path)
-    if path.suffix == ".jsonl":
-        return _jsonl_texts(path)
-    return [p.strip() for p in path.read_text(encoding="utf-8").split("\n\n")]
+    try:
+        if path.suffix == ".jsonl":
+            return _jsonl_texts(path)
+        return [p.strip() for p in path.read_text(encoding="utf-8").split("\n\n")]
+    except UnicodeDecodeError as exc:
+        raise DataError(
+            f"{path}: not UTF-8 text (byte {exc.start}: {exc.reason}); convert it, e.g. with "
+            f"iconv -f latin1 -t utf-8"
+        ) from None
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read it ({exc.strerror or exc})") from None
 
 
 def _hash_split(text: str) -> str:
