@@ -196,3 +196,32 @@ FAMILY_CONFIGS = {
     ),
 }
 WITHOUT_POOLER = ("bert", "roberta", "xlm_roberta", "vit", "deit")
+
+# Sliding-window variants for the KV-cache generation tests (tests/test_sliding_window.py),
+# with a window of 8 tokens, shorter than their prompts plus new tokens; Gemma-2/3 above
+# slide too (window 16). Not part of the family matrix of docs/models.md.
+_WINDOW = 8
+SLIDING_WINDOW_CONFIGS = {
+    # every layer slides
+    "mistral_sliding": lambda: (
+        transformers.MistralConfig(**_decoder(num_key_value_heads=2, sliding_window=_WINDOW)),
+        transformers.MistralForCausalLM,
+    ),
+    # layers from max_window_layers on slide, the first two attend to everything
+    "qwen2_sliding": lambda: (
+        transformers.Qwen2Config(
+            **_decoder(
+                num_key_value_heads=2,
+                use_sliding_window=True,
+                sliding_window=_WINDOW,
+                max_window_layers=2,
+            )
+        ),
+        transformers.Qwen2ForCausalLM,
+    ),
+    # parallel block, three sliding layers then a global one
+    "cohere2": lambda: (
+        transformers.Cohere2Config(**_decoder(num_key_value_heads=2, sliding_window=_WINDOW)),
+        transformers.Cohere2ForCausalLM,
+    ),
+}

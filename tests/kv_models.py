@@ -155,3 +155,24 @@ def shared(tmp_path_factory) -> GenerationModels:
     if base not in _SHARED:
         _SHARED[base] = GenerationModels(tmp_path_factory.mktemp("generation"))
     return _SHARED[base]
+
+
+def sliding_folder(family: str, folder: Path) -> Path:
+    """A tiny sliding-window model of the family matrix (Gemma-2/3 there, or one of
+    :data:`tests.family_configs.SLIDING_WINDOW_CONFIGS`) saved with the tiny tokenizer,
+    perturbed like the matrix's models."""
+    from tests import tiny_models
+    from tests.family_configs import FAMILY_CONFIGS, SLIDING_WINDOW_CONFIGS
+
+    if family in FAMILY_CONFIGS:
+        return tiny_models.save_folder(family, folder)
+    torch.manual_seed(0)
+    config, model_class = SLIDING_WINDOW_CONFIGS[family]()
+    model = model_class(config)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            if parameter.ndim == 1:
+                parameter.add_(torch.randn_like(parameter) * 0.05)
+    model.eval().save_pretrained(folder)
+    tiny_models.make_tokenizer().save_pretrained(folder)
+    return folder
