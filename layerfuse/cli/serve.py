@@ -2,7 +2,9 @@
 
 The server runs as a child process; its log streams to stderr (or ``--log-file``), the
 endpoints go to stdout once every model has loaded. Ctrl-C or SIGTERM is forwarded once as
-SIGTERM (the server finishes in-flight requests, then exits); a second one kills it.
+SIGTERM (the server finishes in-flight requests, then exits); a second one kills it. While
+models load, Ctrl-C or SIGTERM kills the child, removes the temporary repository and exits 0
+with one line.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ __all__ = ["register"]
 import argparse
 import signal
 import sys
+import threading
 from pathlib import Path
 
 from layerfuse.cli.common import add_provider_option, console
@@ -54,24 +57,36 @@ def _print_endpoints(server) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
+    from layerfuse.deploy.process import StartCancelled
     from layerfuse.deploy.serve import start_server
 
     log = open(args.log_file, "a") if args.log_file else sys.stderr  # noqa: SIM115
-    server = start_server(args.models, _options(args), log)
-    _print_endpoints(server)
+    server = None
+    starting = threading.Event()  # set: stop while starting (the child is killed, folder removed)
     stops = 0
 
     def forward(signum, frame):
         nonlocal stops
+        if server is None:
+            starting.set()
+            return
         stops += 1
         if stops == 1:
             print("layerfuse: stopping the server (again to kill it)", file=sys.stderr)
-            server.process.terminate()
+            server.terminate()
         else:
-            server.process.kill()
+            server.kill()
 
     previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
+        try:
+            server = start_server(args.models, _options(args), log, cancel=starting)
+        except StartCancelled:
+            print("layerfuse: stopped before the server was ready", file=sys.stderr)
+            return 0
+        if starting.is_set():  # the signal came after the start, before `server` was set
+            forward(signal.SIGTERM, None)
+        _print_endpoints(server)
         code = server.wait()
     finally:
         for sig, handler in previous.items():

@@ -110,6 +110,20 @@ def _index_route(app, models) -> None:
         ]
 
 
+def _input_named(body: object, location: list) -> str:
+    """``input 'NAME' shape: `` when a schema error lies inside ``inputs[i]`` of ``body``, so
+    the error names the input as every other refusal does."""
+    if "inputs" not in location or len(location) < location.index("inputs") + 2:
+        return ""
+    index = location[location.index("inputs") + 1]
+    try:
+        name = body["inputs"][index]["name"]
+    except (KeyError, IndexError, TypeError):
+        return ""
+    field = " ".join(str(part) for part in location[location.index("inputs") + 2 :])
+    return f"input '{name}' {field}: " if field else f"input '{name}': "
+
+
 def _configure_app(app, models, limit: int) -> None:
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse
@@ -117,7 +131,10 @@ def _configure_app(app, models, limit: int) -> None:
     async def malformed(request, exc):
         first = (exc.errors() or [{}])[0]
         reason = first.get("msg", "does not match the v2 inference request schema")
-        return JSONResponse(status_code=400, content={"error": f"malformed request: {reason}"})
+        where = _input_named(exc.body, list(first.get("loc", ())))
+        return JSONResponse(
+            status_code=400, content={"error": f"malformed request: {where}{reason}"}
+        )
 
     app.add_exception_handler(RequestValidationError, malformed)
     app.add_middleware(JsonByDefault)

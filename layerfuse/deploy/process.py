@@ -4,7 +4,10 @@ Both engines run as children of ``layerfuse serve`` (tritonserver is a binary; t
 server gets an interpreter of its own, so its signal handlers and event loop are its own).
 The child runs in its own session, so a Ctrl-C in the terminal reaches only ``layerfuse``,
 which forwards one SIGTERM: both servers then finish in-flight requests, refuse new ones and
-exit. A second Ctrl-C kills the child's process group.
+exit. A second Ctrl-C kills the child's process group. The child also dies with ``layerfuse``:
+it asks the kernel (``prctl(PR_SET_PDEATHSIG, SIGKILL)``, before exec) to kill it when its
+parent goes, so a SIGKILLed ``layerfuse serve`` leaves no server holding the port (the parent
+is the thread that started the child: start servers from a thread that outlives them).
 
 Every child gets ``MALLOC_MMAP_THRESHOLD_=131072``: glibc then serves large blocks with mmap
 and returns them on free, so the buffers onnxruntime frees while pre-packing tied weights do
@@ -13,9 +16,17 @@ not stay in the server's RSS.
 
 from __future__ import annotations
 
-__all__ = ["SERVER_ENV", "ServerProcess", "check_port_free", "free_port", "http_request"]
+__all__ = [
+    "SERVER_ENV",
+    "ServerProcess",
+    "StartCancelled",
+    "check_port_free",
+    "free_port",
+    "http_request",
+]
 
 import collections
+import ctypes
 import json
 import os
 import signal
@@ -30,6 +41,24 @@ from typing import TextIO
 from layerfuse.errors import LayerfuseError
 
 SERVER_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072"}
+_PR_SET_PDEATHSIG = 1
+# Resolved here, in the parent: the forked child should run as little Python as it can.
+_prctl = ctypes.CDLL(None, use_errno=True).prctl
+
+
+def _die_with(parent: int):
+    """A ``preexec_fn``: SIGKILL this child when ``parent`` exits, even by SIGKILL."""
+
+    def arrange() -> None:
+        _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+        if os.getppid() != parent:  # the parent died before the request was in place
+            os._exit(1)
+
+    return arrange
+
+
+class StartCancelled(Exception):
+    """A stop was asked for while the server was still starting."""
 
 
 def check_port_free(host: str, port: int, option: str) -> None:
@@ -95,6 +124,8 @@ class ServerProcess:
             text=True,
             errors="replace",
             start_new_session=True,
+            # Two calls, no imports, no locks: safe enough in a child forked from threads.
+            preexec_fn=_die_with(os.getpid()),  # noqa: PLW1509
         )
         self._reader = threading.Thread(target=self._relay, daemon=True)
         self._reader.start()
@@ -113,10 +144,14 @@ class ServerProcess:
         errors = [line for line in lines if "error" in line.lower()]
         return (errors or lines or ["(no output)"])[-1].strip()
 
-    def wait_until(self, url: str, timeout: float) -> float:
-        """Seconds until ``url`` answers 200; a LayerfuseError if the child dies or stalls."""
+    def wait_until(self, url: str, timeout: float, cancel: threading.Event | None = None) -> float:
+        """Seconds until ``url`` answers 200; a LayerfuseError if the child dies or stalls,
+        StartCancelled once ``cancel`` is set (a signal handler sets it: raising from the
+        handler itself could land anywhere, even inside Popen)."""
         started = time.monotonic()
         while time.monotonic() - started < timeout:
+            if cancel is not None and cancel.is_set():
+                raise StartCancelled
             if self.process.poll() is not None:
                 self._reader.join(timeout=2)
                 raise LayerfuseError(

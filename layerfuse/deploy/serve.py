@@ -8,22 +8,41 @@ is reported with the server's own reason, and refused unless ``keep_going``.
 - triton: the bundled ``tritonserver``. ``.onnx`` files are served through a throw-away
   Python-backend repository whose files are symlinks (nothing is copied); repositories are
   served as they are, so they must use the Python backend (the bundled server has no
-  onnxruntime backend).
+  onnxruntime backend). tritonserver listens on private loopback ports behind a
+  :class:`~layerfuse.deploy.triton_front.TritonFront` on the user's ports, which refuses the
+  requests that would crash it and reloads a model whose Python stub died.
 - kserve: KServe's ``ModelServer`` with one :class:`~layerfuse.deploy.kserve_model.OnnxModel`
   per graph; a repository contributes each model folder's newest version.
 """
 
 from __future__ import annotations
 
-__all__ = ["ENGINES", "ModelStatus", "RunningServer", "ServeOptions", "start_server"]
+__all__ = [
+    "ENGINES",
+    "WORKDIR_PREFIX",
+    "ModelStatus",
+    "RunningServer",
+    "ServeOptions",
+    "remove_stale_workdirs",
+    "start_server",
+]
 
+import os
+import shutil
 import sys
 import tempfile
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TextIO
 
-from layerfuse.deploy.process import ServerProcess, check_port_free, http_request
+from layerfuse.deploy.process import (
+    ServerProcess,
+    StartCancelled,
+    check_port_free,
+    free_port,
+    http_request,
+)
 from layerfuse.deploy.triton_config import TritonOptions
 from layerfuse.deploy.triton_repo import (
     CONFIG,
@@ -34,6 +53,7 @@ from layerfuse.deploy.triton_repo import (
 from layerfuse.errors import LayerfuseError
 
 ENGINES = ("triton", "kserve")
+WORKDIR_PREFIX = "layerfuse-serve-"
 
 
 @dataclass(frozen=True)
@@ -73,6 +93,7 @@ class RunningServer:
     process: ServerProcess
     models: list[ModelStatus]
     _workdir: tempfile.TemporaryDirectory | None = field(default=None, repr=False)
+    front: object | None = field(default=None, repr=False)  # TritonFront (triton only)
 
     @property
     def http_url(self) -> str:
@@ -87,12 +108,27 @@ class RunningServer:
         self._cleanup()
         return code
 
+    def terminate(self) -> None:
+        """Ask the server to finish in-flight requests and exit (safe in a signal handler)."""
+        if self.front is not None:
+            self.front.stubs.stop()  # stubs exit on purpose from here on: no reload
+        self.process.terminate()
+
+    def kill(self) -> None:
+        self.process.kill()
+
     def stop(self) -> int:
+        if self.front is not None:
+            self.front.stubs.stop()
         code = self.process.stop(timeout=self.options.grace_seconds + 20)
         self._cleanup()
         return code
 
     def _cleanup(self) -> None:
+        if self.front is not None:
+            self.front.stubs.stop()
+            self.front.stop()
+            self.front = None
         if self._workdir is not None:
             self._workdir.cleanup()
             self._workdir = None
@@ -133,7 +169,25 @@ def _resolve(items: list[str]) -> tuple[dict[str, Path], list[Path]]:
     return files, repos
 
 
-def _triton_command(files, repos, options, workdir: Path):
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_workdirs() -> None:
+    """Remove the throw-away folders of earlier runs whose process is gone (SIGKILLed)."""
+    for folder in Path(tempfile.gettempdir()).glob(f"{WORKDIR_PREFIX}*"):
+        pid = folder.name.removeprefix(WORKDIR_PREFIX).split("-", 1)[0]
+        if pid.isdigit() and not _running(int(pid)):
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def _triton_command(files, repos, options, workdir: Path, ports: tuple[int, int]):
     from layerfuse.deploy.triton_server import find_triton, triton_command
 
     if options.provider == "cuda":
@@ -167,9 +221,9 @@ def _triton_command(files, repos, options, workdir: Path):
         install,
         [repo.resolve() for repo in repos],
         backends,
-        host=options.host,
-        http_port=options.http_port,
-        grpc_port=options.grpc_port,
+        host="127.0.0.1",
+        http_port=ports[0],
+        grpc_port=ports[1],
         grace_seconds=options.grace_seconds,
     )
 
@@ -212,20 +266,51 @@ def _model_states(url: str) -> list[ModelStatus]:
     ]
 
 
+def _start_front(options: ServeOptions, process: ServerProcess, ports, log):
+    from layerfuse.deploy.stub_watch import StubWatch
+    from layerfuse.deploy.triton_front import TritonFront
+
+    stubs = StubWatch(process.pid, f"http://127.0.0.1:{ports[0]}", log).start()
+    try:
+        return TritonFront(
+            options.host,
+            options.http_port,
+            options.grpc_port,
+            *ports,
+            max_elements=options.max_input_elements,
+            max_body=options.max_body_bytes,
+            stubs=stubs,
+        ).start()
+    except OSError as exc:
+        stubs.stop()
+        raise LayerfuseError(
+            f"cannot listen on {options.host}:{options.http_port}/{options.grpc_port}: "
+            f"{exc.strerror or exc}"
+        ) from None
+
+
 def start_server(
-    items: list[str], options: ServeOptions, log: TextIO | None = sys.stderr
+    items: list[str],
+    options: ServeOptions,
+    log: TextIO | None = sys.stderr,
+    cancel: threading.Event | None = None,
 ) -> RunningServer:
     """Start ``options.engine`` on ``items`` and return once it answers; the server's log goes
-    to ``log`` line by line."""
+    to ``log`` line by line. Setting ``cancel`` while it starts kills the child, removes the
+    temporary folder and raises StartCancelled."""
     if options.engine not in ENGINES:
         raise LayerfuseError(f"unknown engine '{options.engine}' (choose {', '.join(ENGINES)})")
     files, repos = _resolve(items)
     check_port_free(options.host, options.http_port, "--port")
     check_port_free(options.host, options.grpc_port, "--grpc-port")
-    workdir = tempfile.TemporaryDirectory(prefix="layerfuse-serve-")
+    remove_stale_workdirs()
+    workdir = tempfile.TemporaryDirectory(prefix=f"{WORKDIR_PREFIX}{os.getpid()}-")
+    triton = options.engine == "triton"
+    # tritonserver gets private loopback ports; its front takes the user's.
+    ports = (free_port(), free_port()) if triton else (options.http_port, options.grpc_port)
     try:
-        if options.engine == "triton":
-            command, env = _triton_command(files, repos, options, Path(workdir.name))
+        if triton:
+            command, env = _triton_command(files, repos, options, Path(workdir.name), ports)
         else:
             command, env = _kserve_command(files, repos, options)
         process = ServerProcess(options.engine, command, env, log).start()
@@ -233,9 +318,16 @@ def start_server(
         workdir.cleanup()
         raise
     server = RunningServer(options, process, [], workdir)
+    upstream = f"http://127.0.0.1:{ports[0]}" if triton else server.http_url
     try:
-        process.wait_until(f"{server.http_url}/v2/health/live", options.startup_timeout)
-        server.models = _model_states(server.http_url)
+        process.wait_until(f"{upstream}/v2/health/live", options.startup_timeout, cancel)
+        server.models = _model_states(upstream)
+        if triton:
+            server.front = _start_front(options, process, ports, log)
+    except StartCancelled:
+        server.kill()  # nothing is served yet: no grace to give
+        server.stop()
+        raise
     except BaseException:
         server.stop()
         raise

@@ -131,7 +131,8 @@ def triton_command(
 
     Readiness is not strict and a failed model does not stop the server: ``layerfuse serve``
     reads the repository index after start-up and reports (or refuses) failed models itself,
-    with the reason Triton gives.
+    with the reason Triton gives. Model control is explicit (every model loaded at start) so
+    that a model whose Python stub died can be reloaded.
     """
     command = [str(install.binary)]
     for repo in repositories:
@@ -142,6 +143,7 @@ def triton_command(
         "--grpc-address", host, "--grpc-port", str(grpc_port),
         "--allow-metrics", "false", "--allow-sagemaker", "false", "--allow-vertex-ai", "false",
         "--strict-readiness", "false", "--exit-on-error", "false",
+        "--model-control-mode", "explicit", "--load-model", "*",
         "--exit-timeout-secs", str(grace_seconds),
     ]  # fmt: skip
     env = {"LAYERFUSE_TRITON_SITE": str(install.stub_site.resolve())}

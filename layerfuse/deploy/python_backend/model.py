@@ -12,6 +12,11 @@ the server's environment names folders in ``LAYERFUSE_TRITON_SITE`` (``layerfuse
 which are put on ``sys.path`` here, at import time: the stub imports this module before its
 own helpers, which import numpy. numpy must be < 2: the stub's binary reads numpy 1's array
 layout, and under numpy 2 tensors arrive with wrong contents and leave empty.
+
+What ``execute`` cannot refuse: the stub's C++ side builds each input's numpy array before
+``execute`` runs, so a declared shape numpy cannot hold (Triton 2.51 lets ``[8, 2^61]`` with
+no data through, its byte count wrapping to 0) kills the stub first. ``layerfuse serve``
+refuses such requests in its front; a Triton of your own needs the same check before it.
 """
 
 import contextlib
@@ -70,6 +75,8 @@ class TritonPythonModel:
             for item in config["input"]
         ]
         self.outputs = [item.name for item in self.session.get_outputs()]
+        # onnxruntime names symbolic dimensions ("batch", "sequence"); fixed ones are ints.
+        self.symbols = {item.name: item.shape for item in self.session.get_inputs()}
         pb_utils.Logger.log_info(
             f"layerfuse: {path} on {self.session.get_providers()[0]} (onnxruntime "
             f"{ort.__version__}, numpy {np.__version__}, batching {self.batching})"
@@ -82,12 +89,32 @@ class TritonPythonModel:
             if tensor is None:
                 raise InputError(f"input '{name}' is missing")
             array = tensor.as_numpy()
+            if 0 in array.shape:
+                raise InputError(
+                    f"input '{name}' has shape {list(array.shape)}: every dimension must be "
+                    f"at least 1"
+                )
             if self.max_elements and array.size > self.max_elements:
                 raise InputError(
                     f"input '{name}' has {array.size} elements, the limit is {self.max_elements}"
                 )
             feed[name] = array.astype(dtype, copy=False)
+        self._check_shared_dims(feed)
         return feed
+
+    def _check_shared_dims(self, feed):
+        """Inputs whose graph names a dimension alike must agree on it: onnxruntime would
+        broadcast a [1, 8] mask against [2, 8] ids and answer."""
+        seen = {}
+        for name, array in feed.items():
+            for symbol, size in zip(self.symbols.get(name, ()), array.shape, strict=False):
+                if isinstance(symbol, str) and symbol:
+                    first = seen.setdefault(symbol, (name, size))
+                    if first[1] != size:
+                        raise InputError(
+                            f"input '{name}' has {symbol} = {size}, input '{first[0]}' has "
+                            f"{first[1]}"
+                        )
 
     def _respond(self, request, outputs):
         wanted = set(request.requested_output_names()) or set(self.outputs)
