@@ -141,7 +141,7 @@ def _load_pretrained(path: Path, gguf_file: str | None, task: str):
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     kwargs = {"gguf_file": gguf_file} if gguf_file else {}
-    try:
+    try:  # an unreadable config is one line here, not a traceback from the model class
         transformers.AutoConfig.from_pretrained(path, **kwargs)
     except (OSError, ValueError) as exc:
         raise LayerfuseError(f"{path}: cannot read a model config ({exc})") from None
