@@ -229,6 +229,8 @@ def _add_quality(results: list[GraphResult], config: BenchConfig, reporter: Repo
         # The reference's task-free fidelity to itself is 1 by definition.
         value = evaluation.get(metric, 1.0 if metric == "mean_cosine" else None)
         result.quality = {"metric": metric, "value": value}
+        if "bos" in evaluation:
+            result.quality["bos"] = evaluation["bos"]
         if "fidelity" in evaluation:
             result.quality["fidelity"] = evaluation["fidelity"]
 
