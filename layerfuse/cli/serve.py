@@ -110,8 +110,9 @@ def _add_limits(parser: argparse.ArgumentParser) -> None:
         "--max-body-mb",
         type=float,
         default=64,
-        help="kserve: refuse larger request bodies (413 / RESOURCE_EXHAUSTED); the bundled "
-        "Triton 2.51 has no body limit, so only --max-input-elements bounds it (default 64)",
+        help="refuse larger request bodies (413 / RESOURCE_EXHAUSTED); for triton, the "
+        "front layerfuse puts before it does this, as the bundled Triton 2.51 cannot "
+        "(default 64)",
     )
     parser.add_argument(
         "--grace-seconds",

@@ -36,7 +36,10 @@ from layerfuse.deploy.tensor_checks import RequestError
 
 _INFER = re.compile(r"^/v2/models/[^/]+(/versions/[^/]+)?/infer$")
 _MODEL_READY = re.compile(r"^/v2/models/([^/]+)(/versions/[^/]+)?/ready$")
-_HOP_HEADERS = {"connection", "keep-alive", "transfer-encoding", "content-length", "host"}
+# Answered here (the body is read before it is relayed), so never passed on.
+_HOP_HEADERS = {
+    "connection", "keep-alive", "transfer-encoding", "content-length", "host", "expect",
+}  # fmt: skip
 _SERVICE = "/inference.GRPCInferenceService/"
 
 
