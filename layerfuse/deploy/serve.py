@@ -34,7 +34,7 @@ import tempfile
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
 
 from layerfuse.deploy.process import (
     ServerProcess,
@@ -51,6 +51,9 @@ from layerfuse.deploy.triton_repo import (
     write_triton_model,
 )
 from layerfuse.errors import LayerfuseError
+
+if TYPE_CHECKING:
+    from layerfuse.deploy.triton_front import TritonFront
 
 ENGINES = ("triton", "kserve")
 WORKDIR_PREFIX = "layerfuse-serve-"
@@ -93,7 +96,7 @@ class RunningServer:
     process: ServerProcess
     models: list[ModelStatus]
     _workdir: tempfile.TemporaryDirectory | None = field(default=None, repr=False)
-    front: object | None = field(default=None, repr=False)  # TritonFront (triton only)
+    front: TritonFront | None = field(default=None, repr=False)  # triton only
 
     @property
     def http_url(self) -> str:

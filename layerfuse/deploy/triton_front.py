@@ -64,16 +64,21 @@ class _Http(BaseHTTPRequestHandler):
         self._answer(status, body, [("Content-Type", "application/json")])
 
     def _relay(self, body: bytes | None) -> None:
-        upstream = self.front.upstream_connection()
+        """Pass the request on over this thread's keep-alive connection; tritonserver may have
+        closed an idle one, so a failure is retried once on a fresh connection."""
         headers = {k: v for k, v in self.headers.items() if k.lower() not in _HOP_HEADERS}
-        try:
-            upstream.request(self.command, self.path, body=body, headers=headers)
-            response = upstream.getresponse()
-            payload = response.read()
-        except (OSError, http.client.HTTPException) as exc:
-            upstream.close()
-            self._error(503, f"tritonserver is not answering: {exc}")
-            return
+        for attempt in (1, 2):
+            upstream = self.front.upstream_connection()
+            try:
+                upstream.request(self.command, self.path, body=body, headers=headers)
+                response = upstream.getresponse()
+                payload = response.read()
+                break
+            except (OSError, http.client.HTTPException) as exc:
+                upstream.close()
+                if attempt == 2:
+                    self._error(503, f"tritonserver is not answering: {exc}")
+                    return
         self._answer(response.status, payload, response.getheaders())
 
     def _body(self) -> bytes | None:
@@ -214,7 +219,9 @@ class TritonFront:
         handler = type("Handler", (_Http,), {"front": self})
         family_host = host.strip("[]")
         family = socket.AF_INET6 if ":" in family_host else socket.AF_INET
-        server = type("Server", (ThreadingHTTPServer,), {"address_family": family})
+        # A listen backlog like tritonserver's, not http.server's 5 (bursts of clients).
+        settings = {"address_family": family, "request_queue_size": 1024}
+        server = type("Server", (ThreadingHTTPServer,), settings)
         self._http = server((family_host, http_port), handler)
         self._http.daemon_threads = True
         self.channel = grpc.insecure_channel(
