@@ -140,7 +140,8 @@ def test_planners_calibrate_and_score_cache_graphs(lm, tmp_path):
         outputs[name] = _prefill_logits(merged, np.array([lm.prompts(1)[0]]))
         prune = plan_prune(source, PruneRequest(target="attention", count=1, data=SMALL_DATA))
         assert len(prune.selection["scores"]) == kv_models.LAYERS
-        fuse = plan_fuse(source, FuseRequest(drop_attention=1, fuse=[(2, 3)], data=SMALL_DATA))
+        request = FuseRequest(drop_attention=1, include_last=True, data=SMALL_DATA)
+        fuse = plan_fuse(source, request)
         assert len(fuse.drop_attention) == 1 and fuse.baseline_score > 1
     np.testing.assert_allclose(outputs["export"], outputs["builder"], atol=1e-4)
     permuted = plan_merge(lm.export, MergeRequest(ranges=[(0, 2)], data=SMALL_DATA))
