@@ -258,3 +258,25 @@ def test_text_that_is_not_utf8_is_one_line(command, good_model, tmp_path, capsys
     capsys.readouterr()
     assert main([*argv, "--data", str(data)]) == 2
     assert "not UTF-8 text" in capsys.readouterr().err
+
+
+def test_deploy_next_to_a_broken_sibling_writes_nothing(good_model, tmp_path, capsys):
+    repo = tmp_path / "repo"
+    argv = ["deploy", "triton", str(good_model), "--repo", str(repo), "--name"]
+    assert main([*argv, "first"]) == 0
+    shutil.rmtree(repo / "first" / "1")  # a sibling without its version folder
+    before = _snapshot(repo)
+    capsys.readouterr()
+    assert main([*argv, "second"]) == 2
+    assert "no numeric version folder" in capsys.readouterr().err
+    assert _snapshot(repo) == before
+
+
+def test_deploy_into_a_file_is_one_line(good_model, tmp_path, capsys):
+    repo = tmp_path / "repo"
+    repo.write_text("not a folder")
+    capsys.readouterr()
+    assert main(["deploy", "triton", str(good_model), "--repo", str(repo), "--name", "m"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "is a file" in err[0]
+    assert repo.read_text() == "not a folder"

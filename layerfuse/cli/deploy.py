@@ -10,9 +10,10 @@ __all__ = ["register"]
 
 import argparse
 import json
+import shutil
 from pathlib import Path
 
-from layerfuse.cli.common import console
+from layerfuse.cli.common import console, model_file
 
 _STORAGE_PLACEHOLDER = "s3://YOUR-BUCKET/PATH/TO/REPO"
 
@@ -20,7 +21,7 @@ _STORAGE_PLACEHOLDER = "s3://YOUR-BUCKET/PATH/TO/REPO"
 def _run_triton(args: argparse.Namespace) -> int:
     from layerfuse.deploy.manifests import write_manifest
     from layerfuse.deploy.triton_config import TritonOptions
-    from layerfuse.deploy.triton_repo import write_triton_model
+    from layerfuse.deploy.triton_repo import check_siblings, write_triton_model
 
     options = TritonOptions(
         backend=args.backend,
@@ -32,15 +33,20 @@ def _run_triton(args: argparse.Namespace) -> int:
         max_input_elements=args.max_input_elements,
         python_env=args.python_env,
     )
+    check_siblings(args.repo)
     folder, signature = write_triton_model(
         args.model, args.repo, args.name, options, version=args.version
     )
-    manifest = write_manifest(
-        args.repo,
-        storage_uri=args.storage_uri,
-        name=args.service_name,
-        runtime_version=args.runtime_version,
-    )
+    try:
+        manifest = write_manifest(
+            args.repo,
+            storage_uri=args.storage_uri,
+            name=args.service_name,
+            runtime_version=args.runtime_version,
+        )
+    except BaseException:
+        shutil.rmtree(folder, ignore_errors=True)  # all or nothing: no entry without manifest
+        raise
     if args.json:
         print(
             json.dumps(
@@ -73,7 +79,7 @@ def _add_triton(commands) -> None:
         description="Write REPO/NAME (config.pbtxt + 1/model.onnx and its weights), check it "
         "against the graph, and write REPO/inferenceservice.yaml.",
     )
-    parser.add_argument("model", type=Path, help="the .onnx file to deploy")
+    parser.add_argument("model", type=model_file, help="the .onnx file to deploy")
     parser.add_argument("--repo", type=Path, required=True, help="model repository folder")
     parser.add_argument("--name", required=True, help="model name (the folder REPO/NAME)")
     parser.add_argument(

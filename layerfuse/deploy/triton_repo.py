@@ -18,6 +18,7 @@ __all__ = [
     "RepoEntry",
     "check_model_dir",
     "check_name",
+    "check_siblings",
     "read_repository",
     "write_triton_model",
 ]
@@ -25,7 +26,6 @@ __all__ = [
 import os
 import re
 import shutil
-import tempfile
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -39,6 +39,7 @@ from layerfuse.deploy.triton_config import (
     render_config,
 )
 from layerfuse.errors import InvalidModelError, LayerfuseError
+from layerfuse.files import staging_dir
 from layerfuse.model.io import load_model
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
@@ -136,14 +137,14 @@ def write_triton_model(
     target = repo / check_name(name)
     if version < 1:
         raise LayerfuseError(f"version must be at least 1, not {version}")
+    if repo.exists() and not repo.is_dir():
+        raise LayerfuseError(f"--repo {repo} is a file, not a model repository folder")
     if target.exists():
         raise LayerfuseError(f"{target} already exists (remove it or choose another --name)")
     graph = load_model(model_path)
     signature = graph_signature(graph)
     config = build_config(name, signature, options)
-    repo.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=repo, prefix=".layerfuse-"))
-    try:
+    with staging_dir(repo, "deploy") as staging:
         stage = staging / name
         version_dir = stage / str(version)
         _place(model_path, version_dir / "model.onnx", link)
@@ -158,9 +159,19 @@ def write_triton_model(
         if problems:
             raise LayerfuseError(f"{name}: {'; '.join(problems)}")
         os.replace(stage, target)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return target, signature
+
+
+def check_siblings(repo: str | os.PathLike) -> None:
+    """Raise if a model folder already in ``repo`` is broken.
+
+    Writing the repository's manifest reads every entry, so a broken sibling would make a
+    deployment fail after its folder was placed; checking first fails before anything is
+    written.
+    """
+    repo = Path(repo)
+    if repo.is_dir() and any((path / CONFIG).is_file() for path in repo.iterdir()):
+        read_repository(repo)
 
 
 def read_repository(repo: str | os.PathLike) -> list[RepoEntry]:
