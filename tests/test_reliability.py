@@ -280,3 +280,31 @@ def test_deploy_into_a_file_is_one_line(good_model, tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "is a file" in err[0]
     assert repo.read_text() == "not a folder"
+
+
+def test_a_checkpoint_missing_keys_is_one_error(tmp_path):
+    import torch
+
+    from layerfuse.errors import LayerfuseError
+    from layerfuse.recover.checkpoint import load_state
+
+    path = tmp_path / "state.pt"
+    torch.save({"params": {}}, path)
+    with pytest.raises(LayerfuseError, match="missing optimizer"):
+        load_state(path, ("params", "optimizer"))
+    torch.save([1, 2], path)
+    with pytest.raises(LayerfuseError, match="not a complete layerfuse checkpoint"):
+        load_state(path)
+
+
+def test_atomic_text_keeps_the_umask_mode_and_leaves_no_temporary(tmp_path):
+    import os
+    import stat
+
+    from layerfuse.files import write_text_atomic
+
+    target = write_text_atomic(tmp_path / "plan.json", "{}\n")
+    mask = os.umask(0o022)
+    os.umask(mask)
+    assert stat.S_IMODE(target.stat().st_mode) == 0o666 & ~mask
+    assert [p.name for p in tmp_path.iterdir()] == ["plan.json"]
