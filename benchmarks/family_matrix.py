@@ -112,7 +112,12 @@ def render(outcomes: dict) -> str:
             + [_cell(results.get(op)) for op in operations]
         )
     headers = ["family", "what it adds", "inspect", *operations]
-    return INTRO + markdown_table(headers, rows) + _parallel_head(outcomes["families"])
+    return (
+        INTRO
+        + markdown_table(headers, rows)
+        + _parallel_head(outcomes["families"])
+        + _journey(outcomes.get("journey"))
+    )
 
 
 def _parallel_head(families: dict) -> str:
@@ -133,9 +138,49 @@ def _parallel_head(families: dict) -> str:
     return text + markdown_table(["family", "fuse, run head keeps attention"], rows)
 
 
-def _run_tests(target: Path) -> None:
-    env = {**os.environ, "LAYERFUSE_FAMILY_MATRIX": str(target)}
-    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:logging", "tests/test_families.py"]
+JOURNEY_INTRO = """
+## The user journey (decoder families)
+
+From `tests/test_journey.py`, on the same tiny configs: the plain and `--kv-cache` exports
+infer the task `causal-lm` (export --kv-cache); packed text windows start with BOS exactly
+when the manifest says the tokenizer adds it (bos); `layerfuse generate`'s loop with the
+cache of the `--kv-cache` export produces the same 8 greedy tokens as torch's `generate`
+(generate); a merge plan made on the plain export applies to the cache export and gives the
+same logits (plan on both exports). The sliding-window variants (Gemma-2/3, and Mistral,
+Qwen2, Cohere2 with a window shorter than the test's context) are checked past the window in
+`tests/test_sliding_window.py`; a GGUF exports as a causal LM in `tests/test_export.py`.
+
+"""
+
+
+def _journey(journey: dict | None) -> str:
+    if not journey:
+        return ""
+    stages = journey["stages"]
+    rows = [
+        [FAMILY_NAMES.get(family, (family,))[0]]
+        + [_journey_cell(results.get(stage)) for stage in stages]
+        for family, results in journey["families"].items()
+    ]
+    return JOURNEY_INTRO + markdown_table(["family", *stages], rows)
+
+
+def _journey_cell(outcome: dict | None) -> str:
+    if outcome is None:
+        return "not run"
+    if outcome["status"] == "works":
+        return f"works ({outcome['detail']})"
+    return f"refused: {outcome['detail']}"
+
+
+def _run_tests(target: Path, journey: Path) -> None:
+    env = {
+        **os.environ,
+        "LAYERFUSE_FAMILY_MATRIX": str(target),
+        "LAYERFUSE_JOURNEY_MATRIX": str(journey),
+    }
+    tests = ["tests/test_families.py", "tests/test_journey.py"]
+    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:logging", *tests]
     log("running " + " ".join(command[2:]))
     done = subprocess.run(command, cwd=ROOT, env=env, check=False)
     if done.returncode != 0:
@@ -150,9 +195,10 @@ def main() -> None:
     args = parser.parse_args()
     if args.source is None:
         with tempfile.TemporaryDirectory() as tmp:
-            target = Path(tmp) / "outcomes.json"
-            _run_tests(target)
+            target, journey = Path(tmp) / "outcomes.json", Path(tmp) / "journey.json"
+            _run_tests(target, journey)
             outcomes = json.loads(target.read_text())
+            outcomes["journey"] = json.loads(journey.read_text())
     else:
         outcomes = json.loads(args.source.read_text())
     page = render(outcomes)
