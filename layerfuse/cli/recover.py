@@ -1,5 +1,8 @@
 """``layerfuse recover``: train an optimized graph back toward its original, in place.
 
+First, for a merged model, local reconstruction (``--local-steps``, on by default) fits each
+tied FF to the FF outputs of the original blocks it replaced, in a few minutes; then global
+distillation trains the whole graph from there.
 The defaults (100 steps of 4 x 2 x 128 tokens, validation every 25 steps) finish
 SmolLM2-135M on 2 CPU cores in tens of minutes. Under ``torchrun --nproc_per_node N -m
 layerfuse recover ...`` or ``accelerate launch -m layerfuse recover ...`` the same command
@@ -27,6 +30,7 @@ DATA_HELP = (
 
 
 def _run(args: argparse.Namespace) -> int:
+    from layerfuse.recover.local import LocalSettings
     from layerfuse.recover.run import RecoverRequest, recover
     from layerfuse.recover.trainer import TrainSettings
 
@@ -57,6 +61,12 @@ def _run(args: argparse.Namespace) -> int:
         train=args.train,
         plan=Path(args.plan) if args.plan else None,
         settings=settings,
+        local=LocalSettings(
+            steps=args.local_steps,
+            cache_tokens=args.local_tokens,
+            lr=args.local_lr,
+            seed=args.seed,
+        ),
         checkpoint_dir=Path(checkpoints),
         resume=args.resume,
         stop_after=args.stop_after,
@@ -72,8 +82,21 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _describe_local(local: dict) -> str:
+    """One line for the local stage: each tied set's held-out relative error, or why none."""
+    if not local["sets"]:
+        return "local: " + "; ".join(local["notes"])
+    fits = ", ".join(
+        f"blocks {s['blocks'][0]}-{s['blocks'][-1]} relative error "
+        f"{s['relative_error_before']:.3g} -> {s['relative_error_after']:.3g}"
+        for s in local["sets"]
+    )
+    return f"local reconstruction ({local['steps']} steps, {local['seconds']:.0f} s): {fits}"
+
+
 def _describe(summary: dict, checkpoints: Path) -> None:
     out = console()
+    out.print(_describe_local(summary["local"]))
     if not summary["finished"]:
         out.print(
             f"stopped after step {summary['steps_done']}; continue with --resume "
@@ -167,6 +190,31 @@ def _objective_options(parser: argparse.ArgumentParser) -> None:
     add("--plan", help="the plan OPTIMIZED was made with (checked; adds its blocks to touched)")
 
 
+def _local_options(parser: argparse.ArgumentParser) -> None:
+    from layerfuse.recover.local import LocalSettings as D
+
+    add = parser.add_argument
+    add(
+        "--local-steps",
+        type=int,
+        default=D.steps,
+        help="first stage: Adam steps fitting each tied FF set to its blocks' original FF "
+        f"outputs on cached activations, before distillation; 0 turns it off (default {D.steps})",
+    )
+    add(
+        "--local-tokens",
+        type=positive_int,
+        default=D.cache_tokens,
+        help=f"training tokens cached per tied block for that fit (default {D.cache_tokens})",
+    )
+    add(
+        "--local-lr",
+        type=positive_float,
+        default=D.lr,
+        help=f"Adam learning rate of that fit (default {D.lr:g})",
+    )
+
+
 def _run_options(parser: argparse.ArgumentParser) -> None:
     from layerfuse.recover.trainer import TrainSettings as D
 
@@ -215,5 +263,6 @@ def register(commands) -> None:
     parser.add_argument("-o", "--output", required=True, help="the recovered model (.onnx)")
     _options(parser)
     _objective_options(parser)
+    _local_options(parser)
     _run_options(parser)
     parser.set_defaults(handler=_run)

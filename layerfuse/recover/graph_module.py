@@ -34,6 +34,8 @@ from layerfuse.recover.ops_shape import SHAPE_OPS
 from layerfuse.recover.weights import trainable_initializers
 
 OPS = {**MATH_OPS, **SHAPE_OPS}
+# Ops that read only the shape of their input: a region may take a graph input's shape.
+_SHAPE_ONLY = frozenset({"Shape", "Size"})
 # Contrib ops onnxruntime registers in the default domain and this registry implements.
 _DOMAINS = ("", "ai.onnx", "com.microsoft")
 
@@ -82,6 +84,7 @@ class _Step:
     outputs: list[str]
     attrs: dict
     label: str
+    op_type: str
     release: list[str] = field(default_factory=list)
 
 
@@ -109,6 +112,7 @@ def _compile(graph: ir.Graph) -> tuple[list[_Step], dict[str, torch.Tensor]]:
                 [v.name for v in node.outputs],
                 attrs,
                 label,
+                node.op_type,
             )
         )
     return steps, constants
@@ -133,6 +137,7 @@ class GraphModule(nn.Module):
         flat = inlined_copy(model)
         graph = flat.graph
         self.input_names = [v.name for v in graph.inputs if v.name not in graph.initializers]
+        self.graph_inputs = set(self.input_names)
         self.output_names = [v.name for v in graph.outputs]
         self.tensor_names = {v.name for node in graph for v in node.outputs}
         self._steps, constants = _compile(graph)
@@ -152,6 +157,7 @@ class GraphModule(nn.Module):
             self.register_buffer(attribute, tensor, persistent=False)
             self._buffer_names[name] = attribute
         self._released_for: tuple[str, ...] | None = None
+        self._regions: dict[tuple[tuple[str, ...], tuple[str, ...]], list[_Step]] = {}
 
     def named_weights(self) -> dict[str, nn.Parameter]:
         """Trainable parameters by initializer name (a tied initializer appears once)."""
@@ -204,3 +210,59 @@ class GraphModule(nn.Module):
             for name in step.release:
                 values.pop(name, None)
         return [values[name] for name in self.output_names], {name: values[name] for name in taps}
+
+    def _region(self, inputs: tuple[str, ...], outputs: tuple[str, ...]) -> list[_Step]:
+        """The steps that compute ``outputs`` from ``inputs``, weights, constants and the
+        shapes (never the values) of the graph inputs."""
+        key = (inputs, outputs)
+        if key not in self._regions:
+            known = set(inputs) | set(self._buffer_names) | set(self.weight_names)
+            needed, chosen = set(outputs) - known, []
+            for step in reversed(self._steps):
+                if needed & set(step.outputs):
+                    chosen.append(step)
+                    needed -= set(step.outputs)
+                    given = known | self.graph_inputs if step.op_type in _SHAPE_ONLY else known
+                    needed |= {n for n in step.inputs if n is not None and n not in given}
+            if needed:
+                raise LayerfuseError(
+                    f"the graph between {', '.join(inputs)} and {', '.join(outputs)} also "
+                    f"reads '{sorted(needed)[0]}'"
+                )
+            self._regions[key] = chosen[::-1]
+        return self._regions[key]
+
+    def region_weights(self, inputs: Sequence[str], outputs: Sequence[str]) -> list[str]:
+        """The trainable weights the part of the graph between ``inputs`` and ``outputs`` reads."""
+        read = {n for step in self._region(tuple(inputs), tuple(outputs)) for n in step.inputs}
+        return [name for name in self.weight_names if name in read]
+
+    def run_region(
+        self, feeds: Mapping[str, torch.Tensor], outputs: Sequence[str]
+    ) -> list[torch.Tensor]:
+        """Run only the part of the graph between the tensors ``feeds`` names and ``outputs``.
+
+        Local reconstruction fits one sublayer (a tied FF) to cached activations with this: the
+        sublayer's own nodes, whatever the family writes there (SwiGLU, GELU, biases, Gemm),
+        run on the same parameters the whole-graph student trains, so nothing is re-derived.
+        Graph inputs the region reads only through Shape/Size (GPT-2's Conv1D reshapes to
+        ``[batch * seq, width]`` by the shape of ``input_ids``) are zeros shaped like the
+        feeds' leading axes: the feeds are ``[batch, seq, width]``.
+        """
+        steps = self._region(tuple(feeds), tuple(outputs))
+        values: dict[str, torch.Tensor] = {
+            name: getattr(self, attribute) for name, attribute in self._buffer_names.items()
+        }
+        values.update(self.named_weights())
+        leading = next(iter(feeds.values())).shape[:-1]
+        values.update({name: torch.zeros(leading, dtype=torch.int64) for name in self.graph_inputs})
+        values.update(feeds)
+        for step in steps:
+            args = [None if name is None else values[name] for name in step.inputs]
+            result = step.op(args, step.attrs)
+            if isinstance(result, torch.Tensor):
+                result = (result,)
+            for name, tensor in zip(step.outputs, result, strict=False):
+                if name:
+                    values[name] = tensor
+        return [values[name] for name in outputs]

@@ -2,21 +2,25 @@
 
 Everything the user can get wrong is checked before the first training step (provenance,
 plan, data, output folder, device), so a mistake costs seconds, not an hour of training.
+Training has two stages: local reconstruction (:mod:`layerfuse.recover.local`: each tied FF
+set fitted to its blocks' original FF outputs, cheap, where the damage is), whose result is
+the student's starting weights, then global distillation (:mod:`layerfuse.recover.trainer`).
 """
 
 from __future__ import annotations
 
 __all__ = ["RecoverRequest", "recover"]
 
+import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
 from layerfuse.data.batches import make_batches
 from layerfuse.errors import LayerfuseError
-from layerfuse.files import check_writable, refuse_overwriting_inputs
+from layerfuse.files import check_writable, refuse_overwriting_inputs, write_json_atomic
 from layerfuse.model.fingerprint import fingerprint
 from layerfuse.model.io import load_model
 from layerfuse.model.manifest import require_manifest
@@ -25,6 +29,7 @@ from layerfuse.progress import SILENT, Reporter
 from layerfuse.recover.data import TrainingData, load_training_data
 from layerfuse.recover.distributed import Distributed, from_environment
 from layerfuse.recover.graph_module import GraphModule
+from layerfuse.recover.local import LocalSettings, reconstruct
 from layerfuse.recover.mapping import map_blocks
 from layerfuse.recover.objectives import Objective
 from layerfuse.recover.provenance import check_derived, load_any_plan
@@ -48,6 +53,7 @@ class RecoverRequest:
     train: str = "all"
     plan: Path | None = None
     settings: TrainSettings = field(default_factory=TrainSettings)
+    local: LocalSettings = field(default_factory=LocalSettings)
     checkpoint_dir: Path | None = None
     resume: bool = False
     stop_after: int | None = None
@@ -110,10 +116,30 @@ def _teacher(request: RecoverRequest, objective: Objective, dist: Distributed) -
     return Teacher(request.original, objective.teacher_taps, provider=provider, threads=threads)
 
 
-def _finish(request: RecoverRequest, trainer: Trainer, result, data, valid, dist) -> dict:
+def _local(request: RecoverRequest, models, student, data, dist, reporter: Reporter) -> dict:
+    """Local reconstruction into the student's weights, before the trainer exists.
+
+    Its result is part of the weights every checkpoint holds, so a resumed run does not
+    redo it (the run key holds its settings, so a resume with others is refused); its
+    summary is kept beside the checkpoints for the resumed run's report.
+    """
+    record = None if request.checkpoint_dir is None else request.checkpoint_dir / "local.json"
+    if request.resume:
+        if record is not None and record.is_file():
+            return json.loads(record.read_text())
+        return {"steps": request.local.steps, "sets": [], "notes": ["resumed; summary not kept"]}
+    summary = reconstruct(request.original, *models, student, data, request.local, reporter)
+    if record is not None and dist.is_main:
+        record.parent.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(record, summary)
+    return summary
+
+
+def _finish(request: RecoverRequest, trainer: Trainer, result, data, valid, dist, local) -> dict:
     """The summary; process 0 writes the trained weights into the optimized graph."""
     summary = {
         **result.to_json(),
+        "local": local,
         "objective": request.objective,
         "train": request.train,
         "trained_parameters": int(sum(p.numel() for p in trainer.trained)),
@@ -138,6 +164,7 @@ def recover(request: RecoverRequest, reporter: Reporter = SILENT) -> dict:
     if request.train not in TRAIN_CHOICES:
         raise LayerfuseError(f"unknown --train '{request.train}' (choose all or touched)")
     _check_output(request)
+    request.local.check()
     dist = from_environment(request.device)
     settings.check(dist.world_size)
     original, optimized = load_model(request.original), load_model(request.optimized)
@@ -159,7 +186,9 @@ def recover(request: RecoverRequest, reporter: Reporter = SILENT) -> dict:
         "optimized": fingerprint(optimized),
         "data": request.data,
         "trained": trained,
+        "local": asdict(request.local),
     }
+    local = _local(request, (original, optimized), student, data, dist, reporter)
     trainer = Trainer(
         student,
         teacher,
@@ -175,4 +204,4 @@ def recover(request: RecoverRequest, reporter: Reporter = SILENT) -> dict:
     if request.resume:
         trainer.resume()
     result = trainer.run(stop_after=request.stop_after)
-    return _finish(request, trainer, result, data, valid, dist)
+    return _finish(request, trainer, result, data, valid, dist, local)
