@@ -91,6 +91,18 @@ def test_the_fit_lowers_each_tied_blocks_error_and_moves_only_shared_weights(
     assert not any(p.grad is not None for p in student.weights)
 
 
+def test_sequential_inputs_lower_the_error_too(llama, text):
+    original, merged = llama
+    student = GraphModule(load_model(merged))
+    data = load_training_data(original, str(text), "train", seq_len=32)
+    sequential = replace(LOCAL, inputs="sequential")
+    summary = reconstruct(
+        original, load_model(original), load_model(merged), student, data, sequential
+    )
+    (tied,) = summary["sets"]
+    assert tied["relative_error_after"] < 0.85 * tied["relative_error_before"]
+
+
 def _ff_error(model: Path, original: Path, text: Path) -> float:
     """Mean relative error of blocks 1-3's FF in ``model`` against the original's FF outputs,
     on the test split, on the original's FF inputs: onnxruntime taps, torch FF regions."""

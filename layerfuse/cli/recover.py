@@ -66,6 +66,7 @@ def _run(args: argparse.Namespace) -> int:
             cache_tokens=args.local_tokens,
             lr=args.local_lr,
             seed=args.seed,
+            inputs=args.local_inputs,
         ),
         checkpoint_dir=Path(checkpoints),
         resume=args.resume,
@@ -212,6 +213,13 @@ def _local_options(parser: argparse.ArgumentParser) -> None:
         type=positive_float,
         default=D.lr,
         help=f"Adam learning rate of that fit (default {D.lr:g})",
+    )
+    add(
+        "--local-inputs",
+        default=D.inputs,
+        choices=["original", "sequential"],
+        help="FF inputs of that fit: the original model's, or after half the steps those the "
+        f"compressed model produces (as GPTQ does) (default {D.inputs})",
     )
 
 

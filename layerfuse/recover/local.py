@@ -17,9 +17,9 @@ one FF per member instead of the whole model, so hundreds of steps fit in minute
 - The FF is the student's own subgraph between the member's FF input and output
   (:meth:`GraphModule.run_region`), on the student's parameters: SwiGLU, GELU, biases, Gemm
   or any family detection accepts, and the fitted weights are the KD stage's start.
-- Inputs come from the original model (as the least-squares refit uses); the sequential
-  variant (inputs from the already-reconstructed compressed prefix, as GPTQ does) is not
-  implemented.
+- Inputs come from the original model (as the least-squares refit uses), or, with
+  ``inputs="sequential"``, for the second half of the steps from the compressed model with
+  the weights fitted so far (as GPTQ does; :mod:`layerfuse.recover.local_sequential`).
 - Everything is seeded by its own generators: the global random state the KD stage uses
   is untouched, and ``steps=0`` does nothing at all, so a run without this stage is the run
   layerfuse made before it existed.
@@ -33,7 +33,7 @@ __all__ = ["LocalSettings", "reconstruct"]
 
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -44,9 +44,11 @@ from layerfuse.errors import LayerfuseError
 from layerfuse.progress import SILENT, Reporter
 from layerfuse.recover.data import TrainingData
 from layerfuse.recover.graph_module import GraphModule
+from layerfuse.recover.local_sequential import sequential_fit_rows
 from layerfuse.recover.tied_sets import TiedSet, find_tied_sets
 from layerfuse.runtime.calibration import ActivationTap, token_rows
 
+INPUTS = ("original", "sequential")
 NOTHING = "nothing to reconstruct (no tied FF set; pruned and fused plans are not fitted locally)"
 
 
@@ -61,6 +63,7 @@ class LocalSettings:
     eval_tokens: int = 1024
     lr: float = 1e-2
     seed: int = 0
+    inputs: str = "original"
 
     def learning_rate_factor(self, step: int) -> float:
         """Cosine decay from the full rate to 10% at the last step: a high rate finds the
@@ -74,15 +77,22 @@ class LocalSettings:
             raise LayerfuseError("--local-lr must be positive")
         if self.tokens <= 0 or self.cache_tokens <= 0 or self.eval_tokens <= 0:
             raise LayerfuseError("--local-tokens must be positive")
+        if self.inputs not in INPUTS:
+            raise LayerfuseError(
+                f"unknown --local-inputs '{self.inputs}' (choose original or sequential)"
+            )
 
 
 @dataclass
 class _Cache:
-    """Per tapped tensor: fit rows, held-out rows (float32 ``[tokens, width]``), its rank."""
+    """Per tapped tensor: fit rows, held-out rows (float32 ``[tokens, width]``), its rank;
+    the tap and the row batches it ran, for the sequential variant to replay."""
 
     fit: dict[str, torch.Tensor]
     held_out: dict[str, torch.Tensor]
     rank: dict[str, int]
+    tap: ActivationTap
+    batches: list[np.ndarray]
 
 
 def _collect(
@@ -94,9 +104,10 @@ def _collect(
     wanted = settings.cache_tokens + settings.eval_tokens
     chunks: dict[str, list[np.ndarray]] = {name: [] for name in names}
     rank: dict[str, int] = {}
-    tokens = 0
+    tokens, batches = 0, []
     for first in range(0, len(order), 8):
-        batch = data.batch(order[first : first + 8])
+        batches.append(order[first : first + 8])
+        batch = data.batch(batches[-1])
         _, tapped = tap.run(batch.feeds)
         for name, value in tapped.items():
             rank[name] = value.ndim
@@ -110,6 +121,8 @@ def _collect(
         fit={name: value[:split] for name, value in rows.items()},
         held_out={name: value[split:] for name, value in rows.items()},
         rank=rank,
+        tap=tap,
+        batches=batches,
     )
 
 
@@ -169,6 +182,33 @@ def _fit(student: GraphModule, tied: TiedSet, cache: _Cache, settings: LocalSett
         param.requires_grad_(flag)
 
 
+def _fit_set(
+    student: GraphModule,
+    original: ir.Model,
+    tied: TiedSet,
+    cache: _Cache,
+    data: TrainingData,
+    settings: LocalSettings,
+) -> None:
+    """Fit on the original's FF inputs; ``sequential``: half the steps so, then the rest on
+    the inputs the compressed model now produces (:mod:`.local_sequential`)."""
+    if settings.inputs == "original":
+        _fit(student, tied, cache, settings)
+        return
+    first = replace(settings, steps=settings.steps // 2)
+    _fit(student, tied, cache, first)
+    count = next(iter(cache.fit.values())).shape[0]
+    rows = sequential_fit_rows(
+        student, original, tied, cache.tap, data, cache.batches, count, cache.rank
+    )
+    _fit(
+        student,
+        tied,
+        replace(cache, fit={**cache.fit, **rows}),
+        replace(settings, steps=settings.steps - first.steps),
+    )
+
+
 def _usable(student: GraphModule, sets: list[TiedSet]) -> tuple[list[TiedSet], list[str]]:
     """The sets whose FF regions run on their own; a note for each that does not."""
     usable, notes = [], []
@@ -193,7 +233,7 @@ def reconstruct(
 ) -> dict:
     """Fit every tied FF set of ``student`` in place; a summary for the recovery report."""
     started = time.perf_counter()
-    summary: dict = {"steps": settings.steps, "sets": [], "notes": []}
+    summary: dict = {"steps": settings.steps, "inputs": settings.inputs, "sets": [], "notes": []}
     if settings.steps == 0:
         summary["notes"].append("off (--local-steps 0)")
         return summary
@@ -207,7 +247,7 @@ def reconstruct(
     for tied in sets:
         reporter.step(f"local reconstruction: fitting the FF tied over blocks {tied.blocks}")
         before = _held_out_errors(student, tied, cache)
-        _fit(student, tied, cache, settings)
+        _fit_set(student, original, tied, cache, data, settings)
         after = _held_out_errors(student, tied, cache)
         summary["sets"].append(
             {
