@@ -7,6 +7,14 @@ sessions in one process would mix in allocator caching from the previous one. Th
 built by ``create_session`` exactly as a layerfuse user's process builds it, pre-packing
 policy and the release of freed packing buffers included, so the numbers are what such a
 process holds; ``release_memory=False`` shows what a process that skips the release holds.
+
+onnxruntime keeps external weight files mapped, and how much of a mapping is resident after a
+run depends on the page cache (readahead and fault-around map more when the file is cold, a
+file just written is partly mapped from cache): measured as it comes, one variant's figure
+depended on what ran before it (a freshly recovered model read 37 MiB more than the same
+bytes copied elsewhere). So the child first drops the model's files from the page cache
+(``posix_fadvise(DONTNEED)``; clean pages only, nothing is lost) and every graph is measured
+from the same cold start.
 """
 
 from __future__ import annotations
@@ -14,6 +22,7 @@ from __future__ import annotations
 __all__ = [
     "LatencyStats",
     "MemoryStats",
+    "evict_from_page_cache",
     "measure_latency",
     "measure_memory",
     "peak_rss_bytes",
@@ -30,6 +39,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
+
+from layerfuse.model.publish import model_files
 
 
 def peak_rss_bytes() -> int | None:
@@ -53,6 +64,21 @@ def rss_bytes() -> int:
         import resource
 
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def evict_from_page_cache(paths: list[Path]) -> None:
+    """Ask the kernel to drop the cached pages of ``paths`` (a no-op where unsupported)."""
+    if not hasattr(os, "posix_fadvise"):
+        return
+    for path in paths:
+        try:
+            descriptor = os.open(path, os.O_RDONLY)
+        except OSError:
+            continue
+        try:
+            os.posix_fadvise(descriptor, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(descriptor)
 
 
 @dataclass
@@ -117,6 +143,7 @@ def _probe(
 
     with np.load(feeds_path) as data:
         feeds = {name: data[name] for name in data.files}
+    evict_from_page_cache(model_files(model_path))
     before = rss_bytes()
     device_before = _device_used_bytes() if provider == "cuda" else 0
     session = create_session(
