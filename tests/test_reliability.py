@@ -162,6 +162,7 @@ def test_a_failed_command_leaves_no_output_folder(good_model, tmp_path):
         ["evaluate", "{m}", "--eval-tokens", "-5"],
         ["generate", "{m}", "--prompt", "hi", "--threads", "-1"],
         ["bench", "{m}", "--runs", "0"],
+        ["bench", "{m}", "--runs", "1", "--inputs", "1x100000"],
     ),
 )
 def test_meaningless_numbers_are_refused(argv, good_model, tmp_path, capsys):

@@ -162,6 +162,7 @@ def _config_summary(config) -> dict:
         "intermediate_size": ("intermediate_size", "n_inner"),
         "num_attention_heads": ("num_attention_heads", "n_head"),
         "vocab_size": ("vocab_size",),
+        "max_positions": ("max_position_embeddings", "n_positions", "n_ctx"),
     }
     summary = {}
     for key, candidates in keys.items():

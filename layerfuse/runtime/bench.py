@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from layerfuse.errors import LayerfuseError
+from layerfuse.model.manifest import read_manifest
 from layerfuse.model.stats import ModelStats, model_stats
 from layerfuse.progress import SILENT, Reporter
 from layerfuse.runtime.calibration import adapt_feeds
@@ -155,6 +156,18 @@ def _time_interleaved(runners: list[_Runner], warmup: int, runs: int) -> list[li
     return samples
 
 
+def _check_context(path: Path, shapes: list) -> None:
+    """Refuse sequences longer than the model was built for, before onnxruntime tries them
+    (it fails deep inside with an allocation error, or answers with garbage positions)."""
+    manifest = read_manifest(path)
+    limit = (manifest.config if manifest else {}).get("max_positions")
+    too_long = [shape for shape in shapes if limit and shape.sequence > limit]
+    if too_long:
+        raise LayerfuseError(
+            f"input shape {too_long[0]} is longer than the {limit} positions {path} was built for"
+        )
+
+
 def run_bench(
     paths: list[str | os.PathLike],
     config: BenchConfig,
@@ -168,6 +181,7 @@ def run_bench(
         raise LayerfuseError("give at least one graph to benchmark")
     if names is not None and len(names) != len(paths):
         raise LayerfuseError(f"{len(names)} names given for {len(paths)} graphs")
+    _check_context(paths[0], config.shapes)
     provider = resolve_provider(config.provider)
     results = []
     for index, path in enumerate(paths):
