@@ -15,6 +15,7 @@ from __future__ import annotations
 __all__ = [
     "STAGING_PREFIX",
     "check_writable",
+    "process_alive",
     "refuse_overwriting_inputs",
     "remove_stale_staging",
     "staging_dir",
@@ -35,7 +36,6 @@ from pathlib import Path
 from layerfuse.errors import LayerfuseError
 
 STAGING_PREFIX = ".layerfuse-"
-_STAGING_NAME = re.compile(rf"^{re.escape(STAGING_PREFIX)}[a-z-]*?-?(\d+)-[^/]+$")
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
@@ -57,7 +57,8 @@ def write_json_atomic(path: str | os.PathLike, data: dict) -> Path:
     return write_text_atomic(path, json.dumps(data, indent=1) + "\n")
 
 
-def _process_alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists (one of another user counts: it may not be touched)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -67,15 +68,16 @@ def _process_alive(pid: int) -> bool:
     return True
 
 
-def remove_stale_staging(folder: str | os.PathLike) -> list[Path]:
-    """Remove staging folders in ``folder`` whose writing process no longer exists."""
+def remove_stale_staging(folder: str | os.PathLike, prefix: str = STAGING_PREFIX) -> list[Path]:
+    """Remove folders named ``PREFIX[KIND-]PID-...`` in ``folder`` whose process is gone."""
     removed = []
     folder = Path(folder)
     if not folder.is_dir():
         return removed
+    pattern = re.compile(rf"^{re.escape(prefix)}[a-z-]*?-?(\d+)-[^/]+$")
     for entry in folder.iterdir():
-        match = _STAGING_NAME.match(entry.name)
-        if match and entry.is_dir() and not _process_alive(int(match.group(1))):
+        match = pattern.match(entry.name)
+        if match and entry.is_dir() and not process_alive(int(match.group(1))):
             shutil.rmtree(entry, ignore_errors=True)
             removed.append(entry)
     return removed

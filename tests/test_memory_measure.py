@@ -16,8 +16,8 @@ def test_a_hot_and_a_cold_copy_of_one_model_measure_the_same(tiny, tmp_path):
     carry_manifest(source, hot)
     shutil.copytree(hot.parent, tmp_path / "cold")
     cold = tmp_path / "cold" / "model.onnx"
-    for name in ("model.onnx", "model.onnx.data"):
-        (hot.parent / name).read_bytes()  # the hot copy's pages are in the page cache, as after a save
+    for name in ("model.onnx", "model.onnx.data"):  # the hot copy's pages in the cache
+        (hot.parent / name).read_bytes()
     feeds = synthetic_feeds(hot, parse_shapes("1x16")[0])
     first, second = (measure_memory(path, feeds, provider="cpu") for path in (hot, cold))
     assert abs(first.after_run_bytes - second.after_run_bytes) <= 256 * 1024

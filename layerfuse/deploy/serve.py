@@ -28,7 +28,6 @@ __all__ = [
 ]
 
 import os
-import shutil
 import sys
 import tempfile
 import threading
@@ -36,6 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
 
+from layerfuse.deploy.engine_commands import kserve_command_for, triton_command_for
 from layerfuse.deploy.process import (
     ServerProcess,
     StartCancelled,
@@ -43,14 +43,12 @@ from layerfuse.deploy.process import (
     free_port,
     http_request,
 )
-from layerfuse.deploy.triton_config import TritonOptions
 from layerfuse.deploy.triton_repo import (
     CONFIG,
     check_name,
-    read_repository,
-    write_triton_model,
 )
 from layerfuse.errors import LayerfuseError
+from layerfuse.files import remove_stale_staging
 
 if TYPE_CHECKING:
     from layerfuse.deploy.triton_front import TritonFront
@@ -172,83 +170,9 @@ def _resolve(items: list[str]) -> tuple[dict[str, Path], list[Path]]:
     return files, repos
 
 
-def _running(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass  # alive, another user's
-    return True
-
-
 def remove_stale_workdirs() -> None:
     """Remove the throw-away folders of earlier runs whose process is gone (SIGKILLed)."""
-    for folder in Path(tempfile.gettempdir()).glob(f"{WORKDIR_PREFIX}*"):
-        pid = folder.name.removeprefix(WORKDIR_PREFIX).split("-", 1)[0]
-        if pid.isdigit() and not _running(int(pid)):
-            shutil.rmtree(folder, ignore_errors=True)
-
-
-def _triton_command(files, repos, options, workdir: Path, ports: tuple[int, int]):
-    from layerfuse.deploy.triton_server import find_triton, triton_command
-
-    if options.provider == "cuda":
-        raise LayerfuseError(
-            "the bundled Triton's Python stub runs onnxruntime on CPU; use --engine kserve "
-            "for CUDA, or a Triton image with a repository deployed with --device gpu"
-        )
-    install = find_triton(options.stub_site)
-    for repo in repos:
-        for entry in read_repository(repo):
-            if entry.backend != "python":
-                raise LayerfuseError(
-                    f"{entry.directory} uses Triton's {entry.backend} backend, which the "
-                    f"bundled tritonserver lacks: serve it with --engine kserve, a Triton "
-                    f"image, or redeploy it with --backend python"
-                )
-    if files:
-        generated = workdir / "repository"
-        triton = TritonOptions(
-            backend="python",
-            max_batch_size=options.max_batch_size,
-            instances=options.instances,
-            threads=options.threads,
-            max_input_elements=options.max_input_elements,
-        )
-        for name, path in files.items():
-            write_triton_model(path, generated, name, triton, link=True)
-        repos = [*repos, generated]
-    backends = install.backend_directory(workdir / "backends")
-    return triton_command(
-        install,
-        [repo.resolve() for repo in repos],
-        backends,
-        host="127.0.0.1",
-        http_port=ports[0],
-        grpc_port=ports[1],
-        grace_seconds=options.grace_seconds,
-    )
-
-
-def _kserve_command(files, repos, options):
-    models = dict(files)
-    for repo in repos:
-        for entry in read_repository(repo):
-            if entry.name in models:
-                raise LayerfuseError(f"two models are named '{entry.name}'")
-            models[entry.name] = entry.model_path
-    command = [
-        sys.executable, "-m", "layerfuse.deploy.kserve_server",
-        "--host", options.host,
-        "--http-port", str(options.http_port), "--grpc-port", str(options.grpc_port),
-        "--max-body-bytes", str(options.max_body_bytes),
-        "--max-input-elements", str(options.max_input_elements),
-        "--threads", str(options.threads), "--provider", options.provider,
-        "--grace-seconds", str(options.grace_seconds),
-        *(f"{name}={path.resolve()}" for name, path in models.items()),
-    ]  # fmt: skip
-    return command, {}
+    remove_stale_staging(tempfile.gettempdir(), WORKDIR_PREFIX)
 
 
 def _model_states(url: str) -> list[ModelStatus]:
@@ -313,9 +237,9 @@ def start_server(
     ports = (free_port(), free_port()) if triton else (options.http_port, options.grpc_port)
     try:
         if triton:
-            command, env = _triton_command(files, repos, options, Path(workdir.name), ports)
+            command, env = triton_command_for(files, repos, options, Path(workdir.name), ports)
         else:
-            command, env = _kserve_command(files, repos, options)
+            command, env = kserve_command_for(files, repos, options)
         process = ServerProcess(options.engine, command, env, log).start()
     except BaseException:
         workdir.cleanup()
