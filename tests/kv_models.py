@@ -130,20 +130,28 @@ class GenerationModels:
     ) -> list[list[int]]:
         """``generate`` with EOS suppressed for all new tokens, one prompt at a time."""
         model = self.torch_model(drop_attention)
-        rows = []
-        for prompt in prompts:
-            ids = torch.tensor([prompt])
-            with torch.no_grad():
-                out = model.generate(
-                    ids,
-                    attention_mask=torch.ones_like(ids),
-                    max_new_tokens=NEW_TOKENS,
-                    min_new_tokens=NEW_TOKENS,
-                    do_sample=False,
-                    pad_token_id=self.tokenizer.pad_token_id,
-                )
-            rows.append(out[0, len(prompt) :].tolist())
-        return rows
+        return torch_greedy(model, prompts, NEW_TOKENS, self.tokenizer.pad_token_id)
+
+
+def torch_greedy(
+    model, prompts: list[list[int]], new_tokens: int, pad_token_id: int = 0
+) -> list[list[int]]:
+    """torch's greedy ``generate``, exactly ``new_tokens`` per prompt, one prompt at a time:
+    the reference every generation test compares layerfuse's loop with."""
+    rows = []
+    for prompt in prompts:
+        ids = torch.tensor([prompt])
+        with torch.no_grad():
+            out = model.generate(
+                ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=new_tokens,
+                min_new_tokens=new_tokens,
+                do_sample=False,
+                pad_token_id=pad_token_id,
+            )
+        rows.append(out[0, len(prompt) :].tolist())
+    return rows
 
 
 _SHARED: dict[Path, GenerationModels] = {}

@@ -14,7 +14,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 import transformers
 
 from layerfuse.data.batches import make_batches
@@ -26,7 +25,7 @@ from layerfuse.model.manifest import carry_manifest, require_manifest
 from layerfuse.passes.merge import MergeRequest, plan_merge
 from layerfuse.passes.plan import apply_plan
 from layerfuse.runtime.session import create_session
-from tests import tiny_models
+from tests import kv_models, tiny_models
 
 ENCODERS = ("bert", "roberta", "xlm_roberta", "distilbert", "vit", "deit")
 DECODERS = tuple(f for f in tiny_models.FAMILIES if f not in ENCODERS)
@@ -107,17 +106,7 @@ def test_windows_start_as_the_manifest_says(journey, stages, family):
 def test_generation_with_the_cache_equals_torch(journey, stages, family):
     path = _kv_export(journey, stages, family)
     model = transformers.AutoModelForCausalLM.from_pretrained(journey.tiny.folder(family)).eval()
-    ids = torch.tensor([PROMPT])
-    with torch.no_grad():
-        out = model.generate(
-            ids,
-            attention_mask=torch.ones_like(ids),
-            max_new_tokens=NEW_TOKENS,
-            min_new_tokens=NEW_TOKENS,
-            do_sample=False,
-            pad_token_id=0,
-        )
-    expected = out[0, len(PROMPT) :].tolist()
+    expected = kv_models.torch_greedy(model, [PROMPT], NEW_TOKENS)[0]
     decoder = Decoder(path, provider="cpu")
     generated = generate_ids(
         decoder, [PROMPT], max_new_tokens=NEW_TOKENS, suppress_eos=True

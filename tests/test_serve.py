@@ -10,7 +10,6 @@ as a plain ``.onnx`` file (``direct``).
 from __future__ import annotations
 
 import concurrent.futures
-import importlib.util
 import json
 import signal
 import subprocess
@@ -34,6 +33,7 @@ from layerfuse.passes.fuse import FusePlan
 from layerfuse.passes.merge import MergeRequest, plan_merge
 from layerfuse.passes.plan import apply_plan
 from layerfuse.runtime.session import create_session
+from tests.engines import require_engine
 
 httpclient = pytest.importorskip("tritonclient.http", reason="the serve extra is not installed")
 grpcclient = pytest.importorskip("tritonclient.grpc", reason="the serve extra is not installed")
@@ -92,23 +92,9 @@ def _options(engine: str, **changes) -> ServeOptions:
     return ServeOptions(**{**settings, **changes})
 
 
-def _require(engine: str) -> None:
-    if engine == "kserve":
-        # Looked up, not imported: kserve's v2 protos clash with tritonclient's in one process.
-        if importlib.util.find_spec("kserve") is None:
-            pytest.skip("kserve is not installed (the serve extra)")
-        return
-    from layerfuse.deploy.triton_server import find_triton
-
-    try:
-        find_triton()
-    except LayerfuseError as exc:
-        pytest.skip(f"the bundled tritonserver cannot start here: {exc}")
-
-
 @pytest.fixture(scope="module", params=["triton", "kserve"])
 def server(request, repo, variants, tmp_path_factory):
-    _require(request.param)
+    require_engine(request.param)
     log = (tmp_path_factory.mktemp("logs") / f"{request.param}.log").open("w")
     running = start_server(
         [str(repo), f"direct={variants['original']}"], _options(request.param), log
@@ -284,7 +270,7 @@ def test_bad_requests_get_protocol_errors_and_the_server_keeps_serving(server, c
 
 
 def test_a_failed_model_stops_the_start_unless_keep_going(repo):
-    _require("triton")
+    require_engine("triton")
     options = _options("triton", keep_going=False)
     with pytest.raises(LayerfuseError, match=r"model 'broken' failed to load: .+--keep-going"):
         start_server([str(repo)], options, log=None)
@@ -292,7 +278,7 @@ def test_a_failed_model_stops_the_start_unless_keep_going(repo):
 
 
 def test_serve_command_prints_endpoints_refuses_a_busy_port_and_stops_on_sigterm(variants, capsys):
-    _require("triton")
+    require_engine("triton")
     port = free_port()
     command = [sys.executable, "-m", "layerfuse", "serve", str(variants["tied"]),
                "--port", str(port), "--grpc-port", str(free_port())]  # fmt: skip

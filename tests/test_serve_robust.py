@@ -9,7 +9,6 @@ with SIGTERM while loading (its temporary repository must not outlive it).
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import signal
@@ -29,6 +28,7 @@ from onnx import TensorProto, helper
 from layerfuse.deploy.process import check_port_free, free_port
 from layerfuse.deploy.serve import WORKDIR_PREFIX, ServeOptions, remove_stale_workdirs, start_server
 from layerfuse.errors import LayerfuseError
+from tests.engines import require_engine
 
 grpcclient = pytest.importorskip("tritonclient.grpc", reason="the serve extra is not installed")
 from tritonclient.utils import InferenceServerException  # noqa: E402
@@ -73,19 +73,6 @@ def _expected(ids=IDS, mask=MASK) -> np.ndarray:
     return EMB[ids] * mask[..., None].astype(np.float32)
 
 
-def _require(engine: str) -> None:
-    if engine == "kserve":
-        if importlib.util.find_spec("kserve") is None:
-            pytest.skip("kserve is not installed (the serve extra)")
-        return
-    from layerfuse.deploy.triton_server import find_triton
-
-    try:
-        find_triton()
-    except LayerfuseError as exc:
-        pytest.skip(f"the bundled tritonserver cannot start here: {exc}")
-
-
 @pytest.fixture(scope="module")
 def tiny_graph(tmp_path_factory) -> Path:
     return _tiny_graph(tmp_path_factory.mktemp("tiny") / "tiny.onnx")
@@ -93,7 +80,7 @@ def tiny_graph(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module", params=["triton", "kserve"])
 def server(request, tiny_graph, tmp_path_factory):
-    _require(request.param)
+    require_engine(request.param)
     log = (tmp_path_factory.mktemp("logs") / f"{request.param}.log").open("w")
     options = ServeOptions(
         engine=request.param,
@@ -302,7 +289,7 @@ def _workdirs(pid: int) -> list[Path]:
 
 @pytest.mark.parametrize("engine", ["triton", "kserve"])
 def test_no_orphan_after_sigkill_of_serve(engine, tiny_graph):
-    _require(engine)
+    require_engine(engine)
     http, grpc = free_port(), free_port()
     serve = _serve(engine, tiny_graph, http, grpc)
     try:
@@ -328,7 +315,7 @@ def test_no_orphan_after_sigkill_of_serve(engine, tiny_graph):
 def test_sigterm_while_loading_stops_cleanly_and_removes_the_temporary_repository(
     engine, tiny_graph
 ):
-    _require(engine)
+    require_engine(engine)
     http, grpc = free_port(), free_port()
     serve = _serve(engine, tiny_graph, http, grpc)
     try:

@@ -62,23 +62,6 @@ def _prompts() -> list[list[int]]:
     ]
 
 
-def _torch_greedy(model, prompts) -> list[list[int]]:
-    rows = []
-    for prompt in prompts:
-        ids = torch.tensor([prompt])
-        with torch.no_grad():
-            out = model.generate(
-                ids,
-                attention_mask=torch.ones_like(ids),
-                max_new_tokens=NEW_TOKENS,
-                min_new_tokens=NEW_TOKENS,
-                do_sample=False,
-                pad_token_id=0,
-            )
-        rows.append(out[0, len(prompt) :].tolist())
-    return rows
-
-
 @pytest.mark.parametrize("family", SLIDING)
 def test_generation_with_the_cache_equals_torch_past_the_sliding_window(sliding_exports, family):
     folder, path = sliding_exports(family)
@@ -86,7 +69,7 @@ def test_generation_with_the_cache_equals_torch_past_the_sliding_window(sliding_
     window = model.config.sliding_window
     assert window < max(PROMPT_LENGTHS) and window < min(PROMPT_LENGTHS) + NEW_TOKENS
     prompts = _prompts()
-    expected = _torch_greedy(model, prompts)
+    expected = kv_models.torch_greedy(model, prompts, NEW_TOKENS)
     decoder = Decoder(path, provider="cpu")
     assert len(decoder.entries) == 2 * LAYERS
     settings = {"max_new_tokens": NEW_TOKENS, "eos_token_ids": [EOS], "suppress_eos": True}
@@ -95,7 +78,7 @@ def test_generation_with_the_cache_equals_torch_past_the_sliding_window(sliding_
     assert generate_ids(decoder, prompts, **settings).tokens == expected  # left-padded batch
     # The window changes what the model says: the same weights attending to everything differ.
     model.config.sliding_window = 10 * window
-    assert _torch_greedy(model, prompts) != expected
+    assert kv_models.torch_greedy(model, prompts, NEW_TOKENS) != expected
 
 
 def _windowed_graph(window: int) -> ir.Graph:
