@@ -11,7 +11,7 @@ Gram matrices) and the activations of a whole data set never sit in memory toget
 
 from __future__ import annotations
 
-__all__ = ["ActivationTap", "adapt_feeds", "stream_rows", "token_rows"]
+__all__ = ["ActivationTap", "adapt_feeds", "real_positions", "stream_rows", "token_rows"]
 
 import os
 from collections.abc import Iterable, Iterator, Sequence
@@ -112,22 +112,36 @@ class ActivationTap:
         by_name = dict(zip(fetch, values, strict=True))
         return [by_name[n] for n in self.model_outputs], {n: by_name[n] for n in self.names}
 
+    def tapped(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Only the tapped tensors for one batch: the model's own outputs (a causal LM's
+        ``[batch x seq x vocab]`` logits, the KV cache) are not fetched into numpy."""
+        values = self.session.run(self.names, adapt_feeds(self.session, feeds))
+        return dict(zip(self.names, values, strict=True))
 
-def token_rows(array: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
-    """``array`` as ``[positions, width]`` float32 rows, keeping only real-token positions.
 
-    Works whether the exporter kept ``[batch, seq, width]`` or flattened to
-    ``[batch * seq, width]`` (GPT-2's Conv1D Gemms).
-    """
-    rows = array.reshape(-1, array.shape[-1]).astype(np.float32, copy=False)
+def real_positions(rows: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
+    """Indices of the rows of ``[positions, width]`` ``rows`` that are real tokens."""
     if mask is None:
-        return rows
+        return np.arange(rows.shape[0])
     flat = mask.reshape(-1).astype(bool)
     if flat.size != rows.shape[0]:
         raise DataError(
             f"cannot match a tensor of {rows.shape[0]} positions to a batch of {flat.size} tokens"
         )
-    return rows[flat]
+    return np.flatnonzero(flat)
+
+
+def token_rows(array: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
+    """``array`` as ``[positions, width]`` float32 rows, keeping only real-token positions.
+
+    Works whether the exporter kept ``[batch, seq, width]`` or flattened to
+    ``[batch * seq, width]`` (GPT-2's Conv1D Gemms), and whatever float dtype the graph
+    computes in (fp16, bf16 activations become float32 here, once, for the statistics).
+    """
+    rows = array.reshape(-1, array.shape[-1])
+    if mask is None:
+        return rows.astype(np.float32, copy=False)
+    return rows[real_positions(rows, mask)].astype(np.float32, copy=False)
 
 
 def stream_rows(
@@ -140,5 +154,6 @@ def stream_rows(
 ) -> Iterator[dict[str, np.ndarray]]:
     """For each input batch, the tapped tensors as token rows (see :func:`token_rows`)."""
     for batch in reporter.track(batches, total, description):
-        _, tapped = tap.run(batch.feeds)
-        yield {name: token_rows(value, batch.mask) for name, value in tapped.items()}
+        yield {
+            name: token_rows(value, batch.mask) for name, value in tap.tapped(batch.feeds).items()
+        }

@@ -97,7 +97,7 @@ def dependency_matrix(
         tap = ActivationTap(candidate, wanted, provider=provider, external_data_dir=model_dir)
         collected = []
         for batch in batches:
-            _, tapped = tap.run(batch.feeds)
+            tapped = tap.tapped(batch.feeds)
             collected.append({n: token_rows(v, batch.mask) for n, v in tapped.items()})
         return collected
 
