@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from layerfuse.passes.detect.attention import Attention
 from layerfuse.passes.detect.feedforward import FeedForward
 from layerfuse.passes.detect.norms import Norm
+from layerfuse.passes.detect.relaxed import RelaxedLinear
 from layerfuse.passes.detect.result import Rejection, describe
 from layerfuse.passes.detect.structure import Block
 from layerfuse.passes.detect.wiring import Wiring
@@ -34,16 +35,19 @@ class Explanation:
 
 
 def _linear(linear: Linear) -> str:
+    relaxed = ""
+    if isinstance(linear, RelaxedLinear):
+        relaxed = f" plus its own rank-{linear.relax_rank} delta"
     if linear.columns is None:
-        return describe(linear.node)
+        return describe(linear.node) + relaxed
     start, stop = linear.columns
-    return f"columns {start}-{stop} of the fused projection {describe(linear.node)}"
+    return f"columns {start}-{stop} of the fused projection {describe(linear.node)}{relaxed}"
 
 
 def _feedforward(ff: FeedForward) -> str:
     inputs = f"gate {_linear(ff.gate)} and up {_linear(ff.up)}" if ff.gated else _linear(ff.up)
     return (
-        f"{ff.kind}: down-projection {describe(ff.down.node)} reads {inputs} through "
+        f"{ff.kind}: down-projection {_linear(ff.down)} reads {inputs} through "
         f"{len(ff.region)} elementwise ops with a {ff.activation} activation; "
         f"{ff.model_dim} -> {ff.width} -> {ff.model_dim}"
     )

@@ -25,6 +25,7 @@ import onnx_ir as ir
 
 from layerfuse.model.graph import VIEW_OPS, constant_array, consumers, is_constant, skip_views_up
 from layerfuse.passes.detect.activations import ELEMENTWISE, activation_of, ff_kind
+from layerfuse.passes.detect.relaxed import RelaxedLinear, relaxed_linears
 from layerfuse.passes.detect.result import Match, Rejection, describe
 from layerfuse.passes.linears import Linear, as_linear, column_parts
 
@@ -90,7 +91,13 @@ class FeedForward:
         own = [lin.node for lin in linears]
         own += [lin.bias_node for lin in linears if lin.bias_node is not None]
         own += [lin.part_node for lin in linears if lin.part_node is not None]
+        own += [node for lin in linears for node in _delta_nodes(lin)]
         return tuple(dict.fromkeys(own)) + self.region
+
+
+def _delta_nodes(linear: Linear) -> tuple[ir.Node, ...]:
+    """The nodes of a relaxed projection's own low-rank delta (none for a plain one)."""
+    return linear.delta_nodes if isinstance(linear, RelaxedLinear) else ()
 
 
 def _closed_region(
@@ -147,7 +154,7 @@ def _outside_reader(ups: list[Linear], region: list[ir.Node], down: Linear) -> s
     Shape readers are the exception: the TorchScript exporter computes every Reshape target
     from ``Shape`` of the tensor it reshapes.
     """
-    inside = set(region) | {down.node}
+    inside = set(region) | {down.node, *_delta_nodes(down)}
     values = [v for node in region for v in node.outputs] + [up.output for up in ups]
     for value in values:
         if value.is_graph_output():
@@ -238,7 +245,7 @@ def match_feedforward(down: Linear, linear_by_output: dict[ir.Value, Linear]) ->
 def scan_feedforwards(graph: ir.Graph) -> tuple[list[FeedForward], list[Rejection]]:
     """Every FF sublayer of ``graph`` (graph order of their down-projections), and why each
     other linear layer is not a down-projection."""
-    linears = [linear for node in graph if (linear := as_linear(node)) is not None]
+    linears = relaxed_linears([lin for node in graph if (lin := as_linear(node)) is not None])
     linear_by_output: dict[ir.Value, Linear] = {}
     for linear in linears:
         linear_by_output[linear.output] = linear

@@ -31,10 +31,18 @@ from layerfuse.passes.detect.feedforward import (
     scan_feedforwards,
 )
 from layerfuse.passes.detect.norms import same_tensor
+from layerfuse.passes.detect.relaxed import RelaxedLinear
 from layerfuse.passes.detect.result import Rejection, describe
 from layerfuse.passes.detect.wiring import Wiring, find_wiring
 
 SCHEMA = "layerfuse.structure/2"
+
+
+def _relax_ranks(ff: FeedForward) -> dict:
+    """``{"relax_rank": {role: R}}`` for the relaxed projections of ``ff`` (a relaxed tie's
+    per-layer deltas), nothing for a plain FF so that its JSON is what it always was."""
+    ranks = {r: lin.relax_rank for r, lin in ff.linears.items() if isinstance(lin, RelaxedLinear)}
+    return {"relax_rank": ranks} if ranks else {}
 
 
 @dataclass
@@ -76,6 +84,7 @@ class Block:
             "neuron_parameters": [v.name for v in ff.neuron_parameters],
             "parameters": ff.parameter_count,
             "nodes": [node.name for node in ff.nodes],
+            **_relax_ranks(ff),
             **self.ff_wiring.to_json(),
         }
         attention_json = None
