@@ -13,7 +13,7 @@ from layerfuse.progress import Reporter
 
 
 def _merge_options(parser: argparse.ArgumentParser) -> None:
-    from layerfuse.passes.merge.plan import ANCHORS, FEATURES, METHODS
+    from layerfuse.passes.merge.plan import ANCHORS, FEATURES, METHODS, RELAX_INITS
 
     parser.add_argument(
         "--ratio", default="1/3", help="share of FF sublayers removed: 1/3, 0.5, all-but-one"
@@ -51,6 +51,21 @@ def _merge_options(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="least-squares refit of the shared down-projection, kept if validation improves",
     )
+    parser.add_argument(
+        "--relax-rank",
+        type=int,
+        default=0,
+        metavar="R",
+        help="relaxed tie: each tied layer adds its own rank-R delta to every shared "
+        "projection (R * (in + out) parameters each; 0, the default, ties plainly)",
+    )
+    parser.add_argument(
+        "--relax-init",
+        default="svd",
+        choices=RELAX_INITS,
+        help="svd: each delta starts as the best rank-R correction toward the layer's own "
+        "weights (default); zero: deltas start at zero (the plain tie's outputs, trainable)",
+    )
 
 
 def _merge_plan(args: argparse.Namespace, reporter: Reporter) -> Plan:
@@ -67,6 +82,8 @@ def _merge_plan(args: argparse.Namespace, reporter: Reporter) -> Plan:
         features=args.features,
         refit=args.refit,
         data=data_settings(args),
+        relax_rank=args.relax_rank,
+        relax_init=args.relax_init,
     )
     return plan_merge(args.model, request, reporter)
 
@@ -77,6 +94,8 @@ def _merge_summary(plan) -> str:
         f"tied {plan.merged_blocks + len(plan.windows)} FF sublayers in windows {windows} "
         f"with the {plan.method} method"
     )
+    if plan.relax_rank:
+        summary += f", relaxed with rank-{plan.relax_rank} per-layer deltas ({plan.relax_init})"
     return summary + _validation_note(plan.validation)
 
 

@@ -8,7 +8,15 @@ weights, too large for JSON, go to an ``.npz`` file beside it whose hash the JSO
 
 from __future__ import annotations
 
-__all__ = ["FEATURES", "MergePlan", "MergeWindow", "anchor_of", "parse_ratio", "window_sizes"]
+__all__ = [
+    "FEATURES",
+    "RELAX_INITS",
+    "MergePlan",
+    "MergeWindow",
+    "anchor_of",
+    "parse_ratio",
+    "window_sizes",
+]
 
 import hashlib
 import os
@@ -28,6 +36,8 @@ ANCHORS = ("first", "middle", "last")
 # FFs), the up-projection's output (what the paper's code uses for SwiGLU), or what the
 # down-projection reads.
 FEATURES = ("pre_activation", "up", "hidden")
+# How a relaxed tie's per-layer deltas start (:mod:`layerfuse.passes.merge.relax`).
+RELAX_INITS = ("svd", "zero")
 
 
 @dataclass
@@ -79,15 +89,21 @@ class MergePlan(Plan):
     validation: dict | None = None
     # Refitted output-side weights per window index: {"down": [width, d], "down_bias": [d]}.
     refit_weights: dict[int, dict[str, np.ndarray]] = field(default_factory=dict)
+    # Rank of each tied layer's own low-rank delta per projection; 0 is a plain tie.
+    relax_rank: int = 0
+    relax_init: str = "svd"
 
     def __post_init__(self) -> None:
         for name, value, allowed in (
             ("method", self.method, METHODS),
             ("anchor", self.anchor, ANCHORS),
             ("features", self.features, FEATURES),
+            ("relax init", self.relax_init, RELAX_INITS),
         ):
             if value not in allowed:
                 raise PlanError(f"unknown merge {name} '{value}' (choose {', '.join(allowed)})")
+        if not isinstance(self.relax_rank, int) or self.relax_rank < 0:
+            raise PlanError(f"relax rank {self.relax_rank!r} is not a whole number >= 0")
         if not self.windows:
             raise PlanError("the merge plan has no windows: it would tie nothing")
         ranges = [(w.blocks[0], w.blocks[-1]) for w in self.windows if w.blocks]
@@ -109,6 +125,8 @@ class MergePlan(Plan):
         return TieFeedForwardsPass(self)
 
     def to_json(self) -> dict:
+        # A plain tie's JSON stays what it was before relaxed ties existed.
+        relax = {"relax": {"rank": self.relax_rank, "init": self.relax_init}}
         return {
             "fingerprint": self.fingerprint,
             "num_blocks": self.num_blocks,
@@ -122,6 +140,7 @@ class MergePlan(Plan):
             "refit": self.refit,
             "validation": self.validation,
             "windows": [w.to_json() for w in self.windows],
+            **(relax if self.relax_rank else {}),
         }
 
     @classmethod
@@ -139,6 +158,8 @@ class MergePlan(Plan):
             bytes_removed=int(data.get("bytes_removed", 0)),
             refit=data.get("refit"),
             validation=data.get("validation"),
+            relax_rank=int(data.get("relax", {}).get("rank", 0)),
+            relax_init=data.get("relax", {}).get("init", "svd"),
         )
 
     def save_sidecars(self, path: Path, data: dict) -> None:

@@ -36,6 +36,7 @@ from layerfuse.passes.merge.plan import (
     window_sizes,
 )
 from layerfuse.passes.merge.refit import refit_if_it_helps
+from layerfuse.passes.merge.relax import delta_parameters
 from layerfuse.passes.plan import apply_plan
 from layerfuse.passes.planner import DataSettings, search_best
 from layerfuse.passes.scoring import CandidateScorer
@@ -64,6 +65,9 @@ class MergeRequest:
     refit: bool = False
     data: DataSettings = field(default_factory=lambda: DataSettings(calib_tokens=10240))
     memory_budget_bytes: int = 2 * 1024**3
+    # Relaxed tie: each tied layer's own rank-R delta per projection (0: a plain tie).
+    relax_rank: int = 0
+    relax_init: str = "svd"
 
 
 def _candidate_windows(structure: ModelStructure, request: MergeRequest) -> list[list[list[int]]]:
@@ -226,7 +230,11 @@ def plan_merge(
         "method": request.method,
         "anchor": request.anchor,
         "features": request.features,
+        "relax_rank": request.relax_rank,
+        "relax_init": request.relax_init,
     }
+    if request.refit and request.relax_rank:
+        raise PlanError("--refit and --relax-rank cannot be combined: the refit models a plain tie")
     _validate(model_path, base_plan, candidates)
     needs_calibration = request.method == "permute" or request.refit
     calibration = settings.batches(model_path, "calib") if needs_calibration else []
@@ -262,6 +270,8 @@ def plan_merge(
             "merged": scorer(merged),
         }
     plan.parameters_removed = sum(
-        (len(w.blocks) - 1) * structure.blocks[w.anchor].ff.parameter_count for w in plan.windows
+        (len(w.blocks) - 1) * structure.blocks[w.anchor].ff.parameter_count
+        - len(w.blocks) * delta_parameters(structure.blocks[w.anchor].ff, plan.relax_rank)
+        for w in plan.windows
     )
     return plan

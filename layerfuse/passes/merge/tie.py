@@ -12,7 +12,12 @@ same weight initializers, and none of the FFs' former private weights is left in
 
 from __future__ import annotations
 
-__all__ = ["TieFeedForwardsPass", "merged_window_weights", "tie_weights"]
+__all__ = [
+    "TieFeedForwardsPass",
+    "aligned_window_weights",
+    "merged_window_weights",
+    "tie_weights",
+]
 
 import numpy as np
 import onnx_ir as ir
@@ -29,6 +34,7 @@ from layerfuse.passes.merge.ff_weights import (
     require_modelled,
 )
 from layerfuse.passes.merge.plan import MergeWindow
+from layerfuse.passes.merge.relax import check_rank, relax_window
 
 _PREFIX = "layerfuse.tied"
 
@@ -74,10 +80,8 @@ def _private_initializers(ff: FeedForward) -> list[str] | None:
     return [value.name for value in values]
 
 
-def merged_window_weights(
-    feedforwards: list[FeedForward], window: MergeWindow, refit: dict[str, np.ndarray] | None
-) -> FFWeights:
-    """The shared weights of ``window``: permuted to the anchor, averaged, maybe refitted."""
+def aligned_window_weights(feedforwards: list[FeedForward], window: MergeWindow) -> list[FFWeights]:
+    """Each FF's own weights, permuted to the anchor's neuron order."""
     weights = []
     for block, ff in zip(window.blocks, feedforwards, strict=True):
         own = read_ff_weights(ff)
@@ -89,7 +93,14 @@ def merged_window_weights(
                 )
             own = own.permuted(np.asarray(permutation))
         weights.append(own)
-    merged = average(weights)
+    return weights
+
+
+def merged_window_weights(
+    feedforwards: list[FeedForward], window: MergeWindow, refit: dict[str, np.ndarray] | None
+) -> FFWeights:
+    """The shared weights of ``window``: permuted to the anchor, averaged, maybe refitted."""
+    merged = average(aligned_window_weights(feedforwards, window))
     if refit:
         merged.matrices["down"] = refit["down"].astype(np.float32)
         if "down_bias" in refit:
@@ -143,6 +154,8 @@ class TieFeedForwardsPass(PlanPass):
 
     def check(self, structure: ModelStructure) -> None:
         blocks = structure.blocks
+        if self.plan.relax_rank and self.plan.refit_weights:
+            raise PlanError("a refitted plan cannot be relaxed: the refit models the plain tie")
         self._replaced: list[str] = []
         for window in self.plan.windows:
             feedforwards = [blocks[i].ff for i in window.blocks]
@@ -153,6 +166,8 @@ class TieFeedForwardsPass(PlanPass):
                 )
             if self.plan.refit_weights:
                 require_modelled(feedforwards, "refit")
+            if self.plan.relax_rank:
+                check_rank(feedforwards[0], self.plan.relax_rank, f"block {window.blocks[0]}")
             for ff in feedforwards:
                 self._replaced += _private_initializers(ff) or []
 
@@ -160,8 +175,14 @@ class TieFeedForwardsPass(PlanPass):
         blocks = detect_structure(model).blocks
         for index, window in enumerate(self.plan.windows):
             feedforwards = [blocks[i].ff for i in window.blocks]
+            rank, init = self.plan.relax_rank, self.plan.relax_init
+            aligned = aligned_window_weights(feedforwards, window) if rank else []
             merged = merged_window_weights(feedforwards, window, self.plan.refit_weights.get(index))
             tie_weights(model.graph, feedforwards, merged, _window_prefix(window))
+            if rank:
+                relax_window(
+                    model.graph, window, feedforwards, aligned, merged, rank=rank, init=init
+                )
         common_passes.RemoveUnusedNodesPass()(model)
         return bool(self.plan.windows)
 
@@ -169,9 +190,15 @@ class TieFeedForwardsPass(PlanPass):
         blocks = detect_structure(model).blocks
         for window in self.plan.windows:
             for role in blocks[window.blocks[0]].ff.linears:
-                readers = {id(blocks[i].ff.linears[role].consumed_weight) for i in window.blocks}
-                if len(readers) != 1:
+                members = [blocks[i].ff.linears[role] for i in window.blocks]
+                if len({id(linear.consumed_weight) for linear in members}) != 1:
                     raise PlanError(f"blocks {window.blocks} do not share their {role} weight")
+                ranks = {getattr(linear, "relax_rank", 0) for linear in members}
+                if ranks != {self.plan.relax_rank}:
+                    raise PlanError(
+                        f"blocks {window.blocks} lack their {role} deltas of rank "
+                        f"{self.plan.relax_rank}"
+                    )
         left = [name for name in self._replaced if name in model.graph.initializers]
         if left:
             raise PlanError(f"tying left the replaced FF weight {left[0]} in the model")
