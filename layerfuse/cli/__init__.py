@@ -29,6 +29,7 @@ from layerfuse.cli import (
     quantize,
     recover,
     serve,
+    share_kv,
 )
 from layerfuse.cli.common import refuse_bad_numbers
 from layerfuse.cli.rewrite import register_rewrite
@@ -47,7 +48,7 @@ _COMMAND_MODULES = (
     recover,
 )
 # Rewriting commands: a RewriteCommand each, registered by one driver.
-_REWRITE_MODULES = (merge, prune, fuse)
+_REWRITE_MODULES = (merge, prune, fuse, share_kv)
 
 
 class _Parser(argparse.ArgumentParser):

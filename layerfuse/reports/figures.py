@@ -82,3 +82,21 @@ def cka_summary(result: dict) -> list[str]:
                 f"of all pairs {pairs.mean():.3f}"
             )
     return lines
+
+
+def kv_similarity_figure(plan, stem: Path) -> list[Path]:
+    """The heatmap of how alike the layers' keys and values are (``STEM.kv-similarity.png``),
+    when the share-kv planner measured it."""
+    if not plan.similarity:
+        return []
+    layers = list(range(len(plan.similarity)))
+    return [
+        heatmap(
+            np.asarray(plan.similarity),
+            layers,
+            "Keys and values: mean cosine similarity between layers",
+            stem.with_name(f"{stem.name}.kv-similarity.png"),
+            colorbar="mean cosine similarity",
+            vmin=None,
+        )
+    ]

@@ -1,0 +1,147 @@
+"""Analysis for cross-layer KV sharing: how alike the layers' keys and values are, and which
+sharing costs validation quality least.
+
+1. Similarity (as MiniCache and KVSharer measure it): one prefill of calibration text with an
+   empty cache; for every pair of layers, the mean cosine similarity of their keys per token
+   and head, and likewise of their values; the plan records the average of the two.
+2. Candidates: each layer paired with its most similar earlier layer.
+3. Choice: every candidate alone is applied in memory and scored on validation data (as the
+   other planners choose); ``layers=N`` takes the N best that do not chain (a layer that lends
+   its cache keeps its own), ``"auto"`` adds them in that order while the combined plan stays
+   within ``tolerance`` of the original's score, explicit pairs are taken as given.
+"""
+
+from __future__ import annotations
+
+__all__ = ["ShareKVRequest", "kv_similarity", "plan_share_kv"]
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from layerfuse.errors import PlanError
+from layerfuse.model.io import load_model
+from layerfuse.passes.detect import detect_structure
+from layerfuse.passes.plan import apply_plan
+from layerfuse.passes.planner import DataSettings
+from layerfuse.passes.share_kv.layers import KVLayer, kv_layers
+from layerfuse.passes.share_kv.plan import ShareKVPlan
+from layerfuse.progress import SILENT, Reporter
+from layerfuse.runtime.calibration import adapt_feeds
+from layerfuse.runtime.session import create_session
+
+
+@dataclass
+class ShareKVRequest:
+    """``layers``: ``"auto"``, a count, or explicit ``[(target, source), ...]`` pairs."""
+
+    layers: str | int | list[tuple[int, int]] = "auto"
+    tolerance: float = 0.1
+    data: DataSettings = field(
+        default_factory=lambda: DataSettings(calib_tokens=1024, valid_tokens=2048)
+    )
+
+
+def _unit_rows(array: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """[batch, heads, seq, dim] -> unit vectors of real tokens, [tokens, heads, dim]."""
+    rows = array.transpose(0, 2, 1, 3)[mask.astype(bool)]
+    return rows / np.maximum(np.linalg.norm(rows, axis=-1, keepdims=True), 1e-12)
+
+
+def kv_similarity(model_path: Path, layers: list[KVLayer], batches, provider: str) -> np.ndarray:
+    """[layers x layers] mean cosine similarity of keys and of values, averaged."""
+    session = create_session(model_path, provider=provider)
+    wanted = [entry.present.name for layer in layers for entry in layer.entries]
+    total = np.zeros((len(layers), len(layers)))
+    for batch in batches:
+        outputs = session.run(wanted, adapt_feeds(session, batch.feeds))
+        mask = batch.mask if batch.mask is not None else np.ones(outputs[0].shape[::2][:2])
+        rows = [_unit_rows(array, mask) for array in outputs]
+        keys, values = rows[0::2], rows[1::2]
+        for a in range(len(layers)):
+            for b in range(len(layers)):
+                similar_keys = (keys[a] * keys[b]).sum(-1).mean()
+                similar_values = (values[a] * values[b]).sum(-1).mean()
+                total[a, b] += (similar_keys + similar_values) / 2
+    return total / max(len(batches), 1)
+
+
+def _non_chaining(ranked: list[tuple[int, int]], limit: int | None) -> list[tuple[int, int]]:
+    chosen: list[tuple[int, int]] = []
+    for target, source in ranked:
+        targets, sources = {t for t, _ in chosen}, {s for _, s in chosen}
+        if target in sources or source in targets:
+            continue
+        chosen.append((target, source))
+        if limit is not None and len(chosen) == limit:
+            break
+    return chosen
+
+
+def plan_share_kv(
+    model_path: str | os.PathLike, request: ShareKVRequest, reporter: Reporter = SILENT
+) -> ShareKVPlan:
+    """Analyse the ``--kv-cache`` graph at ``model_path``; nothing is written."""
+    model_path = Path(model_path)
+    model = load_model(model_path)
+    layers = kv_layers(model, str(model_path))
+    structure = detect_structure(model)
+    base = {
+        "fingerprint": structure.fingerprint,
+        "num_blocks": len(structure.blocks),
+        "num_kv_layers": len(layers),
+    }
+    if isinstance(request.layers, list):
+        plan = ShareKVPlan(**base, pairs=request.layers)
+        plan.rewrite_pass().requires(model)
+        return plan
+    if isinstance(request.layers, int) and not 0 < request.layers < len(layers):
+        raise PlanError(f"--layers {request.layers}: choose 1 to {len(layers) - 1} layers")
+    settings = request.data
+    reporter.step("measuring how alike the layers' keys and values are")
+    similarity = kv_similarity(
+        model_path, layers, settings.batches(model_path, "calib"), settings.provider
+    )
+    candidates = [(t, int(np.argmax(similarity[t, :t]))) for t in range(1, len(layers))]
+    scorer = settings.scorer(model_path)
+    original = scorer(load_model(model_path))
+    scores = []
+    for pair in reporter.track(candidates, len(candidates), "scoring shared layers"):
+        scores.append(scorer(apply_plan(model_path, ShareKVPlan(**base, pairs=[pair]))))
+    ranked = [candidates[i] for i in np.argsort(scores)]
+    if isinstance(request.layers, int):
+        pairs = _non_chaining(ranked, request.layers)
+    else:
+        pairs = _auto(model_path, base, ranked, scorer, original * (1 + request.tolerance))
+    plan = ShareKVPlan(
+        **base,
+        pairs=pairs,
+        similarity=similarity.round(4).tolist(),
+        validation={
+            "metric": scorer.metric,
+            "original": original,
+            "candidates": [
+                {"pair": list(p), "score": s} for p, s in zip(candidates, scores, strict=True)
+            ],
+        },
+    )
+    plan.validation["shared"] = scorer(apply_plan(model_path, plan))
+    return plan
+
+
+def _auto(model_path: Path, base: dict, ranked, scorer, limit: float) -> list[tuple[int, int]]:
+    """The longest prefix of the non-chaining ranking whose combined score stays in limit."""
+    chosen: list[tuple[int, int]] = []
+    for pair in _non_chaining(ranked, None):
+        trial = ShareKVPlan(**base, pairs=[*chosen, pair])
+        if scorer(apply_plan(model_path, trial)) > limit:
+            break
+        chosen.append(pair)
+    if not chosen:
+        raise PlanError(
+            "no layer can share another's keys and values within the tolerance; raise "
+            "--tolerance or name the count with --layers N"
+        )
+    return chosen
