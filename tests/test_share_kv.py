@@ -131,3 +131,19 @@ def test_impossible_pairs_are_refused(lm, pairs, message):
 def test_a_fused_attention_graph_is_refused_with_the_reason(lm):
     with pytest.raises(PlanError, match="fused attention op"):
         plan_share_kv(lm.builder, ShareKVRequest(layers=[(1, 0)]))
+
+
+def test_recover_trains_a_shared_kv_model_with_its_plan(lm, tmp_path, capsys):
+    shared = tmp_path / "shared" / "model.onnx"
+    assert main(["share-kv", str(lm.export), "-o", str(shared), "--layers", "1<-0"]) == 0
+    out = tmp_path / "recovered" / "model.onnx"
+    argv = ["recover", str(lm.export), str(shared), "-o", str(out), "--steps", "2"]
+    settings = ["--batch-size", "2", "--grad-accum", "1", "--seq-len", "32", "--json"]
+    plan = str(shared.with_suffix(".plan.json"))
+    capsys.readouterr()
+    assert main([*argv, *settings, "--valid-tokens", "256", "--plan", plan]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["finished"] and summary["verified_max_abs_diff"] < 1e-4
+    recovered = load_model(out)
+    assert len(kv_layers(recovered)) == kv_models.LAYERS - 1
+    assert parameter_count(recovered) == parameter_count(load_model(shared))

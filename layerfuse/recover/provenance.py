@@ -21,12 +21,8 @@ import onnx_ir as ir
 from layerfuse.errors import PlanError
 from layerfuse.model.fingerprint import fingerprint
 from layerfuse.passes.base import PROVENANCE_PLANS, source_fingerprint
-from layerfuse.passes.fuse import FusePlan
-from layerfuse.passes.merge import MergePlan
 from layerfuse.passes.plan import Plan
-from layerfuse.passes.prune import PrunePlan
-
-_PLAN_CLASSES: tuple[type[Plan], ...] = (MergePlan, PrunePlan, FusePlan)
+from layerfuse.passes.registry import PLAN_CLASSES, plan_class_for
 
 
 def check_derived(original: ir.Model, optimized: ir.Model) -> str:
@@ -49,15 +45,16 @@ def check_derived(original: ir.Model, optimized: ir.Model) -> str:
 
 
 def load_any_plan(path: str | os.PathLike, original: ir.Model, optimized: ir.Model) -> Plan:
-    """The merge, prune or fuse plan at ``path``, checked to fit both models."""
+    """The plan at ``path`` (any registered kind), checked to fit both models."""
     path = Path(path)
     try:
         schema = json.loads(path.read_text()).get("schema")
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError) as exc:
         raise PlanError(f"{path}: cannot read the plan ({exc})") from None
-    chosen = next((c for c in _PLAN_CLASSES if schema in (c.SCHEMA, *c.READS)), None)
+    chosen = plan_class_for(schema)
     if chosen is None:
-        raise PlanError(f"{path}: not a merge, prune or fuse plan (schema {schema!r})")
+        kinds = ", ".join(c.SCHEMA for c in PLAN_CLASSES)
+        raise PlanError(f"{path}: not a layerfuse plan (schema {schema!r}; one of {kinds})")
     plan = chosen.load(path)
     try:
         plan.check_fits(original)
