@@ -37,8 +37,11 @@ def function_name(kind: str) -> str:
     return _NAMES[kind]
 
 
-def _constant(tape: ir.tape.Tape, value: float) -> ir.Value:
-    return tape.op("Constant", [], {"value": ir.tensor(value, dtype=ir.DataType.FLOAT)})
+def _constant(tape: ir.tape.Tape, value: float, like: ir.Value) -> ir.Value:
+    """``value`` in ``like``'s dtype: one function body serves fp32, fp16 and bf16 graphs
+    (onnxruntime folds the CastLike at load)."""
+    constant = tape.op("Constant", [], {"value": ir.tensor(value, dtype=ir.DataType.FLOAT)})
+    return tape.op("CastLike", [constant, like])
 
 
 def _activation(tape: ir.tape.Tape, kind: str, x: ir.Value) -> ir.Value:
@@ -46,16 +49,16 @@ def _activation(tape: ir.tape.Tape, kind: str, x: ir.Value) -> ir.Value:
         return tape.op("Mul", [x, tape.op("Sigmoid", [x])])
     if kind in ("relu", "reglu"):
         return tape.op("Relu", [x])
-    half_x = tape.op("Mul", [x, _constant(tape, 0.5)])
+    half_x = tape.op("Mul", [x, _constant(tape, 0.5, x)])
     if kind in ("gelu", "geglu"):
-        erf = tape.op("Erf", [tape.op("Div", [x, _constant(tape, math.sqrt(2.0))])])
-        return tape.op("Mul", [half_x, tape.op("Add", [erf, _constant(tape, 1.0)])])
+        erf = tape.op("Erf", [tape.op("Div", [x, _constant(tape, math.sqrt(2.0), x)])])
+        return tape.op("Mul", [half_x, tape.op("Add", [erf, _constant(tape, 1.0, x)])])
     if kind == "gelu_tanh":
         cube = tape.op("Mul", [tape.op("Mul", [x, x]), x])
-        inner = tape.op("Add", [x, tape.op("Mul", [cube, _constant(tape, 0.044715)])])
-        scaled = tape.op("Mul", [inner, _constant(tape, math.sqrt(2.0 / math.pi))])
+        inner = tape.op("Add", [x, tape.op("Mul", [cube, _constant(tape, 0.044715, x)])])
+        scaled = tape.op("Mul", [inner, _constant(tape, math.sqrt(2.0 / math.pi), x)])
         return tape.op(
-            "Mul", [half_x, tape.op("Add", [tape.op("Tanh", [scaled]), _constant(tape, 1.0)])]
+            "Mul", [half_x, tape.op("Add", [tape.op("Tanh", [scaled]), _constant(tape, 1.0, x)])]
         )
     raise ValueError(f"no activation '{kind}'")
 

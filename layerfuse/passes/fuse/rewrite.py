@@ -92,14 +92,16 @@ def _check_run(blocks: list[Block], first: int, last: int, dropped: set[int]) ->
 
 
 def fused_weights(run: list[Block]) -> dict[str, np.ndarray]:
-    """W_in (gates then ups, or ups), W_down stacked, biases: norm gains folded in."""
+    """W_in (gates then ups, or ups), W_down stacked, biases: norm gains folded in, in
+    float64 whatever the graph's dtype."""
     gates, ups, downs, in_biases = [], [], [], []
     down_bias = 0.0
     for block in run:
         weights = read_ff_weights(block.ff)
         norm = block.ff_wiring.norm
         gain = constant_array(norm.weight)
-        gain = np.ones(block.ff.model_dim, np.float32) if gain is None else gain.reshape(-1)
+        # fp16/bf16 gains are widened before folding; the sum is cast back once, on write.
+        gain = np.ones(block.ff.model_dim) if gain is None else gain.reshape(-1).astype(np.float64)
         shift = constant_array(norm.bias)
         shift = None if shift is None else shift.reshape(-1).astype(np.float64)
         up = weights.matrices["up"].astype(np.float64)
@@ -120,28 +122,44 @@ def fused_weights(run: list[Block]) -> dict[str, np.ndarray]:
     return result
 
 
+def _cast(tape: ir.tape.Tape, value: ir.Value, dtype: ir.DataType, name: str) -> ir.Value:
+    """``value`` as ``dtype``: itself when it already is (fp32 graphs get no Casts)."""
+    if value.dtype == dtype:
+        return value
+    cast = tape.op("Cast", [value], {"to": dtype}, name=name)
+    cast.dtype = dtype
+    return cast
+
+
 def _shared_norm(tape: ir.tape.Tape, x: ir.Value, block: Block, prefix: str) -> ir.Value:
-    """The run's norm without its gain (and bias): the same arithmetic every block used."""
+    """The run's norm without its gain (and bias), computed in float32 whatever the graph's
+    dtype: an fp16 square of the residual stream overflows past 256, which is why Hugging
+    Face's norms upcast too. The result is cast to the dtype the FFs compute in."""
     norm = block.ff_wiring.norm
     width = block.ff.model_dim
     epsilon = float(norm.epsilon)
+    x = _cast(tape, x, ir.DataType.FLOAT, f"{prefix}.norm.upcast")
     if norm.kind == "layer":
         ones = tape.initializer(ir.tensor(np.ones(width, np.float32), name=f"{prefix}.norm.scale"))
-        return tape.op(
+        normalized = tape.op(
             "LayerNormalization",
             [x, ones],
             {"axis": -1, "epsilon": epsilon},
             name=f"{prefix}.norm",
         )
-    axes = tape.initializer(ir.tensor(np.array([-1], np.int64), name=f"{prefix}.norm.axes"))
-    two = tape.initializer(ir.tensor(np.array(2.0, np.float32), name=f"{prefix}.norm.two"))
-    eps = tape.initializer(ir.tensor(np.array(epsilon, np.float32), name=f"{prefix}.norm.eps"))
-    square = tape.op("Pow", [x, two], name=f"{prefix}.norm.pow")
-    mean = tape.op("ReduceMean", [square, axes], {"keepdims": 1}, name=f"{prefix}.norm.mean")
-    shifted = tape.op("Add", [mean, eps], name=f"{prefix}.norm.add")
-    root = tape.op("Sqrt", [shifted], name=f"{prefix}.norm.sqrt")
-    inverse = tape.op("Reciprocal", [root], name=f"{prefix}.norm.reciprocal")
-    return tape.op("Mul", [x, inverse], name=f"{prefix}.norm.mul")
+    else:
+        axes = tape.initializer(ir.tensor(np.array([-1], np.int64), name=f"{prefix}.norm.axes"))
+        two = tape.initializer(ir.tensor(np.array(2.0, np.float32), name=f"{prefix}.norm.two"))
+        eps = tape.initializer(ir.tensor(np.array(epsilon, np.float32), name=f"{prefix}.norm.eps"))
+        square = tape.op("Pow", [x, two], name=f"{prefix}.norm.pow")
+        mean = tape.op("ReduceMean", [square, axes], {"keepdims": 1}, name=f"{prefix}.norm.mean")
+        shifted = tape.op("Add", [mean, eps], name=f"{prefix}.norm.add")
+        root = tape.op("Sqrt", [shifted], name=f"{prefix}.norm.sqrt")
+        inverse = tape.op("Reciprocal", [root], name=f"{prefix}.norm.reciprocal")
+        normalized = tape.op("Mul", [x, inverse], name=f"{prefix}.norm.mul")
+    normalized.dtype = ir.DataType.FLOAT
+    compute = block.ff.linears["down"].consumed_dtype()
+    return _cast(tape, normalized, compute, f"{prefix}.norm.downcast")
 
 
 def _fuse_run(model: ir.Model, run: list[Block], first: int, last: int) -> None:
@@ -151,6 +169,9 @@ def _fuse_run(model: ir.Model, run: list[Block], first: int, last: int) -> None:
     kind = run[0].ff.kind
     dtype = run[0].ff.linears["down"].consumed_dtype()
     x = run[0].ff_wiring.norm.input
+    if x.dtype is None:
+        # No declared type: the stream computes in the FFs' dtype (the norm reads it).
+        x.dtype = dtype
     normalized = _shared_norm(tape, x, run[0], prefix)
     weights = fused_weights(run)
     inputs = [normalized] + [
@@ -164,6 +185,7 @@ def _fuse_run(model: ir.Model, run: list[Block], first: int, last: int) -> None:
     ]
     fused = tape.op(function_name(kind), inputs, domain=DOMAIN, name=prefix)
     fused.name = f"{prefix}.ffn"
+    fused.dtype = dtype
     last_stream = run[-1].ff_wiring.residual.output
     if run[0].ff_wiring.parallel:
         # The first block keeps its attention branch; the fused FFN takes its FF's place.
@@ -171,7 +193,8 @@ def _fuse_run(model: ir.Model, run: list[Block], first: int, last: int) -> None:
         bypass(run[0].ff.output, fused)
         end = run[0].ff_wiring.residual.output
     else:
-        end = tape.op("Add", [x, fused], name=f"{prefix}.residual")
+        update = _cast(tape, fused, x.dtype, f"{prefix}.ffn.cast")
+        end = tape.op("Add", [x, update], name=f"{prefix}.residual")
         end.name = f"{prefix}.out"
         end.type, end.shape = last_stream.type, last_stream.shape
     if end is not last_stream:
