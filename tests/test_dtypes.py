@@ -30,6 +30,7 @@ from layerfuse.model.manifest import carry_manifest
 from layerfuse.passes.detect import detect_structure
 from layerfuse.passes.fuse import FusePlan
 from layerfuse.passes.merge import MergeRequest, plan_merge
+from layerfuse.passes.merge.correlation import PairStatistics, align
 from layerfuse.passes.plan import apply_plan
 from layerfuse.passes.planner import DataSettings
 from layerfuse.passes.prune import PruneRequest, plan_prune
@@ -292,3 +293,22 @@ def test_weights_behind_casts_rewritten_equal_torch(graphs, monkeypatch, operati
     plan = _plan(path, operation, calibrated=operation != "merge")
     model = apply_plan(path, plan)
     _check(path, model, ir.DataType.FLOAT, operation, plan, monkeypatch)
+
+
+def test_pair_statistics_of_fp16_rows_equal_float32_rows():
+    """Large fp16 activations: their fp16 cross products would overflow; the statistics
+    widen them first and agree with the float32 rows' to float32 precision."""
+    rng = np.random.default_rng(0)
+    rows = {0: rng.standard_normal((512, 8)) * 300, 1: rng.standard_normal((512, 8)) * 300}
+    rows[1][:, :4] += rows[0][:, :4]
+    half = {i: x.astype(np.float16) for i, x in rows.items()}
+    widened = {i: x.astype(np.float32) for i, x in half.items()}
+    expected, actual = (
+        PairStatistics({0: 8, 1: 8}, [(0, 1)]),
+        PairStatistics({0: 8, 1: 8}, [(0, 1)]),
+    )
+    expected.update(widened)
+    actual.update(half)
+    assert np.isfinite(actual.cross[(0, 1)]).all()
+    np.testing.assert_allclose(actual.correlation(0, 1), expected.correlation(0, 1), atol=1e-6)
+    assert align(actual.correlation(0, 1)).permutation[:4].tolist() == [0, 1, 2, 3]

@@ -28,7 +28,12 @@ class PairStatistics:
         self.cross = {(a, b): np.zeros((widths[a], widths[b]), np.float64) for a, b in pairs}
 
     def update(self, rows: dict[int, np.ndarray]) -> None:
-        """Add one batch: ``rows[i]`` is ``[tokens, width]`` for FF ``i`` (same tokens for all)."""
+        """Add one batch: ``rows[i]`` is ``[tokens, width]`` for FF ``i`` (same tokens for all).
+
+        Rows of any float dtype are widened to float32 first: an fp16 graph's activations
+        multiplied in fp16 would overflow the cross products past 65504.
+        """
+        rows = {i: x.astype(np.float32, copy=False) for i, x in rows.items()}
         counts = {x.shape[0] for x in rows.values()}
         if len(counts) != 1:
             raise ValueError(f"FFs saw different token counts in one batch: {sorted(counts)}")
