@@ -1,17 +1,15 @@
 """fp16 and bf16 graphs through merge, prune and fuse, against torch's same surgery.
 
-fp16: the tiny llama converted by layerfuse's own converter (fp16 weights and compute, float32
-logits behind one Cast), planned with calibration and rewritten; onnxruntime's output must
-equal the torch reference of the same surgery (done in float32) within fp16's tolerance.
+fp16: the tiny llama from layerfuse's converter (fp16 inside, float32 logits) and from the
+onnxruntime-genai builder's ``-p fp16`` (fp16 logits, fused norms, GroupQueryAttention), planned
+with calibration and rewritten, must equal torch's surgery (in float32) within fp16's tolerance.
 
-bf16: onnxruntime's CPU provider has no bf16 kernel for MatMul, Add, Mul, Pow, Sqrt, Sigmoid
-or ReduceMean (1.32), so a bf16 llama cannot run here. The rewritten bf16 graph is checked
-instead (every float initializer stays bf16) and then widened to float32, which is exact for
-bf16 values: the widened graph must equal torch with bf16-rounded weights and the surgery
-done in float32, within bf16's rounding of the rewritten (averaged, folded) weights.
+bf16: onnxruntime's CPU provider has no bf16 MatMul, Add, Mul, Pow, Sqrt, Sigmoid or
+ReduceMean (1.32): a bf16 llama cannot run here. The rewritten bf16 graph keeps bf16 weights,
+passes onnx's full check, and widened to float32 (exact for bf16 values) equals torch with
+bf16-rounded weights within bf16's rounding of the weights a rewrite writes.
 
-Weights stored fp16 behind a Cast to float32 (mixed-precision exports) must be found by
-detection and rewritten like any others.
+fp16 weights behind a Cast to float32 (mixed-precision exports) are detected and rewritten.
 """
 
 from __future__ import annotations
@@ -25,6 +23,7 @@ import onnx_ir as ir
 import pytest
 import torch
 
+from layerfuse.export.genai_builder import build_genai_folder
 from layerfuse.model.io import load_model, save_model
 from layerfuse.model.manifest import carry_manifest
 from layerfuse.passes.detect import detect_structure
@@ -34,6 +33,7 @@ from layerfuse.passes.merge.correlation import PairStatistics, align
 from layerfuse.passes.plan import apply_plan
 from layerfuse.passes.planner import DataSettings
 from layerfuse.passes.prune import PruneRequest, plan_prune
+from layerfuse.runtime.calibration import adapt_feeds
 from layerfuse.runtime.session import session_for_ir
 from layerfuse.toolchain.fp16 import convert_fp16
 from tests import family_references, tiny_models
@@ -43,9 +43,8 @@ FUSE = {"drop": [1, 2], "runs": [(1, 2)]}
 # Graph -> the precision its weights were stored in (the torch reference rounds to it).
 ROUNDING = {"bf16": torch.bfloat16, "cast": torch.float16}
 OPERATIONS = ("merge", "prune block", "prune ff", "prune attention", "fuse")
-# Relative to the largest |logit|. The fp16 graph computes in fp16; the widened bf16 graph
-# and the Cast graph compute in float32 and differ from torch only by the rounding of the
-# weights a rewrite writes (averaged, gain-folded): 8 bits for bf16.
+# Relative to the largest |logit|: fp16 graphs compute in fp16; the widened bf16 and the Cast
+# graphs in float32, off torch only by the rounding of the weights a rewrite writes.
 TOLERANCE = {ir.DataType.FLOAT16: 1e-2, ir.DataType.BFLOAT16: 3e-3, ir.DataType.FLOAT: 1e-3}
 
 
@@ -72,11 +71,13 @@ def retype(model: ir.Model, source: ir.DataType, target: ir.DataType) -> None:
             value.dtype = target
 
 
-def float32_rotary(model: ir.Model, dtype: ir.DataType) -> None:
-    """Run Sin and Cos (the rotary tables, which ONNX's opset 18 has no bf16 schema for) in
-    float32 between Casts, as torch's bf16 exports compute them."""
+def to_bf16(model: ir.Model) -> None:
+    """A float32 graph made bf16, but for Sin and Cos (the rotary tables, which ONNX's opset
+    18 has no bf16 schema for): those run in float32 between Casts, as in torch's exports."""
+    dtype = ir.DataType.BFLOAT16
+    retype(model, ir.DataType.FLOAT, dtype)
     for node in list(model.graph):
-        if node.op_type not in ("Sin", "Cos") or node.inputs[0].dtype != dtype:
+        if node.op_type not in ("Sin", "Cos"):
             continue
         name = node.name or node.op_type
         up = ir.node("Cast", [node.inputs[0]], {"to": ir.DataType.FLOAT}, name=f"{name}.up")
@@ -90,11 +91,6 @@ def float32_rotary(model: ir.Model, dtype: ir.DataType) -> None:
         down.replace_input_with(0, result)
         result.dtype = ir.DataType.FLOAT
         model.graph.insert_after(node, down)
-
-
-def _bf16(model: ir.Model) -> None:
-    retype(model, ir.DataType.FLOAT, ir.DataType.BFLOAT16)
-    float32_rotary(model, ir.DataType.BFLOAT16)
 
 
 def weights_behind_casts(model: ir.Model) -> None:
@@ -123,17 +119,15 @@ def _variant(source: Path, out: Path, edit) -> Path:
 def graphs(tiny, tmp_path_factory) -> dict[str, Path]:
     """The tiny llama as float32, fp16 (layerfuse's converter), bf16 (every float32 tensor,
     type and Cast of the export made bf16, bf16 logits included, the rotary tables computed
-    in float32: valid ONNX by the full checker) and fp16 weights behind Casts."""
+    in float32: valid ONNX by the full checker), fp16 weights behind Casts, and the
+    onnxruntime-genai builder's ``-p fp16`` graph (fused residual norms, a KV cache)."""
     root = tmp_path_factory.mktemp("dtypes")
     fp32 = tiny.model("llama")
     fp16 = convert_fp16(fp32, root / "fp16" / "model.onnx").path
-    bf16 = _variant(
-        fp32,
-        root / "bf16" / "model.onnx",
-        _bf16,
-    )
+    bf16 = _variant(fp32, root / "bf16" / "model.onnx", to_bf16)
     cast = _variant(fp32, root / "cast" / "model.onnx", weights_behind_casts)
-    return {"fp32": fp32, "fp16": fp16, "bf16": bf16, "cast": cast}
+    genai = build_genai_folder(tiny.folder("llama"), root / "genai", precision="fp16")
+    return {"fp32": fp32, "fp16": fp16, "bf16": bf16, "cast": cast, "genai": genai}
 
 
 def _reference_model(dtype: torch.dtype, permutations: dict[int, list[int]]):
@@ -184,11 +178,8 @@ def _surgery(operation: str, plan) -> tuple[dict, dict[int, list[int]]]:
 
 
 def _weight_dtypes(model: ir.Model) -> set[ir.DataType]:
-    return {
-        value.const_value.dtype
-        for value in model.graph.initializers.values()
-        if value.const_value is not None and len(value.const_value.shape) == 2
-    }
+    tensors = [value.const_value for value in model.graph.initializers.values()]
+    return {t.dtype for t in tensors if t is not None and len(t.shape) == 2}
 
 
 def _check(path: Path, model: ir.Model, dtype: ir.DataType, operation: str, plan, monkeypatch):
@@ -200,7 +191,8 @@ def _check(path: Path, model: ir.Model, dtype: ir.DataType, operation: str, plan
     rounding = ROUNDING.get(path.parent.name, torch.float32)
     monkeypatch.setattr(tiny_models, "make_model", _reference_model(rounding, permutations))
     inputs, mask = family_references.feeds("llama")
-    actual = session_for_ir(model, path.parent, provider="cpu").run(None, inputs)[0]
+    session = session_for_ir(model, path.parent, provider="cpu")
+    actual = session.run(None, adapt_feeds(session, inputs))[0]
     expected = family_references.run("llama", inputs, **how)
     original = family_references.run("llama", inputs, "none")
     bound = TOLERANCE[dtype] * float(np.abs(expected[mask]).max())
@@ -209,8 +201,9 @@ def _check(path: Path, model: ir.Model, dtype: ir.DataType, operation: str, plan
 
 
 @pytest.mark.parametrize("operation", OPERATIONS)
-def test_fp16_graph_planned_and_rewritten_equals_torch(graphs, monkeypatch, operation):
-    path = graphs["fp16"]
+@pytest.mark.parametrize("graph", ["fp16", "genai"])
+def test_fp16_graph_planned_and_rewritten_equals_torch(graphs, monkeypatch, graph, operation):
+    path = graphs[graph]
     plan = _plan(path, operation, calibrated=True)
     model = apply_plan(path, plan)
     assert _weight_dtypes(model) == {ir.DataType.FLOAT16}
@@ -262,9 +255,8 @@ def test_fp16_refit_writes_fp16_down_projection(graphs):
     assert len(plan.refit["trials"]) == 4 and np.isfinite(plan.refit["after"])
     model = apply_plan(path, plan)
     assert _weight_dtypes(model) == {ir.DataType.FLOAT16}
-    inputs, _ = family_references.feeds("llama")
-    logits = session_for_ir(model, path.parent, provider="cpu").run(None, inputs)[0]
-    assert np.isfinite(logits).all()
+    logits = session_for_ir(model, path.parent).run(None, family_references.feeds("llama")[0])
+    assert np.isfinite(logits[0]).all()
 
 
 def test_detection_reads_fp16_weights_through_casts(graphs):
@@ -278,13 +270,10 @@ def test_detection_reads_fp16_weights_through_casts(graphs):
         assert block.ff.parameter_count == reference.ff.parameter_count
         for role, linear in block.ff.linears.items():
             assert [n.op_type for n in linear.weight_path] == ["Cast"]
-            assert linear.weight.const_value.dtype == ir.DataType.FLOAT16
-            assert linear.consumed_dtype() == ir.DataType.FLOAT
-            weight = linear.read_weight()
-            assert weight.dtype == np.float32
-            np.testing.assert_allclose(
-                weight, reference.ff.linears[role].read_weight(), rtol=1e-3, atol=1e-4
-            )
+            weight, expected_weight = linear.read_weight(), reference.ff.linears[role].read_weight()
+            dtypes = (linear.weight.const_value.dtype, linear.consumed_dtype(), weight.dtype)
+            assert dtypes == (ir.DataType.FLOAT16, ir.DataType.FLOAT, np.float32)
+            np.testing.assert_allclose(weight, expected_weight, rtol=1e-3, atol=1e-4)
 
 
 @pytest.mark.parametrize("operation", ["merge", "prune ff", "fuse"])
@@ -303,10 +292,7 @@ def test_pair_statistics_of_fp16_rows_equal_float32_rows():
     rows[1][:, :4] += rows[0][:, :4]
     half = {i: x.astype(np.float16) for i, x in rows.items()}
     widened = {i: x.astype(np.float32) for i, x in half.items()}
-    expected, actual = (
-        PairStatistics({0: 8, 1: 8}, [(0, 1)]),
-        PairStatistics({0: 8, 1: 8}, [(0, 1)]),
-    )
+    expected, actual = (PairStatistics({0: 8, 1: 8}, [(0, 1)]) for _ in range(2))
     expected.update(widened)
     actual.update(half)
     assert np.isfinite(actual.cross[(0, 1)]).all()
