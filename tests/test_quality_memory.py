@@ -14,11 +14,15 @@ import tracemalloc
 from types import SimpleNamespace
 
 import numpy as np
+import onnx
 import pytest
 from scipy.special import log_softmax
 
-from layerfuse.data.batches import InputBatch
+from layerfuse.data.batches import InputBatch, make_batches
+from layerfuse.model.io import load_model
+from layerfuse.passes.detect import detect_structure
 from layerfuse.runtime import quality
+from layerfuse.runtime.calibration import ActivationTap, _cut_to
 from layerfuse.runtime.quality import next_token_nll, output_fidelity, perplexity
 
 BATCH, SEQ, VOCAB = 4, 32, 8192
@@ -124,3 +128,25 @@ def test_nll_of_fp16_logits_is_computed_in_float64():
     with np.errstate(over="ignore"):
         assert np.isinf(np.exp(logits)).any()
     assert math.isfinite(actual) and actual == pytest.approx(expected, rel=1e-9)
+
+
+def test_tap_without_model_outputs_runs_only_what_the_taps_need(tiny):
+    """Tapping block 1's FF input cuts the graph there: no head, no logits, no later block,
+    and the tapped values are the full graph's."""
+    path = tiny.model("llama")
+    blocks = detect_structure(load_model(path)).blocks
+    name = blocks[1].ff.input.name
+    full = ActivationTap(path, [name], provider="cpu")
+    cut = ActivationTap(path, [name], provider="cpu", model_outputs=False)
+    assert [o.name for o in cut.session.get_outputs()] == [name]
+    batch = make_batches(path, "random", "calib", tokens=64, seq_len=16, batch_size=4)[0]
+    outputs, tapped = cut.run(batch.feeds)
+    assert outputs == []
+    np.testing.assert_array_equal(tapped[name], full.tapped(batch.feeds)[name])
+    graph = onnx.load(path, load_external_data=False).graph
+    before = len(graph.node)
+    _cut_to(graph, [onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None)])
+    kept = {node.name for node in graph.node}
+    later = {linear.node.name for b in blocks[1:] for linear in b.ff.linears.values()}
+    assert later and not later & kept and len(kept) < before
+    assert "logits" not in {value for node in graph.node for value in node.output}

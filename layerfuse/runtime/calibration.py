@@ -63,11 +63,56 @@ def adapt_feeds(session, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return adapted
 
 
+def _subgraph_reads(node: onnx.NodeProto) -> set[str]:
+    """Names the subgraphs of ``node`` (If, Loop, Scan bodies) may read from outside."""
+    names: set[str] = set()
+    for attribute in node.attribute:
+        graphs = [attribute.g] if attribute.type == onnx.AttributeProto.GRAPH else []
+        graphs += list(attribute.graphs)
+        for graph in graphs:
+            for inner in graph.node:
+                names.update(inner.input)
+                names.update(_subgraph_reads(inner))
+    return names
+
+
+def _keep(field, wanted: set[str]) -> None:
+    """Keep the entries of a repeated proto field whose name is in ``wanted``."""
+    kept = [entry for entry in field if entry.name in wanted]
+    del field[:]
+    field.extend(kept)
+
+
+def _cut_to(graph: onnx.GraphProto, outputs: list[onnx.ValueInfoProto]) -> None:
+    """Make ``outputs`` the graph's only outputs and drop every node, input and weight they
+    do not depend on: tapping the FFs of blocks 0..K runs only those blocks, never the head
+    (on a 262k vocabulary its MatMul and ``[batch x seq x vocab]`` logits dwarf a block)."""
+    needed = {output.name for output in outputs}
+    kept = []
+    for node in reversed(graph.node):
+        if needed.intersection(node.output):
+            kept.append(node)
+            needed.update(node.input)
+            needed.update(_subgraph_reads(node))
+    del graph.node[:]
+    graph.node.extend(reversed(kept))
+    for field in (graph.input, graph.initializer, graph.value_info):
+        _keep(field, needed)
+    del graph.output[:]
+    graph.output.extend(outputs)
+
+
+def _outputs(names: list[str], types: dict[str, int]) -> list[onnx.ValueInfoProto]:
+    return [onnx.helper.make_tensor_value_info(name, types[name], None) for name in names]
+
+
 class ActivationTap:
     """A session over a graph that also returns the tensors named in ``names``.
 
     ``model`` is a path, or an in-memory onnx_ir model (a candidate rewrite) whose untouched
-    weights still live in the external data of the folder ``external_data_dir``.
+    weights still live in the external data of the folder ``external_data_dir``. With
+    ``model_outputs=False`` the graph is cut to what the taps depend on (see :func:`_cut_to`)
+    and :meth:`run` returns no model outputs.
     """
 
     def __init__(
@@ -78,6 +123,7 @@ class ActivationTap:
         provider: str = "auto",
         threads: int | None = None,
         external_data_dir: str | os.PathLike | None = None,
+        model_outputs: bool = True,
     ) -> None:
         if isinstance(model, ir.Model):
             proto = ir.serde.serialize_model(model)
@@ -93,14 +139,14 @@ class ActivationTap:
             missing = [name for name in names if name not in types]
         if missing:
             raise DataError(f"{label}: no tensor named {', '.join(missing[:3])} to tap")
-        existing = {output.name for output in proto.graph.output}
-        self.model_outputs = [output.name for output in proto.graph.output]
         self.names = list(names)
-        for name in self.names:
-            if name not in existing:
-                proto.graph.output.append(
-                    onnx.helper.make_tensor_value_info(name, types[name], None)
-                )
+        if model_outputs:
+            self.model_outputs = [output.name for output in proto.graph.output]
+            taps = [name for name in self.names if name not in self.model_outputs]
+            proto.graph.output.extend(_outputs(taps, types))
+        else:
+            self.model_outputs = []
+            _cut_to(proto.graph, _outputs(self.names, types))
         self.session = create_session(
             proto, provider=provider, threads=threads, external_data_dir=external_data_dir
         )

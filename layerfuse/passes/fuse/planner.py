@@ -94,7 +94,13 @@ def dependency_matrix(
     model_dir = reduce.model_path.parent
 
     def outputs(candidate: ir.Model, wanted: list[str]) -> list[dict[str, np.ndarray]]:
-        tap = ActivationTap(candidate, wanted, provider=provider, external_data_dir=model_dir)
+        tap = ActivationTap(
+            candidate,
+            wanted,
+            provider=provider,
+            external_data_dir=model_dir,
+            model_outputs=False,
+        )
         collected = []
         for batch in batches:
             tapped = tap.tapped(batch.feeds)

@@ -91,6 +91,7 @@ def refit_systems(
         sorted(set(inputs.values())),
         provider=provider,
         external_data_dir=model_path.parent,
+        model_outputs=False,
     )
     systems, shared = [], []
     for window in plan.windows:

@@ -116,7 +116,7 @@ def block_influence(
     structure = detect_structure(load_model(model_path))
     pairs = _stream_pairs(structure, target)
     names = sorted({name for pair in pairs for name in pair if name is not None})
-    tap = ActivationTap(model_path, names, provider=provider)
+    tap = ActivationTap(model_path, names, provider=provider, model_outputs=False)
     sums, count = np.zeros(len(pairs)), 0
     for rows in stream_rows(
         tap, batches, total=len(batches), reporter=reporter, description="block influence"
