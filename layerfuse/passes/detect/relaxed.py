@@ -2,11 +2,12 @@
 
 A relaxed tie (``layerfuse merge --relax-rank``) leaves each shared MatMul/Gemm reading the
 one shared weight and adds beside it a MatMul pair reading the same input, whose output an
-Add sums with the projection's. Seen one node at a time those are three linear layers, and an
-FF's elementwise region would appear to read four up-projections; so before FFs are matched,
-each such triple is folded into one :class:`RelaxedLinear`, found by dataflow alone (no
-names): the delta's two MatMuls disappear from the list of linear layers and the projection's
-output becomes the Add's.
+Add sums with the projection's (before a separate bias Add, or after it). Seen one node at a
+time those are three linear layers, and an FF's elementwise region would appear to read four
+up-projections; so before FFs are matched, each such triple is folded into one
+:class:`RelaxedLinear`, found by dataflow alone (no names): the delta's two MatMuls disappear
+from the list of linear layers, a bias Add behind the delta's Add is the projection's bias,
+and the projection's output is whichever of the two Adds comes last.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import onnx_ir as ir
 
 from layerfuse.model.graph import consumers
 from layerfuse.passes.linears import Linear
+from layerfuse.passes.linears import _matmul_bias as matmul_bias
 
 
 @dataclass
@@ -28,11 +30,15 @@ class RelaxedLinear(Linear):
     delta_in: Linear | None = None
     delta_out: Linear | None = None
     delta_add: ir.Node | None = None
+    # Whether the bias Add reads the delta's Add (else it is before it, or there is none).
+    bias_after_delta: bool = False
 
     @property
     def full_output(self) -> ir.Value:
         assert self.delta_add is not None
-        return self.delta_add.outputs[0]
+        last = self.bias_node if self.bias_after_delta else self.delta_add
+        assert last is not None
+        return last.outputs[0]
 
     @property
     def relax_rank(self) -> int:
@@ -83,7 +89,14 @@ def _relaxed(linear: Linear, by_node: dict[ir.Node, Linear]) -> RelaxedLinear | 
     ):
         return None
     own = {field.name: getattr(linear, field.name) for field in fields(linear)}
-    return RelaxedLinear(**own, delta_in=delta_in, delta_out=delta_out, delta_add=add)
+    relaxed = RelaxedLinear(**own, delta_in=delta_in, delta_out=delta_out, delta_add=add)
+    bias = None
+    if linear.node.op_type == "MatMul" and linear.bias is None:
+        bias = matmul_bias(add.outputs[0], linear.stored_out_features)
+    if bias is not None:
+        relaxed.bias, relaxed.bias_node = bias
+        relaxed.bias_after_delta = True
+    return relaxed
 
 
 def relaxed_linears(linears: list[Linear]) -> list[Linear]:

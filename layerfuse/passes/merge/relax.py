@@ -4,10 +4,11 @@ A tie makes every FF of a window compute one function; a relaxed tie gives each 
 little of its own at ``R * (in + out)`` parameters per projection. Each shared MatMul/Gemm
 keeps reading the one shared initializer (so ``quantize`` and recovery still see one tied
 set), and beside it the layer computes ``(x @ A_i) @ B_i`` with its own ``A_i [in, R]`` and
-``B_i [R, out]``, added to the projection's output after its bias and before the activation:
-the same sum as adding before the bias, and one place for both MatMul+Add and Gemm (whose
-bias is inside the node). The factors are stored in the dtype the projection multiplies in,
-so no Cast stands in the way.
+``B_i [R, out]``, added by an Add to the output of the projection's node, before the
+activation: before a separate bias Add (so the bias Add and what onnxruntime fuses it with,
+``BiasGelu``, ``SkipLayerNormalization``, stay as in the plain tie and a zero delta is exact
+bit for bit), after a Gemm's built-in bias. The factors are stored in the dtype the
+projection multiplies in, so no Cast stands in the way.
 
 Initialisation (``relax_init``):
 
@@ -82,8 +83,8 @@ def delta_factors(
 
 
 def _add_delta(graph: ir.Graph, linear: Linear, a: np.ndarray, b: np.ndarray, name: str) -> None:
-    """Sum ``(x @ a) @ b`` onto ``linear``'s output for every reader of that output."""
-    output = linear.full_output
+    """Sum ``(x @ a) @ b`` onto the output of ``linear``'s node for every reader of it."""
+    output = linear.node.outputs[0]
     if output.is_graph_output():
         raise PlanError(f"cannot relax {linear.node.name}: its output is a graph output")
     dtype = linear.consumed_dtype().numpy()
@@ -101,7 +102,7 @@ def _add_delta(graph: ir.Graph, linear: Linear, a: np.ndarray, b: np.ndarray, na
     ]
     for use in uses:
         use.node.replace_input_with(use.idx, summed)
-    graph.insert_after(linear.bias_node or linear.node, nodes)
+    graph.insert_after(linear.node, nodes)
 
 
 def relax_window(
