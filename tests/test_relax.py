@@ -173,6 +173,12 @@ def test_bad_relax_options_are_one_line(tiny, tmp_path, capsys):
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and message in err[0], (extra, err)
     assert not out.parent.exists()
+    # A rank whose deltas outweigh the tie is allowed (full rank restores the FFs) but said.
+    # 3 layers x 20 x 288 = 17280 delta parameters against 2 FFs x 6144 = 12288 removed.
+    capsys.readouterr()
+    assert main([*args, "--data", "random", "--relax-rank", "20"]) == 0
+    printed = capsys.readouterr()
+    assert "the deltas add 4992 parameters more than the tie removes" in printed.out + printed.err
 
 
 @pytest.fixture(scope="module")

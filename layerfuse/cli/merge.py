@@ -96,6 +96,11 @@ def _merge_summary(plan) -> str:
     )
     if plan.relax_rank:
         summary += f", relaxed with rank-{plan.relax_rank} per-layer deltas ({plan.relax_init})"
+        if plan.parameters_removed <= 0:
+            summary += (
+                f"\nwarning: the deltas add {-plan.parameters_removed} parameters more than the "
+                "tie removes; use a smaller --relax-rank"
+            )
     return summary + _validation_note(plan.validation)
 
 
