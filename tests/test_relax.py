@@ -247,3 +247,8 @@ def test_a_saved_relaxed_plan_reproduces_the_same_graph_bytes(tiny, tmp_path):
     assert again.read_bytes() == first.read_bytes()
     assert '"relax": {' in plan_file.read_text()
     assert detect_structure(load_model(again)).blocks[1].ff.down.relax_rank == 3
+
+
+def test_a_relaxed_tie_is_not_merged_again(relaxed):
+    with pytest.raises(PlanError, match="FFs of blocks 1-2 are already relaxed"):
+        plan_merge(relaxed.merged, MergeRequest(ranges=[(1, 2)], method="vanilla"))

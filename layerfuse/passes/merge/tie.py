@@ -27,6 +27,7 @@ from layerfuse.errors import PlanError
 from layerfuse.model.graph import constant_array, constant_source
 from layerfuse.passes.base import PlanPass
 from layerfuse.passes.detect import FeedForward, ModelStructure, detect_structure
+from layerfuse.passes.detect.relaxed import RelaxedLinear
 from layerfuse.passes.merge.ff_weights import (
     FFWeights,
     average,
@@ -163,6 +164,14 @@ class TieFeedForwardsPass(PlanPass):
                 raise PlanError(
                     f"FFs of blocks {window.blocks[0]}-{window.blocks[-1]} differ in kind, shape "
                     f"or layout and cannot share weights"
+                )
+            if any(
+                isinstance(lin, RelaxedLinear) for ff in feedforwards for lin in ff.linears.values()
+            ):
+                # The tie would replace the shared weights and leave each layer's old delta on top.
+                raise PlanError(
+                    f"FFs of blocks {window.blocks[0]}-{window.blocks[-1]} are already relaxed; "
+                    "merge the model they were merged from instead"
                 )
             if self.plan.refit_weights:
                 require_modelled(feedforwards, "refit")
