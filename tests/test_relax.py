@@ -252,3 +252,16 @@ def test_a_saved_relaxed_plan_reproduces_the_same_graph_bytes(tiny, tmp_path):
 def test_a_relaxed_tie_is_not_merged_again(relaxed):
     with pytest.raises(PlanError, match="FFs of blocks 1-2 are already relaxed"):
         plan_merge(relaxed.merged, MergeRequest(ranges=[(1, 2)], method="vanilla"))
+
+
+def test_fusing_a_relaxed_tie_is_refused_instead_of_dropping_its_deltas(tiny, tmp_path):
+    from layerfuse.passes.fuse import FusePlan
+
+    path = tiny.model("llama")
+    relaxed = tmp_path / "relaxed.onnx"
+    plan = plan_merge(path, MergeRequest(ranges=[(1, 2)], method="vanilla", relax_rank=2))
+    save_model(apply_plan(path, plan), relaxed)
+    structure = detect_structure(load_model(relaxed))
+    fuse = FusePlan(structure.fingerprint, len(structure.blocks), [2], [(1, 2)])
+    with pytest.raises(PlanError, match="relaxed tie"):
+        apply_plan(relaxed, fuse)

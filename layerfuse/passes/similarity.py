@@ -93,7 +93,9 @@ def sublayer_cka(
     attention_names = [b.attention.output.name for b in attention_blocks]
     if len(ff_names) < 2:
         raise DetectionError("CKA needs at least two blocks")
-    tap = ActivationTap(model_path, ff_names + attention_names, provider=provider)
+    tap = ActivationTap(
+        model_path, ff_names + attention_names, provider=provider, model_outputs=False
+    )
     ff_cka, attention_cka = MinibatchCKA(ff_names), MinibatchCKA(attention_names or ff_names)
     seen = 0
     for rows in stream_rows(tap, batches, total=len(batches), reporter=reporter, description="CKA"):

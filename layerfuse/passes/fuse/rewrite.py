@@ -37,6 +37,7 @@ from layerfuse.passes.detect import (
     detect_structure,
     sublayer_counts,
 )
+from layerfuse.passes.detect.relaxed import RelaxedLinear
 from layerfuse.passes.fuse.functions import DOMAIN, function_name, fused_function
 from layerfuse.passes.merge.ff_weights import read_ff_weights
 from layerfuse.passes.prune.rewrite import check_removable, remove_sublayers
@@ -79,6 +80,12 @@ def _check_run(blocks: list[Block], first: int, last: int, dropped: set[int]) ->
             raise PlanError(f"block {block.index}: cannot fuse its FFN: {problem}")
         if block.ff.neuron_parameters:
             raise PlanError(f"block {block.index}: constants inside the activation are not fused")
+        if any(isinstance(lin, RelaxedLinear) for lin in block.ff.linears.values()):
+            raise PlanError(
+                f"block {block.index}: its FF is a relaxed tie (a per-layer low-rank delta "
+                f"beside the shared weights), which one wide FFN would drop; fuse the model "
+                f"before merging it, or merge without --relax-rank"
+            )
         if block.ff.gated and any(lin.bias is not None for lin in block.ff.linears.values()):
             raise PlanError(f"block {block.index}: gated FFNs with biases are not fused")
     kinds = {(b.ff.kind, b.ff_wiring.norm.kind) for b in run}

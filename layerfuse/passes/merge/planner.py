@@ -110,7 +110,10 @@ def _calibrate(
     for number, group in enumerate(groups, start=1):
         blocks = sorted({i for pair in group for i in pair})
         tap = ActivationTap(
-            model_path, [features[i] for i in blocks], provider=request.data.provider
+            model_path,
+            [features[i] for i in blocks],
+            provider=request.data.provider,
+            model_outputs=False,
         )
         stats = PairStatistics({i: widths[i] for i in blocks}, group)
         label = "calibrating" if len(groups) == 1 else f"calibrating ({number}/{len(groups)})"

@@ -5,8 +5,8 @@ full tensor (its past with this step's tokens appended) reads the source's inste
 target's present output and past input leave the graph's signature (what still read the
 past, its length for positions and masks, reads the source's past, of the same length), and
 what computed its new keys and values (the projections, the rotary embedding, the append) is
-removed as dead code, initializers included. Geometry (heads, head size, dtype) must match: the attention
-that reads the source's tensor was built for the target's shape.
+removed as dead code, initializers included. Geometry (heads, head size, dtype) must match:
+the attention that reads the source's tensor was built for the target's shape.
 """
 
 from __future__ import annotations
