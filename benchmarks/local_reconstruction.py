@@ -208,6 +208,9 @@ def main() -> None:
     parser.add_argument("--local-steps", type=int, default=LOCAL.steps)
     parser.add_argument("--tag", default="full")
     parser.add_argument("--notes", type=Path, help="a Markdown file appended to the results")
+    parser.add_argument(
+        "--write-only", action="store_true", help="write the results of the arms already run"
+    )
     args = parser.parse_args()
     original = exported_model(MODEL)
     folder = WORK / "local_reconstruction" / args.tag
@@ -221,7 +224,7 @@ def main() -> None:
         merged = merged_model(original, _window(window))
         params[window] = parameter_count(load_model(merged))
         rows = state["windows"].setdefault(window, [])
-        for name in ARMS:
+        for name in [] if args.write_only else ARMS:
             if not any(r["arm"] == name for r in rows):
                 rows.append(run_arm(name, original, merged, folder / window, rows, args))
                 partial.write_text(json.dumps(state, indent=1))
