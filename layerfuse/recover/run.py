@@ -4,7 +4,8 @@ Everything the user can get wrong is checked before the first training step (pro
 plan, data, output folder, device), so a mistake costs seconds, not an hour of training.
 Training has two stages: local reconstruction (:mod:`layerfuse.recover.local`: each tied FF
 set fitted to its blocks' original FF outputs, cheap, where the damage is), whose result is
-the student's starting weights, then global distillation (:mod:`layerfuse.recover.trainer`).
+the student's starting weights, then global distillation (:mod:`layerfuse.recover.trainer`),
+which a CPU-time budget can end (:mod:`layerfuse.recover.budget`).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from layerfuse.model.io import load_model
 from layerfuse.model.manifest import require_manifest
 from layerfuse.model.publish import model_files
 from layerfuse.progress import SILENT, Reporter
+from layerfuse.recover.budget import CpuClock, cpu_seconds
 from layerfuse.recover.data import TrainingData, load_training_data
 from layerfuse.recover.distributed import Distributed, from_environment
 from layerfuse.recover.graph_module import GraphModule
@@ -160,7 +162,7 @@ def _finish(request: RecoverRequest, trainer: Trainer, result, data, valid, dist
 
 def recover(request: RecoverRequest, reporter: Reporter = SILENT) -> dict:
     """Train, write ``request.output``; a summary (``finished`` False if stopped early)."""
-    settings = request.settings
+    settings, started = request.settings, cpu_seconds()
     if request.train not in TRAIN_CHOICES:
         raise LayerfuseError(f"unknown --train '{request.train}' (choose all or touched)")
     _check_output(request)
@@ -188,7 +190,9 @@ def recover(request: RecoverRequest, reporter: Reporter = SILENT) -> dict:
         "trained": trained,
         "local": asdict(request.local),
     }
+    local_started = cpu_seconds()
     local = _local(request, (original, optimized), student, data, dist, reporter)
+    local_seconds = cpu_seconds() - local_started
     trainer = Trainer(
         student,
         teacher,
@@ -203,5 +207,7 @@ def recover(request: RecoverRequest, reporter: Reporter = SILENT) -> dict:
     )
     if request.resume:
         trainer.resume()
+    else:
+        CpuClock.start(trainer.result, local_started - started, local_seconds)
     result = trainer.run(stop_after=request.stop_after)
     return _finish(request, trainer, result, data, valid, dist, local)

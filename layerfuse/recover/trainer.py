@@ -29,6 +29,7 @@ import torch
 
 from layerfuse.errors import LayerfuseError
 from layerfuse.progress import SILENT, Reporter
+from layerfuse.recover.budget import CpuClock
 from layerfuse.recover.checkpoint import load_state, restore_random, save_state, snapshot_random
 from layerfuse.recover.data import TrainingData
 from layerfuse.recover.distributed import Distributed
@@ -56,6 +57,9 @@ class TrainSettings:
     patience: int = 3
     valid_tokens: int = 4096
     seed: int = 0
+    # CPU-minutes (user+system, local stage included; 0: none): distillation stops after
+    # the step during which the run's CPU time passed it (see layerfuse.recover.budget).
+    budget_minutes: float = 0.0
 
     @property
     def global_batch(self) -> int:
@@ -70,6 +74,8 @@ class TrainSettings:
             raise LayerfuseError(
                 f"--batch-size {self.batch_size} must be a multiple of the {world_size} processes"
             )
+        if not (math.isfinite(self.budget_minutes) and self.budget_minutes >= 0):
+            raise LayerfuseError("--budget-minutes must be 0 (none) or positive")
 
     def learning_rate_factor(self, step: int) -> float:
         """Linear warm-up to 1, then cosine decay to ``min_lr_ratio`` at the last step."""
@@ -91,6 +97,11 @@ class TrainResult:
     stopped_early: bool = False
     finished: bool = False
     metric: str = ""
+    stopped_by_budget: bool = False
+    cpu_minutes: float = 0.0  # setup + local + KD, see layerfuse.recover.budget
+    setup_cpu_minutes: float = 0.0
+    local_cpu_minutes: float = 0.0
+    kd_cpu_minutes: float = 0.0
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -116,7 +127,9 @@ class Trainer:
         self.student, self.teacher, self.objective = student, teacher, objective
         self.data, self.validator, self.settings = data, validator, settings
         self.checkpoint_dir, self.dist, self.reporter = checkpoint_dir, dist, reporter
-        self.run_key = {**run_key, "settings": asdict(settings), "objective": asdict(objective)}
+        # The budget only says where to stop, like stop_after: a resume may raise it.
+        kept = {k: v for k, v in asdict(settings).items() if k != "budget_minutes"}
+        self.run_key = {**run_key, "settings": kept, "objective": asdict(objective)}
         settings.check(dist.world_size)
         self.device = student.device
         self.model = dist.wrap(student, self.device)
@@ -146,15 +159,8 @@ class Trainer:
             "bad_evaluations": self.bad_evaluations,
         }
 
-    _state_keys = (
-        "run_key",
-        "params",
-        "optimizer",
-        "scheduler",
-        "random",
-        "result",
-        "bad_evaluations",
-    )
+    _state_keys = ("run_key", "params", "optimizer", "scheduler", "random", "result")
+    _state_keys += ("bad_evaluations",)
 
     def _save(self, name: str, state: dict) -> None:
         if self.checkpoint_dir is not None and self.dist.is_main:
@@ -253,12 +259,19 @@ class Trainer:
             self._evaluate(0, None)
             self._save("state.pt", self._state())
         started, window_loss, window_tokens = time.perf_counter(), [], 0
-        steps = range(result.steps_done, s.steps)
+        steps, clock = range(result.steps_done, s.steps), CpuClock(result)
+        result.stopped_by_budget = False
         for step in self.reporter.track(steps, len(steps), "recovering"):
             if stop_after is not None and step >= stop_after:
                 self._save("state.pt", self._state())
                 return result
+            if self.dist.sum([float(clock.spent(s.budget_minutes))])[0]:
+                result.stopped_by_budget = True
+                self.reporter.step(f"CPU budget spent: {result.cpu_minutes:.2f} CPU-minutes")
+                self._save("state.pt", self._state())
+                break
             loss, tokens = self._train_step(step)
+            clock.charge()
             result.steps_done, result.tokens_seen = step + 1, result.tokens_seen + tokens
             window_loss.append(loss)
             window_tokens += tokens
@@ -273,7 +286,9 @@ class Trainer:
             if s.eval_every and (done % s.eval_every == 0 or done == s.steps):
                 stop = self._evaluate(done, float(np.mean(window_loss)))
                 window_loss = []
+                clock.skip()
                 self._save("state.pt", self._state())
+                clock.charge()
                 if stop:
                     result.stopped_early = True
                     break
