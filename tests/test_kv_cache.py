@@ -225,6 +225,6 @@ def test_int4_builder_graphs_are_refused_with_the_reason_and_nothing_written(lm,
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1, lines
     linears = 5 * kv_models.LAYERS + 1  # q|k|v, o, gate, up, down per layer and the LM head
-    assert f"its linear layers are quantized ({linears} MatMulNBits" in lines[0]
+    assert f"linear layers are quantized ({linears} MatMulNBits" in lines[0]
     assert "optimize the float graph (builder -p fp32) and quantize the result once" in lines[0]
     assert not output.parent.exists()

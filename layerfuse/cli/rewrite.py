@@ -95,9 +95,7 @@ def _refuse_unchanged(source: Path, model, plan_source: str) -> None:
 
 def _run(spec: RewriteCommand, parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     from layerfuse.model.publish import model_files
-    from layerfuse.passes.quantized import refuse_quantized_linears
 
-    refuse_quantized_linears(args.model)
     output = check_writable(output_path(args.output))
     plan_path = Path(args.plan_out) if args.plan_out else output.with_suffix(".plan.json")
     inputs = model_files(args.model) + ([Path(args.plan)] if args.plan else [])

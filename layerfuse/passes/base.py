@@ -22,6 +22,7 @@ import onnx_ir as ir
 
 from layerfuse.errors import LayerfuseError
 from layerfuse.passes.detect import ModelStructure
+from layerfuse.passes.quantized import refuse_quantized_linears
 
 if TYPE_CHECKING:
     from layerfuse.passes.plan import Plan
@@ -46,6 +47,7 @@ class PlanPass(ir.passes.InPlacePass):
         """Preconditions beyond "this plan was made for this model" (override)."""
 
     def requires(self, model: ir.Model) -> None:
+        refuse_quantized_linears(model)
         self.check(self.plan.check_fits(model))
 
     def rewrite(self, model: ir.Model) -> bool:

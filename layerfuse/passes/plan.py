@@ -9,13 +9,13 @@ through ``save_sidecars``/``load_sidecars``.
 
 from __future__ import annotations
 
-__all__ = ["Plan", "apply_plan"]
+__all__ = ["HoldsModel", "Plan", "apply_plan"]
 
 import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, ClassVar, Self
+from typing import TYPE_CHECKING, ClassVar, Protocol, Self, TypeVar
 
 import onnx_ir as ir
 
@@ -27,6 +27,15 @@ from layerfuse.passes.detect import ModelStructure, detect_structure
 
 if TYPE_CHECKING:
     from layerfuse.passes.base import PlanPass
+
+
+class HoldsModel(Protocol):
+    """Anything that wraps an onnx_ir model as ``.ir`` (``layerfuse.Model`` does)."""
+
+    ir: ir.Model
+
+
+Target = TypeVar("Target", ir.Model, HoldsModel)
 
 
 @dataclass
@@ -50,6 +59,17 @@ class Plan:
     def rewrite_pass(self) -> PlanPass:
         """The in-place pass that applies this plan."""
         raise NotImplementedError
+
+    def apply(self, model: Target) -> Target:
+        """Rewrite ``model`` in place and return it, like an onnx_ir in-place pass.
+
+        Example::
+
+            plan = MergePlan.load("merge.plan.json")
+            merged = plan.apply(layerfuse.load("model.onnx"))
+        """
+        self.rewrite_pass()(model if isinstance(model, ir.Model) else model.ir)
+        return model
 
     def save_sidecars(self, path: Path, data: dict) -> None:
         """Write data too large for JSON beside ``path`` and record it in ``data``."""
@@ -107,6 +127,4 @@ class Plan:
 
 def apply_plan(model_path: str | os.PathLike, plan: Plan) -> ir.Model:
     """Load the model at ``model_path`` and rewrite it in memory by ``plan``."""
-    model = load_model(model_path)
-    plan.rewrite_pass()(model)
-    return model
+    return plan.apply(load_model(model_path))

@@ -13,10 +13,9 @@ from __future__ import annotations
 
 __all__ = ["QUANTIZED_LINEAR_OPS", "refuse_quantized_linears"]
 
-import os
 from collections import Counter
 
-import onnx
+import onnx_ir as ir
 
 from layerfuse.errors import DetectionError
 
@@ -25,15 +24,22 @@ QUANTIZED_LINEAR_OPS = frozenset(
 )
 
 
-def refuse_quantized_linears(model_path: str | os.PathLike) -> None:
-    """Raise one clear :class:`DetectionError` if the graph's linear layers are quantized."""
-    graph = onnx.load(model_path, load_external_data=False).graph
-    found = Counter(node.op_type for node in graph.node if node.op_type in QUANTIZED_LINEAR_OPS)
+def refuse_quantized_linears(model: ir.Model) -> None:
+    """Raise one clear :class:`DetectionError` if the graph's linear layers are quantized.
+
+    Every rewriting pass checks this in ``requires`` and detection checks it before saying a
+    graph has no FF sublayer, so API callers and the CLI get the same reason.
+    """
+    found = Counter(
+        node.op_type
+        for node in ir.traversal.RecursiveGraphIterator(model.graph)
+        if node.op_type in QUANTIZED_LINEAR_OPS
+    )
     if not found:
         return
     kinds = ", ".join(f"{count} {op}" for op, count in found.most_common())
     raise DetectionError(
-        f"{model_path}: its linear layers are quantized ({kinds}, e.g. an int4 "
+        f"the graph's linear layers are quantized ({kinds}, e.g. an int4 "
         f"onnxruntime-genai build); merging, pruning and fusing change weights, so they "
         f"would have to be dequantized and quantized a second time; optimize the float graph "
         f"(builder -p fp32) and quantize the result once"

@@ -7,8 +7,13 @@ in every reader.
 
 from __future__ import annotations
 
-__all__ = ["PLAN_CLASSES", "plan_class_for"]
+__all__ = ["PLAN_CLASSES", "load_plan", "plan_class_for"]
 
+import json
+import os
+from pathlib import Path
+
+from layerfuse.errors import PlanError
 from layerfuse.passes.fuse import FusePlan
 from layerfuse.passes.merge import MergePlan
 from layerfuse.passes.plan import Plan
@@ -21,3 +26,17 @@ PLAN_CLASSES: tuple[type[Plan], ...] = (MergePlan, PrunePlan, FusePlan, ShareKVP
 def plan_class_for(schema: str | None) -> type[Plan] | None:
     """The plan class that reads ``schema`` (its own or an older one), if any."""
     return next((c for c in PLAN_CLASSES if schema in (c.SCHEMA, *c.READS)), None)
+
+
+def load_plan(path: str | os.PathLike) -> Plan:
+    """The plan saved at ``path``, whatever its kind (read from its ``schema``)."""
+    path = Path(path)
+    try:
+        schema = json.loads(path.read_text()).get("schema")
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError) as exc:
+        raise PlanError(f"{path}: cannot read the plan ({exc})") from None
+    chosen = plan_class_for(schema)
+    if chosen is None:
+        kinds = ", ".join(c.SCHEMA for c in PLAN_CLASSES)
+        raise PlanError(f"{path}: not a layerfuse plan (schema {schema!r}; one of {kinds})")
+    return chosen.load(path)

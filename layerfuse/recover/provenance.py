@@ -12,7 +12,6 @@ from __future__ import annotations
 
 __all__ = ["check_derived", "load_any_plan"]
 
-import json
 import os
 from pathlib import Path
 
@@ -22,7 +21,7 @@ from layerfuse.errors import PlanError
 from layerfuse.model.fingerprint import fingerprint
 from layerfuse.passes.base import PROVENANCE_PLANS, source_fingerprint
 from layerfuse.passes.plan import Plan
-from layerfuse.passes.registry import PLAN_CLASSES, plan_class_for
+from layerfuse.passes.registry import load_plan
 
 
 def check_derived(original: ir.Model, optimized: ir.Model) -> str:
@@ -47,23 +46,15 @@ def check_derived(original: ir.Model, optimized: ir.Model) -> str:
 def load_any_plan(path: str | os.PathLike, original: ir.Model, optimized: ir.Model) -> Plan:
     """The plan at ``path`` (any registered kind), checked to fit both models."""
     path = Path(path)
-    try:
-        schema = json.loads(path.read_text()).get("schema")
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError) as exc:
-        raise PlanError(f"{path}: cannot read the plan ({exc})") from None
-    chosen = plan_class_for(schema)
-    if chosen is None:
-        kinds = ", ".join(c.SCHEMA for c in PLAN_CLASSES)
-        raise PlanError(f"{path}: not a layerfuse plan (schema {schema!r}; one of {kinds})")
-    plan = chosen.load(path)
+    plan = load_plan(path)
     try:
         plan.check_fits(original)
     except PlanError as exc:
         raise PlanError(f"{path} does not fit ORIGINAL: {exc}") from None
     applied = optimized.metadata_props.get(PROVENANCE_PLANS, "").split(",")
-    if chosen.SCHEMA not in applied:
+    if plan.SCHEMA not in applied:
         raise PlanError(
-            f"{path}: OPTIMIZED was not made by a {chosen.SCHEMA} plan "
+            f"{path}: OPTIMIZED was not made by a {plan.SCHEMA} plan "
             f"(it records {', '.join(p for p in applied if p) or 'none'})"
         )
     return plan

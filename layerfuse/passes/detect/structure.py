@@ -34,6 +34,7 @@ from layerfuse.passes.detect.norms import same_tensor
 from layerfuse.passes.detect.relaxed import RelaxedLinear
 from layerfuse.passes.detect.result import Rejection, describe
 from layerfuse.passes.detect.wiring import Wiring, find_wiring
+from layerfuse.passes.quantized import refuse_quantized_linears
 
 SCHEMA = "layerfuse.structure/2"
 
@@ -237,6 +238,7 @@ def detect_structure(model: ir.Model) -> ModelStructure:
     graph = model.graph
     feedforwards, rejected = scan_feedforwards(graph)
     if not feedforwards:
+        refuse_quantized_linears(model)
         raise DetectionError(_no_ff_message(rejected), tuple(rejected))
     order = node_index(graph)
     ff_nodes = {node for ff in feedforwards for node in ff.nodes}
