@@ -1,0 +1,142 @@
+"""The Markdown table, the plot and the issue 25 targets (P1-P3) of ``quality_compute.py``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from common import markdown_table
+
+MERGES = ("permute", "permute + relax 8", "permute + relax 32", "vanilla")
+
+
+def _row(rows: list[dict], variant: str, budget: float) -> dict | None:
+    return next((r for r in rows if r["variant"] == variant and r["budget"] == budget), None)
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    from layerfuse.reports.plots import pyplot, save_figure
+
+    plt = pyplot()
+    figure, axis = plt.subplots(figsize=(7.5, 4.8))
+    for variant in dict.fromkeys(r["variant"] for r in rows):
+        line = sorted((r for r in rows if r["variant"] == variant), key=lambda r: r["budget"])
+        removed = 100 * line[0]["params_removed"]
+        axis.plot(
+            [r["cpu_minutes"] for r in line],
+            [r["perplexity"] for r in line],
+            marker="o",
+            linestyle="--" if variant in ("prune", "hybrid") else "-",
+            label=f"{variant} ({removed:.1f}% removed)",
+        )
+    original = rows[0]["original_perplexity"]
+    axis.axhline(original, color="black", linewidth=0.8, label="original")
+    axis.axhline(1.3 * original, color="grey", linewidth=0.8, linestyle=":", label="1.3x (P1)")
+    axis.set_yscale("log")
+    axis.set_xlabel("CPU-minutes of recovery (user+system, local stage included)")
+    axis.set_ylabel("test perplexity")
+    axis.set_title("SmolLM2-135M, about a fifth of the parameters removed")
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=8)
+    save_figure(figure, path)
+
+
+def table(rows: list[dict]) -> str:
+    headers = ["variant", "net params removed", "budget", "CPU min (local + KD)", "KD steps"]
+    headers += ["KD tokens", "test ppl", "vs original", "load 1-min"]
+    cells = []
+    order = list(dict.fromkeys(r["variant"] for r in rows))
+    for r in sorted(rows, key=lambda r: (order.index(r["variant"]), r["budget"])):
+        load = f"{r['load_before'][0]:.1f}/{r['load_after'][0]:.1f}" if "load_before" in r else "-"
+        cells.append([
+            r["variant"], f"{100 * r['params_removed']:.1f}%", f"{r['budget']:g}",
+            f"{r['cpu_minutes']:.1f} ({r['local_cpu_minutes']:.1f} + {r['kd_cpu_minutes']:.1f})",
+            r.get("kd_steps", 0), f"{r['tokens']:,}", f"{r['perplexity']:.4g}",
+            f"{r['perplexity'] / r['original_perplexity']:.2f}x", load,
+        ])  # fmt: skip
+    return markdown_table(headers, cells)
+
+
+def targets(rows: list[dict]) -> list[str]:
+    original = rows[0]["original_perplexity"]
+    out = []
+    trained = [r for r in rows if r["budget"] > 0 and r["params_removed"] >= 0.15]
+    budgets = sorted({r["budget"] for r in trained})
+    best = min(trained, key=lambda r: r["perplexity"]) if trained else None
+    within = [r for r in trained if r["budget"] <= 30]
+    met = [r for r in within if r["perplexity"] <= 1.3 * original]
+    if not within:
+        out.append("- **P1 not measured.**")
+    else:
+        best = min(within, key=lambda r: r["perplexity"])
+        verdict = "met" if met else ("not met" if 30 in budgets else "not met so far")
+        out.append(
+            f"- **P1 ({verdict})**: some variant with >= 15% net parameters removed at <= 1.3x "
+            f"the original perplexity ({1.3 * original:.4g}) within 30 CPU-minutes. Best "
+            f"measured: {best['variant']}, {best['perplexity']:.4g} "
+            f"({best['perplexity'] / original:.2f}x) at {best['cpu_minutes']:.1f} CPU-minutes"
+            + ("" if met or 30 in budgets else " (no variant was run to 30 CPU-minutes)")
+            + "."
+        )
+    for budget in (15, 30):
+        prune = _row(rows, "prune", budget)
+        merges = [r for v in MERGES if (r := _row(rows, v, budget)) is not None]
+        if prune is None or not merges:
+            out.append(f"- **P2 at {budget} CPU-minutes: not measured.**")
+            continue
+        merge = min(merges, key=lambda r: r["perplexity"])
+        verdict = "met" if merge["perplexity"] < prune["perplexity"] else "not met"
+        hybrid = _row(rows, "hybrid", budget)
+        extra = (
+            ""
+            if hybrid is None
+            else f"; the hybrid: {hybrid['perplexity']:.4g} ({100 * hybrid['params_removed']:.1f}%)"
+        )
+        out.append(
+            f"- **P2 at {budget} CPU-minutes ({verdict})**: best merge {merge['variant']} "
+            f"{merge['perplexity']:.4g} ({100 * merge['params_removed']:.1f}% removed) against "
+            f"whole-block pruning {prune['perplexity']:.4g} "
+            f"({100 * prune['params_removed']:.1f}% removed), a ratio of "
+            f"{merge['perplexity'] / prune['perplexity']:.2f}{extra}."
+        )
+    pairs = [(b, _row(rows, "permute", b), _row(rows, "permute, KD only", b)) for b in (5, 15, 30)]
+    pairs = [(b, a, k) for b, a, k in pairs if a is not None and k is not None]
+    if not pairs:
+        out.append("- **P3 not measured here** (see `local_reconstruction.md`).")
+    for budget, both, alone in pairs:
+        verdict = "met" if both["perplexity"] < alone["perplexity"] else "not met"
+        out.append(
+            f"- **P3 at {budget} CPU-minutes ({verdict})**: permute merge, local + KD "
+            f"{both['perplexity']:.4g} ({both['cpu_minutes']:.1f} CPU-min) against KD alone "
+            f"{alone['perplexity']:.4g} ({alone['cpu_minutes']:.1f} CPU-min)."
+        )
+    return out
+
+
+def report(state: dict, png: Path) -> str:
+    rows = state["rows"]
+    plot(rows, png)
+    original = state["original_perplexity"]
+    out = ["# Quality per CPU-minute at a fifth of SmolLM2-135M removed (issue 25)\n\n"]
+    out.append(
+        f"Original test perplexity {original:.4g} ({state['original_parameters'] / 1e6:.2f}M "
+        "parameters; 4096 test tokens of fortunes). One recovery run per variant (local "
+        "stage with default settings, then distillation with batch 4 x 128 tokens, lr 2e-4), "
+        "stopped by its CPU budget and resumed; the budget counts the run's user+system "
+        "CPU time (setup, local stage, distillation), not the test evaluations. A row's CPU "
+        "minutes are what the run had really spent when it stopped (the step that crosses the "
+        "budget finishes, and the local stage runs whole). 2 cores shared with other jobs: "
+        "see the load column.\n\n![perplexity against CPU-minutes](quality_compute.png)\n\n"
+    )
+    out.append(table(rows))
+    failed = state.get("failed", {})
+    if failed:
+        out.append("\nVariants that failed: ")
+        out.append("; ".join(f"{k}: {v}" for k, v in failed.items()) + "\n")
+    out.append("\n## Targets\n\n" + "\n".join(targets(rows)) + "\n")
+    out.append(
+        "\n## Regenerate\n\n    python benchmarks/quality_compute.py        "
+        "# budgets 0, 5, 15 for every variant\n    python benchmarks/quality_compute.py "
+        "--budgets 30 --variants VARIANT,...\n    python benchmarks/quality_compute.py "
+        "--write-only --notes NOTES.md\n"
+    )
+    return "".join(out)
