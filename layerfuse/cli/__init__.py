@@ -25,6 +25,7 @@ from layerfuse.cli import (
     generate,
     inspect,
     merge,
+    optimize,
     prune,
     quantize,
     recover,
@@ -46,6 +47,7 @@ _COMMAND_MODULES = (
     serve,
     generate,
     recover,
+    optimize,
 )
 # Rewriting commands: a RewriteCommand each, registered by one driver.
 _REWRITE_MODULES = (merge, prune, fuse, share_kv)

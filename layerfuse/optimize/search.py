@@ -1,0 +1,210 @@
+"""``optimize``: from a target, a quality limit and a budget to the best model, with evidence.
+
+Stages, each recorded in ``OUTDIR/state.json`` as it finishes (a rerun skips what is done):
+
+1. propose candidates that should meet the target (:mod:`~layerfuse.optimize.candidates`);
+2. screen them without training (:mod:`~layerfuse.optimize.screen`);
+3. recover the best ``finalists`` that meet the target within the budget
+   (:mod:`~layerfuse.optimize.recovery`);
+4. measure the original and the finalists side by side (:mod:`~layerfuse.optimize.measure`);
+5. pick the winner, write it and the report (:mod:`~layerfuse.optimize.outcome`).
+"""
+
+from __future__ import annotations
+
+__all__ = ["STAGES", "OptimizeRequest", "optimize"]
+
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from layerfuse.errors import LayerfuseError
+from layerfuse.files import refuse_overwriting_inputs
+from layerfuse.model.manifest import require_manifest
+from layerfuse.model.publish import model_files
+from layerfuse.optimize.candidates import Candidate, SizeModel, propose
+from layerfuse.optimize.finalists import prepare_finalist
+from layerfuse.optimize.measure import measure_models
+from layerfuse.optimize.outcome import write_outcome
+from layerfuse.optimize.recovery import RecoverShare, cpu_seconds, recover_finalist
+from layerfuse.optimize.screen import ScreenContext, screen_candidate, screen_original
+from layerfuse.optimize.space import SearchSpace
+from layerfuse.optimize.state import SearchState
+from layerfuse.optimize.targets import QualityLimit, RecoverBudget, Target
+from layerfuse.passes.planner import DataSettings
+from layerfuse.progress import SILENT, Reporter
+from layerfuse.runtime.evaluate import quality_metric
+
+STAGES = ("screen", "recover", "measure", "report")
+
+
+@dataclass
+class OptimizeRequest:
+    model: Path
+    output: Path
+    target: Target
+    limit: QualityLimit
+    budget: RecoverBudget
+    space: SearchSpace
+    data: str = "fortunes"
+    provider: str = "auto"
+    seed: int = 0
+    # Stop after this stage (as an interrupted run would), to continue by running again.
+    stop_after: str | None = None
+
+    def key(self, fingerprint: str) -> dict:
+        return {
+            "model": fingerprint,
+            "target": self.target.to_json(),
+            "limit": self.limit.to_json(),
+            "budget": self.budget.to_json(),
+            "space": self.space.to_json(),
+            "data": self.data,
+            "seed": self.seed,
+        }
+
+
+class _Timer:
+    def __init__(self) -> None:
+        self.wall, self.cpu = time.perf_counter(), cpu_seconds()
+
+    def record(self) -> dict:
+        return {
+            "wall_seconds": time.perf_counter() - self.wall,
+            "cpu_seconds": cpu_seconds() - self.cpu,
+        }
+
+
+def _data_settings(request: OptimizeRequest) -> DataSettings:
+    s = request.space.screen
+    return DataSettings(
+        data=request.data,
+        calib_tokens=s["calib_tokens"],
+        valid_tokens=s["valid_tokens"],
+        seq_len=s["seq_len"],
+        provider=request.provider,
+    )
+
+
+def _screen(request, state, size, candidates, reporter) -> list[Candidate]:
+    settings = _data_settings(request)
+    measure = request.space.measure
+    context = ScreenContext(
+        request.model, settings, settings.scorer(request.model), request.target,
+        measure["shape"], measure["latency_runs"], size.num_blocks,
+    )  # fmt: skip
+    original = state.get("screen", "original")
+    if original is None:
+        original = screen_original(context)
+        state.put("screen", original, "original")
+    for candidate in candidates:
+        record = state.get("screen", candidate.name)
+        if record is None:
+            reporter.step(f"screening {candidate.name}")
+            folder = request.output / "candidates" / candidate.name
+            try:
+                record = screen_candidate(candidate, context, original, folder, reporter)
+            except LayerfuseError as exc:  # a plan this model cannot take: recorded, not fatal
+                reporter.step(f"{candidate.name}: {exc}")
+                record = {"error": str(exc), "meets_target": False, "score": None}
+            state.put("screen", record, candidate.name)
+        else:
+            reporter.step(f"screening {candidate.name}: done earlier")
+        candidate.results["screen"] = record
+    return candidates
+
+
+def _finalists(candidates: list[Candidate], count: int) -> list[Candidate]:
+    """The ``count`` best-scoring candidates that meet the target (order: score, name)."""
+    meeting = [c for c in candidates if c.results["screen"]["meets_target"]]
+    score = lambda c: c.results["screen"]["score"]  # noqa: E731
+    meeting = [c for c in meeting if score(c) is not None and math.isfinite(score(c))]
+    return sorted(meeting, key=lambda c: (score(c), c.name))[:count]
+
+
+def _recover(request, state, finalists, reporter) -> dict[str, Path]:
+    budget, models = request.budget, {}
+    for index, candidate in enumerate(finalists):
+        folder = request.output / "finalists" / candidate.name
+        record = state.get("recover", candidate.name)
+        if record is None:
+            compressed, plan = prepare_finalist(request.model, candidate, folder)
+            spent = sum(r["cpu_seconds"] for r in state.data["done"].get("recover", {}).values())
+            left = len(finalists) - index
+            if budget.tokens is None and not budget.seconds:
+                record = {"cpu_seconds": 0.0, "wall_seconds": 0.0, "steps": 0, "tokens": 0}
+                record["model"] = str(compressed)
+            else:
+                share = RecoverShare(
+                    seconds=None if budget.seconds is None else (budget.seconds - spent) / left,
+                    tokens=None if budget.tokens is None else budget.tokens // len(finalists),
+                    space=request.space.recover,
+                    data=request.data,
+                    valid_tokens=request.space.screen["valid_tokens"],
+                    seed=request.seed,
+                )
+                reporter.step(f"recovering {candidate.name} ({index + 1}/{len(finalists)})")
+                record = recover_finalist(request.model, compressed, plan, folder, share, reporter)
+                record["model"] = str(folder / "model.onnx")
+            state.put("recover", record, candidate.name)
+        else:
+            reporter.step(f"recovering {candidate.name}: done earlier")
+        candidate.results["recover"] = record
+        models[candidate.name] = Path(record["model"])
+    return models
+
+
+def _check(request: OptimizeRequest) -> str:
+    task = require_manifest(request.model).task
+    metric = quality_metric(task, request.data)
+    request.limit.check_metric(metric)
+    if request.stop_after not in (None, *STAGES):
+        raise LayerfuseError(f"unknown stage '{request.stop_after}' (one of {', '.join(STAGES)})")
+    if request.output.exists() and not request.output.is_dir():
+        raise LayerfuseError(f"output {request.output} exists and is not a folder")
+    refuse_overwriting_inputs(
+        model_files(request.model), [request.output / "winner" / "model.onnx"]
+    )
+    return metric
+
+
+def _measure(request, state, models, metric, reporter) -> dict:
+    measured = state.get("measure")
+    if measured is None:
+        measured = measure_models(
+            {"original": request.model, **models}, metric=metric, data=request.data,
+            measure=request.space.measure, seq_len=request.space.screen["seq_len"],
+            provider=request.provider, reporter=reporter,
+        )  # fmt: skip
+        state.put("measure", measured)
+    return measured
+
+
+def optimize(request: OptimizeRequest, reporter: Reporter = SILENT) -> dict | None:
+    """Run (or continue) the search; the report, or None when stopped after a stage."""
+    metric = _check(request)
+    size = SizeModel.read(request.model, request.space.merge["relax_ranks"])
+    request.output.mkdir(parents=True, exist_ok=True)
+    state = SearchState(request.output, request.key(size.fingerprint))
+    if state.resumed:
+        reporter.step(f"continuing the search in {request.output}")
+    candidates, notes = propose(size, request.space, request.target)
+    reporter.step(f"{len(candidates)} candidates: {', '.join(c.name for c in candidates)}")
+    finalists, models, measured = [], {}, {}
+    for stage in STAGES[:-1]:
+        timer = _Timer()
+        if stage == "screen":
+            _screen(request, state, size, candidates, reporter)
+            finalists = _finalists(candidates, request.space.finalists)
+        elif stage == "recover":
+            models = _recover(request, state, finalists, reporter)
+        else:
+            measured = _measure(request, state, models, metric, reporter)
+        if state.get("stage", stage) is None:
+            state.put("stage", timer.record(), stage)
+        if request.stop_after == stage:
+            reporter.step(f"stopped after {stage}; run the same command again to continue")
+            return None
+    context = {"metric": metric, "notes": notes, "size": size, "state": state}
+    return write_outcome(request, candidates, finalists, measured, context, reporter)
