@@ -1,0 +1,173 @@
+"""``layerfuse optimize`` end to end on the tiny Llama, with a budget of seconds.
+
+The search is stopped after screening (as an interrupted run would be) and continued by
+running it again; the report's claims are then checked against re-measurement of the winner
+written to disk: its parameter count, that it meets the target, its test perplexity. Plans
+are the same for the same seed; bad targets, limits and spaces are one-line errors.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from layerfuse.cli import main
+from layerfuse.errors import LayerfuseError
+from layerfuse.model.io import load_model, parameter_count
+from layerfuse.optimize import (
+    OptimizeRequest,
+    optimize,
+    parse_budget,
+    parse_limit,
+    parse_target,
+)
+from layerfuse.optimize.finalists import load_plan
+from layerfuse.optimize.space import load_space, space_document
+from layerfuse.passes.plan import apply_plan
+from layerfuse.progress import Reporter
+from layerfuse.runtime.evaluate import evaluate_model
+
+SPACE = {
+    "screen": {"calib_tokens": 512, "valid_tokens": 256, "seq_len": 32},
+    "recover": {"local_steps": 10, "batch_size": 2, "grad_accum": 1, "seq_len": 32},
+    "measure": {"test_tokens": 256, "shape": "1x32", "latency_runs": 3},
+    "finalists": 2,
+}
+BUDGET = "8s"
+
+
+class _Recorder(Reporter):
+    def __init__(self) -> None:
+        self.messages: list[str] = []
+
+    def step(self, message: str) -> None:
+        self.messages.append(message)
+
+
+def _request(model: Path, output: Path, **changes) -> OptimizeRequest:
+    request = OptimizeRequest(
+        model=model,
+        output=output,
+        target=parse_target("params=0.8"),
+        limit=parse_limit("30%"),
+        budget=parse_budget(BUDGET),
+        space=space_document(SPACE),
+    )
+    for key, value in changes.items():
+        setattr(request, key, value)
+    return request
+
+
+@pytest.fixture(scope="module")
+def search(tiny, tmp_path_factory) -> tuple[Path, Path, dict, _Recorder]:
+    """The search stopped after screening, then continued to the end."""
+    model = tiny.model("llama")
+    output = tmp_path_factory.mktemp("optimize") / "out"
+    assert optimize(_request(model, output, stop_after="screen")) is None
+    assert not (output / "report.json").exists()
+    recorder = _Recorder()
+    report = optimize(_request(model, output), recorder)
+    return model, output, report, recorder
+
+
+def test_the_resumed_search_skips_what_was_done(search):
+    _, output, report, recorder = search
+    screened = [c["name"] for c in report["candidates"]]
+    assert "continuing the search in " + str(output) in recorder.messages
+    for name in screened:
+        assert f"screening {name}: done earlier" in recorder.messages
+    assert not any(m.startswith("aligning") for m in recorder.messages)
+    state = json.loads((output / "state.json").read_text())
+    assert set(state["done"]["stage"]) == {"screen", "recover", "measure"}
+
+
+def test_the_reports_claims_hold_on_the_written_winner(search):
+    model, output, report, _ = search
+    assert report["winner"] is not None, report["why"]
+    winner_path = output / "winner" / "model.onnx"
+    row = next(r for r in report["finalists"] if r["name"] == report["winner"])
+    original = parameter_count(load_model(model))
+    written = parameter_count(load_model(winner_path))
+    assert written == row["parameters"]
+    assert report["original"]["parameters"] == original
+    assert written <= 0.8 * original and row["meets_target"]
+    # The winner's plan replays on the original into the same structure.
+    plan = load_plan(output / "winner" / "plan.json")
+    assert parameter_count(apply_plan(model, plan)) == written
+    again = evaluate_model(winner_path, tokens=256, seq_len=32, latency_runs=1)["perplexity"]
+    assert again == pytest.approx(row["quality"], rel=1e-4)
+    assert again <= report["original"]["quality"] * 1.3
+    for finalist in report["finalists"]:
+        assert (output / "finalists" / finalist["name"] / "plan.json").is_file()
+    for suffix in ("json", "md", "png"):
+        assert (output / f"report.{suffix}").is_file()
+    assert report["why"] in (output / "report.md").read_text()
+
+
+def test_the_budget_is_split_and_accounted(search):
+    _, _, report, _ = search
+    spent = [r["recover"]["cpu_seconds"] for r in report["finalists"]]
+    assert len(spent) == SPACE["finalists"]
+    assert all(s > 0 for s in spent)
+    # Each finalist's first phase is paid in full even when it overruns its share.
+    assert sum(spent) <= 3 * parse_budget(BUDGET).seconds
+    assert all(r["recover"]["steps"] >= 1 for r in report["finalists"])
+
+
+def test_plans_are_the_same_for_a_seed(tiny, tmp_path):
+    model = tiny.model("llama")
+    plans = []
+    for run in ("a", "b"):
+        optimize(_request(model, tmp_path / run, stop_after="screen", seed=3))
+        folder = tmp_path / run / "candidates"
+        plans.append({p.parent.name: p.read_text() for p in sorted(folder.glob("*/plan.json"))})
+    assert plans[0] and plans[0] == plans[1]
+
+
+def test_a_rerun_with_other_settings_is_refused(search):
+    model, output, _, _ = search
+    with pytest.raises(LayerfuseError, match="other settings"):
+        optimize(_request(model, output, seed=1))
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (["--target", "params=1.5"], "is not a target"),
+        (["--target", "speed=2"], "is not a target"),
+        (["--max-quality-loss", "1pt"], "judged by perplexity"),
+        (["--recover-budget", "soon"], "is not a budget"),
+    ],
+)
+def test_bad_options_are_one_line_errors(tiny, tmp_path, capsys, options, message):
+    model = tiny.model("llama")
+    argv = ["optimize", str(model), "-o", str(tmp_path / "out"), "--target", "params=0.8"]
+    argv += ["--max-quality-loss", "10%", *options]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and message in err, err
+
+
+def test_the_space_file_is_checked(tmp_path):
+    path = tmp_path / "space.json"
+    assert main(["optimize", "--write-space", str(path)]) == 0
+    assert load_space(path).to_json() == load_space(None).to_json()
+    path.write_text(json.dumps({"merge": {"windowz": [1]}}))
+    with pytest.raises(LayerfuseError, match=r"unknown key space\.merge\.windowz"):
+        load_space(path)
+    path.write_text(json.dumps({"finalists": "three"}))
+    with pytest.raises(LayerfuseError, match="finalists must be a whole number"):
+        load_space(path)
+
+
+def test_targets_limits_and_budgets_parse():
+    assert parse_target("params=80%").value == pytest.approx(0.8)
+    assert parse_target("latency=1.2x").value == pytest.approx(1.2)
+    assert parse_target("memory=300MB").value == 300e6
+    assert parse_limit("10%").value == pytest.approx(0.1)
+    assert parse_limit("1pt").kind == "points"
+    assert parse_budget("30m").seconds == 1800
+    assert parse_budget("100k-tokens").tokens == 100_000
+    assert parse_budget("0").seconds == 0
