@@ -79,8 +79,8 @@ class SizeModel:
 
 
 def _merges(size: SizeModel, space: SearchSpace, need: int) -> tuple[list[Candidate], list[str]]:
-    found, notes = [], []
-    for rank in space.merge["relax_ranks"]:
+    found, notes, plain = [], [], {}
+    for rank in sorted(set(space.merge["relax_ranks"])):
         for windows in space.merge["windows"]:
             delta = size.relax_delta.get(rank, 0)
             removed = next(
@@ -99,6 +99,11 @@ def _merges(size: SizeModel, space: SearchSpace, need: int) -> tuple[list[Candid
             name = f"merge-{removed}ff-{windows}w" + (f"-r{rank}" if rank else "")
             options = {"removed": removed, "windows": windows, "relax_rank": rank}
             options["method"] = space.merge["method"]
+            if rank == 0:
+                plain[(removed, windows)] = name
+            elif (removed, windows) in plain:
+                # The plain tie's windows, relaxed: no second calibration and window search.
+                options["relax_of"] = plain[(removed, windows)]
             estimate = removed * size.ff - (removed + windows) * delta
             found.append(Candidate(name, "merge", options, estimate))
     return found, notes

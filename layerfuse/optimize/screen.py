@@ -12,13 +12,13 @@ from __future__ import annotations
 __all__ = ["ScreenContext", "plan_candidate", "screen_candidate", "screen_original"]
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from layerfuse.model.io import load_model, parameter_count, weight_bytes
 from layerfuse.optimize.candidates import Candidate
 from layerfuse.optimize.targets import Target
-from layerfuse.passes.merge import MergeRequest, plan_merge
+from layerfuse.passes.merge import MergePlan, MergeRequest, plan_merge
 from layerfuse.passes.plan import Plan, apply_plan
 from layerfuse.passes.planner import DataSettings
 from layerfuse.passes.prune import PruneRequest, plan_prune
@@ -41,6 +41,7 @@ class ScreenContext:
     shape: str
     latency_runs: int
     num_blocks: int
+    folder: Path
 
     def latency_ms(self, model) -> float:
         session = session_for_ir(model, self.model_path.parent, provider=self.data.provider)
@@ -51,6 +52,9 @@ class ScreenContext:
 def plan_candidate(candidate: Candidate, context: ScreenContext, reporter: Reporter) -> Plan:
     """The candidate's plan, made by the same planner its command uses."""
     options = candidate.options
+    relax_of = options.get("relax_of")
+    if relax_of and (context.folder / relax_of / "plan.json").is_file():
+        return _relaxed(candidate, context)
     if candidate.kind == "merge":
         request = MergeRequest(
             ratio=f"{options['removed']}/{context.num_blocks}",
@@ -68,6 +72,19 @@ def plan_candidate(candidate: Candidate, context: ScreenContext, reporter: Repor
         data=context.data,
     )
     return plan_prune(context.model_path, request, reporter)
+
+
+def _relaxed(candidate: Candidate, context: ScreenContext) -> Plan:
+    """The plain sibling's merge plan with each tied layer's rank-R deltas added."""
+    plain = MergePlan.load(context.folder / candidate.options["relax_of"] / "plan.json")
+    plan = replace(
+        plain, relax_rank=candidate.options["relax_rank"], relax_init="svd", validation=None
+    )
+    model = apply_plan(context.model_path, plan)
+    original = load_model(context.model_path)
+    plan.parameters_removed = parameter_count(original) - parameter_count(model)
+    plan.bytes_removed = weight_bytes(original) - weight_bytes(model)
+    return plan
 
 
 def _measure(model, context: ScreenContext) -> dict:

@@ -93,6 +93,7 @@ def _screen(request, state, size, candidates, reporter) -> list[Candidate]:
     context = ScreenContext(
         request.model, settings, settings.scorer(request.model), request.target,
         measure["shape"], measure["latency_runs"], size.num_blocks,
+        request.output / "candidates",
     )  # fmt: skip
     original = state.get("screen", "original")
     if original is None:
