@@ -20,6 +20,7 @@ from __future__ import annotations
 __all__ = ["fingerprint", "legacy_fingerprint", "matches"]
 
 import hashlib
+import os
 
 import numpy as np
 import onnx_ir as ir
@@ -52,10 +53,28 @@ def _weights_in_use_order(model: ir.Model):
 
 def _sample(value: ir.Value) -> bytes:
     """Evenly spaced elements of the weight (all of a small one)."""
-    if value.const_value is None:
+    tensor = value.const_value
+    if tensor is None:
         return b""
-    flat = np.ascontiguousarray(value.const_value.numpy()).reshape(-1)
+    if isinstance(tensor, ir.ExternalTensor) and tensor.dtype.bitwidth % 8 == 0:
+        return _sample_external(tensor)
+    flat = np.ascontiguousarray(tensor.numpy()).reshape(-1)
     return np.ascontiguousarray(flat[:: max(1, flat.size // _SAMPLE)]).tobytes()
+
+
+def _sample_external(tensor: ir.ExternalTensor) -> bytes:
+    """:func:`_sample`'s bytes read from the data file element by element, so that a check
+    of a large model neither maps nor reads its weights (little-endian, as ONNX stores them)."""
+    itemsize = int(tensor.dtype.itemsize)
+    step = max(1, tensor.size // _SAMPLE)
+    offset = tensor.offset or 0
+    with open(tensor.path, "rb") as file:
+        if step == 1:
+            return os.pread(file.fileno(), tensor.size * itemsize, offset)
+        return b"".join(
+            os.pread(file.fileno(), itemsize, offset + index * itemsize)
+            for index in range(0, tensor.size, step)
+        )
 
 
 def fingerprint(model: ir.Model) -> str:
