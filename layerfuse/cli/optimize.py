@@ -52,6 +52,7 @@ def _request(args: argparse.Namespace):
         data=args.data,
         provider=args.provider,
         seed=args.seed,
+        device=args.device,
         stop_after=args.stop_after,
     )
 
@@ -112,6 +113,12 @@ def register(commands) -> None:
         "--stop-after",
         choices=["screen", "recover", "measure"],
         help="stop after this stage, as an interrupted run would (run again to continue)",
+    )
+    add(
+        "--device",
+        default="cpu",
+        choices=["cpu", "cuda"],
+        help="torch device of recovery (with cuda, a token budget says more than CPU time)",
     )
     add("--json", action="store_true", help="print the report as JSON")
     add_provider_option(parser)

@@ -62,6 +62,7 @@ class RecoverShare:
     data: str
     valid_tokens: int
     seed: int
+    device: str = "cpu"
 
 
 def _settings(share: RecoverShare, steps: int, **extra) -> TrainSettings:
@@ -97,6 +98,7 @@ def _run(original, optimized, output, share, settings, local_steps, plan, report
         plan=Path(plan),
         settings=settings,
         local=LocalSettings(steps=local_steps, seed=share.seed),
+        device=share.device,
     )
     summary = recover(request, clock)
     end = cpu_seconds()

@@ -50,6 +50,8 @@ class OptimizeRequest:
     data: str = "fortunes"
     provider: str = "auto"
     seed: int = 0
+    # torch device of recovery (cpu or cuda); a time budget still counts CPU time.
+    device: str = "cpu"
     # Stop after this stage (as an interrupted run would), to continue by running again.
     stop_after: str | None = None
 
@@ -62,6 +64,8 @@ class OptimizeRequest:
             "space": self.space.to_json(),
             "data": self.data,
             "seed": self.seed,
+            # Only a non-default device enters the key (older states stay resumable).
+            **({"device": self.device} if self.device != "cpu" else {}),
         }
 
 
@@ -133,9 +137,13 @@ def _recover(request, state, finalists, reporter) -> dict[str, Path]:
             compressed, plan = prepare_finalist(request.model, candidate, folder)
             spent = sum(r["cpu_seconds"] for r in state.data["done"].get("recover", {}).values())
             left = len(finalists) - index
-            if budget.tokens is None and not budget.seconds:
+            no_time = budget.tokens is None and budget.seconds - spent <= 0
+            if no_time:  # no budget, or the earlier finalists spent it all
                 record = {"cpu_seconds": 0.0, "wall_seconds": 0.0, "steps": 0, "tokens": 0}
                 record["model"] = str(compressed)
+                if budget.seconds:
+                    reporter.step(f"{candidate.name}: no budget left; measured unrecovered")
+                    record["note"] = "no budget left"
             else:
                 share = RecoverShare(
                     seconds=None if budget.seconds is None else (budget.seconds - spent) / left,
@@ -144,6 +152,7 @@ def _recover(request, state, finalists, reporter) -> dict[str, Path]:
                     data=request.data,
                     valid_tokens=request.space.screen["valid_tokens"],
                     seed=request.seed,
+                    device=request.device,
                 )
                 reporter.step(f"recovering {candidate.name} ({index + 1}/{len(finalists)})")
                 record = recover_finalist(request.model, compressed, plan, folder, share, reporter)
