@@ -57,13 +57,9 @@ def run_subgraph(model_path, run_input: str, run_output: str, name: str):
     return path
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--drop", type=int, default=6, help="attention sublayers removed")
-    parser.add_argument("--provider", default="cpu")
-    parser.add_argument("--tag", default="cpu", help="suffix of the result files")
-    args = parser.parse_args()
-    original = exported_model(MODEL)
+def fuse_plans(original, args) -> dict[str, FusePlan]:
+    """The chosen plan (``fused``), the same attention removed with nothing fused
+    (``no-attention``) and the whole FFN-only run fused (``fused-all``)."""
     log("choosing attention to remove and measuring block dependency")
     plan = plan_fuse(
         original,
@@ -74,7 +70,6 @@ def main() -> None:
         ),
     )
     (run,) = plan.ffn_only_runs
-    first, last = run
     no_attention = FusePlan(plan.fingerprint, plan.num_blocks, plan.drop_attention, [])
     all_plan = FusePlan(
         plan.fingerprint,
@@ -84,16 +79,16 @@ def main() -> None:
         ffn_only_runs=plan.ffn_only_runs,
         include_last=True,
     )
-    paths = {
-        "original": original,
-        "no-attention": variant(original, no_attention, "no-attention"),
-        "fused": variant(original, plan, "fused"),
-        "fused-all": variant(original, all_plan, "fused-all"),
-    }
+    return {"no-attention": no_attention, "fused": plan, "fused-all": all_plan}
+
+
+def run_subgraphs(paths: dict, plan: FusePlan) -> dict:
+    """The fused run alone and the same blocks unfused, from the run's input to its output."""
+    first = plan.ffn_only_runs[0][0]
     reduced = detect_structure(load_model(paths["no-attention"]))
     run_input = reduced.blocks[first].ff_wiring.norm.input.name
     group_last = plan.fuse[0][1]
-    subgraphs = {
+    return {
         "unfused run": run_subgraph(
             paths["no-attention"],
             run_input,
@@ -104,6 +99,10 @@ def main() -> None:
             paths["fused"], run_input, f"layerfuse.fused.{first}-{group_last}.out", "fused"
         ),
     }
+
+
+def benchmark(paths: dict, subgraphs: dict, provider: str) -> dict:
+    """One interleaved ``layerfuse bench`` document per group of shapes."""
     documents = {}
     for label, shapes, runs, graphs in (
         ("whole model, short", WHOLE_SMALL, 20, paths),
@@ -113,16 +112,16 @@ def main() -> None:
         log(f"benchmarking {label}")
         config = BenchConfig(
             shapes=parse_shapes(shapes),
-            provider=args.provider,
+            provider=provider,
             warmup=2,
             runs=runs,
             memory=label.startswith("whole model, short"),
         )
         documents[label] = run_bench(list(graphs.values()), config, names=list(graphs))
-    perplexity = {}
-    for name, path in paths.items():
-        perplexity[name] = quality(path)[1]
-        log(f"{name}: perplexity {perplexity[name]:.4g}")
+    return documents
+
+
+def figures(plan: FusePlan, documents: dict, args) -> None:
     tag = args.tag
     bench_figure(documents["whole model, short"], RESULTS / f"ffn_fusion_{tag}.png")
     bench_figure(documents["fused run alone"], RESULTS / f"ffn_fusion_run_{tag}.png")
@@ -145,7 +144,13 @@ def main() -> None:
         RESULTS / "ffn_fusion_attention.png",
         reference_line=plan.baseline_score,
     )
-    markdown = [
+
+
+def markdown(plan: FusePlan, perplexity: dict, documents: dict, args) -> str:
+    first, last = plan.ffn_only_runs[0]
+    group_last = plan.fuse[0][1]
+    tag = args.tag
+    out = [
         f"# FFN Fusion on {MODEL} ({args.provider})\n\n",
         f"Attention removed from blocks {plan.drop_attention[0]}-{plan.drop_attention[-1]} "
         f"(best window of {args.drop} on validation perplexity, see "
@@ -158,19 +163,39 @@ def main() -> None:
         ),
     ]
     for label, document in documents.items():
-        markdown.append(f"\n## {label}\n\n{bench_markdown(document)}")
-    markdown.append(
+        out.append(f"\n## {label}\n\n{bench_markdown(document)}")
+    out.append(
         f"\n![whole model](ffn_fusion_{tag}.png)\n![run](ffn_fusion_run_{tag}.png)\n"
         "![dependency](ffn_fusion_dependency.png)\n"
     )
+    return "".join(out)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--drop", type=int, default=6, help="attention sublayers removed")
+    parser.add_argument("--provider", default="cpu")
+    parser.add_argument("--tag", default="cpu", help="suffix of the result files")
+    args = parser.parse_args()
+    original = exported_model(MODEL)
+    plans = fuse_plans(original, args)
+    plan = plans["fused"]
+    paths = {"original": original}
+    paths |= {name: variant(original, plans[name], name) for name in plans}
+    documents = benchmark(paths, run_subgraphs(paths, plan), args.provider)
+    perplexity = {}
+    for name, path in paths.items():
+        perplexity[name] = quality(path)[1]
+        log(f"{name}: perplexity {perplexity[name]:.4g}")
+    figures(plan, documents, args)
     write_results(
-        f"ffn_fusion_{tag}",
+        f"ffn_fusion_{args.tag}",
         {
             "plan": plan.to_json(),
             "perplexity": perplexity,
             "benchmarks": documents,
         },
-        "".join(markdown),
+        markdown(plan, perplexity, documents, args),
     )
 
 

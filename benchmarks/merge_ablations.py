@@ -43,40 +43,36 @@ def window_of(model: str) -> tuple[int, int]:
     return tuple(row["window"])
 
 
-def main() -> None:
-    rows = []
-    for model in ("smollm2-135m", "minilm-l6"):
-        original = exported_model(model)
-        window = window_of(model)
-        for anchor, features, method in SETTINGS:
-            request = MergeRequest(
-                ranges=[window],
-                method=method,
-                anchor=anchor,
-                features=features,
-                data=DataSettings(calib_tokens=10240, provider="cpu"),
-            )
-            plan = plan_merge(original, request)
-            path = WORK / "ablations" / model / f"{method}-{anchor}-{features}" / "model.onnx"
-            save_model(apply_plan(original, plan), path)
-            carry_manifest(original, path)
-            metric, value = quality(path)
-            matched = plan.windows[0].matched_correlation
-            rows.append(
-                {
-                    "model": model,
-                    "window": list(window),
-                    "anchor": anchor,
-                    "features": features,
-                    "method": method,
-                    "metric": metric,
-                    "value": value,
-                    "mean_matched_correlation": (
-                        sum(matched.values()) / len(matched) if matched else None
-                    ),
-                }
-            )
-            log(f"{model} {method} anchor={anchor} features={features}: {metric} {value:.4g}")
+def ablation_row(model: str, original, window: tuple[int, int], setting: tuple) -> dict:
+    """Merge ``window`` with one (anchor, features, method) setting and measure the result."""
+    anchor, features, method = setting
+    request = MergeRequest(
+        ranges=[window],
+        method=method,
+        anchor=anchor,
+        features=features,
+        data=DataSettings(calib_tokens=10240, provider="cpu"),
+    )
+    plan = plan_merge(original, request)
+    path = WORK / "ablations" / model / f"{method}-{anchor}-{features}" / "model.onnx"
+    save_model(apply_plan(original, plan), path)
+    carry_manifest(original, path)
+    metric, value = quality(path)
+    matched = plan.windows[0].matched_correlation
+    log(f"{model} {method} anchor={anchor} features={features}: {metric} {value:.4g}")
+    return {
+        "model": model,
+        "window": list(window),
+        "anchor": anchor,
+        "features": features,
+        "method": method,
+        "metric": metric,
+        "value": value,
+        "mean_matched_correlation": (sum(matched.values()) / len(matched) if matched else None),
+    }
+
+
+def markdown(rows: list[dict]) -> str:
     out = [
         "# Merge ablations: anchor and alignment features\n",
         "Fixed window per model (the 1/3 permute window of `merge_quality.md`); test split; "
@@ -108,7 +104,17 @@ def main() -> None:
                 ],
             )
         )
-    write_results("merge_ablations", {"rows": rows}, "".join(out))
+    return "".join(out)
+
+
+def main() -> None:
+    rows = []
+    for model in ("smollm2-135m", "minilm-l6"):
+        original = exported_model(model)
+        window = window_of(model)
+        for setting in SETTINGS:
+            rows.append(ablation_row(model, original, window, setting))
+    write_results("merge_ablations", {"rows": rows}, markdown(rows))
 
 
 if __name__ == "__main__":

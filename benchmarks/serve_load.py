@@ -22,12 +22,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
-import threading
-import time
 
-import numpy as np
-import psutil
 from common import RESULTS, WORK, exported_model, log, markdown_table, write_results
+from load_clients import MemorySampler, check_numbers, load_phase, summarize
 
 from layerfuse.deploy.process import free_port
 from layerfuse.deploy.serve import ServeOptions, start_server
@@ -36,11 +33,9 @@ from layerfuse.model.io import load_model, save_model
 from layerfuse.passes.fuse import FusePlan
 from layerfuse.passes.merge import MergeRequest, plan_merge
 from layerfuse.passes.plan import apply_plan
-from layerfuse.runtime.session import create_session
 
 MODEL = "smollm2-135m"
 VARIANTS = ("original", "tied", "fused")
-MIB = 1024 * 1024
 HEADERS = "engine|variant|requests|errors|throughput req/s|p50 ms|p99 ms|memory MiB|diff|exit"
 
 
@@ -58,93 +53,6 @@ def variant_paths() -> dict:
             log(f"building the {name} variant")
             save_model(apply_plan(original, plan()), paths[name])
     return paths
-
-
-class MemorySampler(threading.Thread):
-    """PSS (shared pages split between the processes sharing them) of each server's process
-    tree, once per ``interval`` seconds."""
-
-    def __init__(self, pids: dict, interval: float = 1.0) -> None:
-        super().__init__(daemon=True)
-        self.pids, self.interval = pids, interval
-        self.samples = {name: [] for name in pids}
-        self.started = time.monotonic()
-        self.halt = threading.Event()
-
-    @staticmethod
-    def tree_pss(pid: int) -> int:
-        root = psutil.Process(pid)
-        total = 0
-        for process in [root, *root.children(recursive=True)]:
-            with contextlib.suppress(psutil.NoSuchProcess):
-                total += process.memory_full_info().pss
-        return total
-
-    def run(self) -> None:
-        while not self.halt.wait(self.interval):
-            now = round(time.monotonic() - self.started, 1)
-            for name, pid in self.pids.items():
-                self.samples[name].append((now, round(self.tree_pss(pid) / MIB, 1)))
-
-
-def request(ids: np.ndarray) -> list:
-    """The model's two inputs for token ids ``ids`` (all positions attended)."""
-    import tritonclient.http as httpclient
-
-    inputs = []
-    for name, array in (("input_ids", ids), ("attention_mask", np.ones_like(ids))):
-        tensor = httpclient.InferInput(name, list(array.shape), "INT64")
-        tensor.set_data_from_numpy(array)
-        inputs.append(tensor)
-    return inputs
-
-
-def load_phase(url: str, model: str, clients: int, seconds: float, tokens: int) -> dict:
-    """``clients`` threads, each with its own HTTP client, send requests until time is up."""
-    import tritonclient.http as httpclient
-
-    latencies, errors = [], []
-    deadline = time.monotonic() + seconds
-
-    def client(seed: int) -> None:
-        rng = np.random.default_rng(seed)
-        connection = httpclient.InferenceServerClient(url, network_timeout=120)
-        try:
-            while time.monotonic() < deadline:
-                inputs = request(rng.integers(0, 49152, (1, tokens), dtype=np.int64))
-                started = time.perf_counter()
-                try:
-                    connection.infer(model, inputs).as_numpy("logits")
-                    latencies.append(time.perf_counter() - started)
-                except Exception as exc:  # counted and reported; the run goes on
-                    errors.append(f"{type(exc).__name__}: {exc}"[:200])
-        finally:
-            connection.close()
-
-    threads = [threading.Thread(target=client, args=(seed,)) for seed in range(clients)]
-    started = time.monotonic()
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    return {
-        "seconds": time.monotonic() - started,
-        "latencies": latencies,
-        "errors": errors,
-    }
-
-
-def check_numbers(url: str, model: str, path) -> float:
-    import tritonclient.http as httpclient
-
-    ids = np.arange(1, 17, dtype=np.int64)[None] * 37
-    connection = httpclient.InferenceServerClient(url)
-    served = connection.infer(model, request(ids)).as_numpy("logits")
-    connection.close()
-    direct = create_session(path, provider="cpu").run(
-        ["logits"], {"input_ids": ids, "attention_mask": np.ones_like(ids)}
-    )[0]
-    return float(np.max(np.abs(served - direct)))
 
 
 def start_servers(engine: str, paths: dict, args, sinks: contextlib.ExitStack) -> dict:
@@ -186,29 +94,6 @@ def run_engine(engine: str, paths: dict, args) -> dict:
         sampler.join()
         codes = {name: server.stop() for name, server in servers.items()}
     return summarize(phases, sampler.samples, diffs, codes)
-
-
-def summarize(phases: dict, samples: dict, diffs: dict, codes: dict) -> dict:
-    result = {}
-    for name, runs in phases.items():
-        latencies = np.array([x for run in runs for x in run["latencies"]]) * 1000
-        seconds = sum(run["seconds"] for run in runs)
-        memory = [mib for _, mib in samples[name]]
-        result[name] = {
-            "requests": int(latencies.size),
-            "errors": sum(len(run["errors"]) for run in runs),
-            "error_examples": [e for run in runs for e in run["errors"]][:3],
-            "throughput_rps": latencies.size / seconds,
-            "p50_ms": float(np.percentile(latencies, 50)),
-            "p99_ms": float(np.percentile(latencies, 99)),
-            "memory_mib_first": memory[0],
-            "memory_mib_max": max(memory),
-            "memory_mib_last": memory[-1],
-            "memory_samples": samples[name],
-            "max_abs_diff_vs_onnxruntime": diffs[name],
-            "exit_status": codes[name],
-        }
-    return result
 
 
 def figure(results: dict, path) -> None:

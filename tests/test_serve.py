@@ -4,16 +4,14 @@ shutdown.
 
 Served per engine: the original, tied and fused tiny Llama deployed with ``layerfuse deploy
 triton --backend python``, a model folder whose graph is corrupt, and the original once more
-as a plain ``.onnx`` file (``direct``).
+as a plain ``.onnx`` file (``direct``). Starting a server apart from these (a failed model
+without ``keep_going``, the ``layerfuse serve`` command) is ``test_serve_start.py``.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
 import json
-import signal
-import subprocess
-import sys
 import urllib.error
 import urllib.request
 
@@ -21,10 +19,9 @@ import numpy as np
 import pytest
 
 from layerfuse.cli import main
-from layerfuse.deploy.process import check_port_free, free_port
+from layerfuse.deploy.process import free_port
 from layerfuse.deploy.serve import ServeOptions, start_server
 from layerfuse.deploy.signature import graph_signature
-from layerfuse.errors import LayerfuseError
 from layerfuse.model.fingerprint import fingerprint
 from layerfuse.model.io import load_model, save_model
 from layerfuse.model.manifest import carry_manifest
@@ -267,44 +264,3 @@ def test_bad_requests_get_protocol_errors_and_the_server_keeps_serving(server, c
         logits = grpc.infer("original", _inputs(grpcclient)).as_numpy("logits")
         assert np.max(np.abs(logits - expected)) <= 1e-5, f"after {label}"
     assert http.is_server_live() and grpc.is_model_ready("original")
-
-
-def test_a_failed_model_stops_the_start_unless_keep_going(repo):
-    require_engine("triton")
-    options = _options("triton", keep_going=False)
-    with pytest.raises(LayerfuseError, match=r"model 'broken' failed to load: .+--keep-going"):
-        start_server([str(repo)], options, log=None)
-    check_port_free(options.host, options.http_port, "--port")  # the server is gone
-
-
-def test_serve_command_prints_endpoints_refuses_a_busy_port_and_stops_on_sigterm(variants, capsys):
-    require_engine("triton")
-    port = free_port()
-    command = [sys.executable, "-m", "layerfuse", "serve", str(variants["tied"]),
-               "--port", str(port), "--grpc-port", str(free_port())]  # fmt: skip
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        lines = []
-        for line in process.stdout:
-            lines.append(line)
-            if "Ctrl-C stops" in line:
-                break
-        assert f"model tied: http://127.0.0.1:{port}/v2/models/tied (ready)" in "".join(lines)
-        client = httpclient.InferenceServerClient(f"127.0.0.1:{port}")
-        logits = client.infer("tied", _inputs(httpclient)).as_numpy("logits")
-        client.close()
-        assert np.max(np.abs(logits - _expected(variants["tied"]))) <= 1e-5
-
-        assert main(["serve", str(variants["original"]), "--port", str(port)]) == 2
-        err = capsys.readouterr().err.strip()
-        assert err == (
-            f"layerfuse: error: port {port} on 127.0.0.1 is not available (Address already "
-            f"in use); choose another with --port"
-        )
-        process.send_signal(signal.SIGTERM)
-        assert process.wait(timeout=60) == 0
-        assert "server stopped (exit status 0)" in process.stderr.read()
-    finally:
-        if process.poll() is None:
-            process.kill()
-    check_port_free("127.0.0.1", port, "--port")
