@@ -1,0 +1,207 @@
+"""Big models through every command with bounded memory (issue 24).
+
+Synthetic Llama-3-8B-shaped decoders (hidden 4096, FF 14336, GQA 32/8, vocabulary 128256,
+random weights, external data; :mod:`layerfuse.export.synthetic`) with as many layers as the
+target size needs, and SmolLM2-135M. Each command runs in a fresh process (``layerfuse ...``)
+whose peak RSS comes from ``wait4``; a guard kills a command when the machine's available
+memory falls below ``--guard-gib`` (the machine is shared) and records it as killed. Every
+generated model and output is deleted afterwards.
+
+    python benchmarks/big_models.py                      # fp16 8 GiB, fp32 sized to fit
+    python benchmarks/big_models.py --fp32-gib 14        # the issue's size, if RAM allows
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+from common import RESULTS, WORK, exported_model, log, write_results
+from report_big_models import markdown, targets
+
+from layerfuse.export.synthetic import SyntheticConfig, layers_for_bytes
+from layerfuse.model.io import file_bytes, load_model
+from layerfuse.passes.detect import detect_structure
+
+GIB = 1 << 30
+LAYERFUSE = str(Path(sys.executable).with_name("layerfuse"))
+ORDER = ["smollm2", "float16", "float32"]
+PLANNING = ["--data", "random", "--calib-tokens", "256", "--valid-tokens", "128"]
+
+
+def available_bytes() -> int:
+    with open("/proc/meminfo") as handle:
+        for line in handle:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("no MemAvailable in /proc/meminfo")
+
+
+def measured(name: str, argv: list[str], guard: int, log_path: Path) -> dict:
+    """Run ``argv`` in a fresh process; wall time, its peak RSS, and whether the guard fired."""
+    log(f"{name}: {' '.join(argv[-6:])}")
+    start, killed = time.perf_counter(), False
+    with open(log_path, "ab") as output:
+        child = subprocess.Popen(argv, stdout=output, stderr=output, start_new_session=True)
+        while True:
+            pid, status, usage = os.wait4(child.pid, os.WNOHANG)
+            if pid:
+                break
+            if not killed and available_bytes() < guard:
+                os.killpg(child.pid, signal.SIGKILL)
+                killed = True
+            time.sleep(0.25)
+    row = {
+        "command": name,
+        "wall_s": round(time.perf_counter() - start, 1),
+        "peak_rss_bytes": usage.ru_maxrss * 1024,
+        "returncode": os.waitstatus_to_exitcode(status),
+        "killed_by_memory_guard": killed,
+    }
+    log(f"{name}: {row['wall_s']} s, peak RSS {row['peak_rss_bytes'] / GIB:.2f} GiB")
+    return row
+
+
+def generate(config: SyntheticConfig, folder: Path, guard: int, log_path: Path) -> dict:
+    code = (
+        "import json, sys; from layerfuse.export.synthetic import SyntheticConfig, "
+        "write_synthetic_model as w; w(SyntheticConfig(**json.loads(sys.argv[1])), sys.argv[2])"
+    )
+    argv = [sys.executable, "-c", code, json.dumps(asdict(config)), str(folder)]
+    return measured("generate", argv, guard, log_path)
+
+
+def rewritten_bytes(model: Path, plan: Path) -> int:
+    """Bytes of the FF weights a merge plan's windows rewrite (read, averaged, written)."""
+    windows = json.loads(plan.read_text())["windows"]
+    blocks = detect_structure(load_model(model)).blocks
+    return sum(
+        linear.weight.const_value.nbytes
+        for window in windows
+        for index in window["blocks"]
+        for linear in blocks[index].ff.linears.values()
+    )
+
+
+def commands(model: Path, out: Path, options: dict) -> list[tuple[str, list[str], Path | None]]:
+    """(name, argv, output folder to delete after) for every command measured on ``model``."""
+    source, merged, pruned = str(model), out / "merge" / "model.onnx", out / "prune" / "model.onnx"
+
+    def replay(op: str, planned: Path, folder: str) -> tuple[list[str], Path]:
+        plan, written = planned.with_suffix(".plan.json"), out / folder / "model.onnx"
+        return [op, source, "--plan", str(plan), "-o", str(written)], written.parent
+
+    merge = ["merge", source, "--blocks", options["window"], "--method", options["method"]]
+    prune = ["prune", source, "--target", "block", "--count", "2", "--select", "influence"]
+    quantize = ["quantize", source, "--int4", "-o", str(out / "int4" / "model.onnx")]
+    bench = ["bench", source, "--inputs", "1x16", "--warmup", "1", "--runs", "3", "--no-memory"]
+    listed = [
+        ("inspect", ["inspect", source], None),
+        ("merge plan+apply", [*merge, *PLANNING, "-o", str(merged)], None),
+        ("merge --plan apply", *replay("merge", merged, "merge-plan")),
+        ("prune plan+apply", [*prune, *PLANNING, "-o", str(pruned)], None),
+        ("prune --plan apply", *replay("prune", pruned, "prune-plan")),
+        ("quantize --int4", quantize, out / "int4"),
+        ("bench 1x16", [*bench, "--provider", "cpu"], None),
+    ]
+    return [(name, [LAYERFUSE, *argv], folder) for name, argv, folder in listed]
+
+
+def quantize_fits(model_bytes: int, guard: int) -> bool:
+    """int4 quantization peaked at 7x the model (SmolLM2: 3.9 GiB for 0.5 GiB; onnx.load)."""
+    return 8 * model_bytes < available_bytes() - guard
+
+
+def series(label: str, model: Path, out: Path, options: dict, guard: int) -> dict:
+    model_bytes = file_bytes(model)
+    rows, log_path = [], out / "commands.log"
+    for name, argv, folder in commands(model, out, options):
+        if name.startswith("quantize") and not quantize_fits(model_bytes, guard):
+            rows.append({"command": name, "skipped": "peaks near 7x the model (onnx.load, copies)"})
+            continue
+        row = measured(name, argv, guard, log_path)
+        written = Path(argv[argv.index("-o") + 1]) if "-o" in argv else None
+        if written is not None and written.exists():
+            row["output_bytes"] = file_bytes(written)
+        if name == "merge plan+apply" and written is not None and written.exists():
+            plan = written.with_suffix(".plan.json")
+            options["rewritten_bytes"] = rewritten_bytes(model, plan)
+        rows.append(row)
+        if folder is not None:
+            shutil.rmtree(folder, ignore_errors=True)
+    shutil.rmtree(out / "merge", ignore_errors=True)
+    shutil.rmtree(out / "prune", ignore_errors=True)
+    return {"model": label, "model_bytes": model_bytes, **options, "commands": rows}
+
+
+def merged_with_previous(runs: list[dict]) -> list[dict]:
+    """This invocation's runs plus the previous file's runs of the models not run now."""
+    path = RESULTS / "big_models.json"
+    previous = json.loads(path.read_text())["runs"] if path.exists() else []
+    keys = {run["key"] for run in runs}
+    return [run for run in previous if run.get("key") not in keys] + runs
+
+
+def synthetic_series(dtype: str, gib: float, guard: int, keep: bool) -> dict:
+    base = SyntheticConfig(dtype=dtype)
+    config = SyntheticConfig(dtype=dtype, layers=layers_for_bytes(base, int(gib * GIB)))
+    folder = WORK / "big_models" / f"synthetic-{dtype}"
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    made = generate(config, folder / "model", guard, folder / "commands.log")
+    options = {"config": asdict(config), "window": "3-4", "method": "vanilla"}
+    try:
+        result = series(
+            f"synthetic {dtype} ({config.layers} layers)",
+            folder / "model" / "model.onnx",
+            folder,
+            options,
+            guard,
+        )
+    finally:
+        if not keep:
+            shutil.rmtree(folder, ignore_errors=True)
+    return result | {"generate": made, "key": dtype}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--fp16-gib", type=float, default=8.0)
+    parser.add_argument("--fp32-gib", type=float, default=None, help="default: what RAM allows")
+    parser.add_argument("--guard-gib", type=float, default=3.0)
+    parser.add_argument("--only", default="smollm2,fp16,fp32")
+    parser.add_argument("--keep", action="store_true", help="keep generated models")
+    args = parser.parse_args()
+    guard, wanted, runs = int(args.guard_gib * GIB), args.only.split(","), []
+    if "smollm2" in wanted:
+        out = WORK / "big_models" / "smollm2"
+        out.mkdir(parents=True, exist_ok=True)
+        options = {"window": "10-14", "method": "permute"}
+        label, model = "SmolLM2-135M (fp32)", exported_model("smollm2-135m")
+        runs.append(series(label, model, out, options, guard) | {"key": "smollm2"})
+    if "fp16" in wanted:
+        runs.append(synthetic_series("float16", args.fp16_gib, guard, args.keep))
+    if "fp32" in wanted:
+        # Planning holds about the model plus 2 GiB: leave the guard and 4 GiB for others.
+        fits = (available_bytes() - guard - 4 * GIB - 2 * GIB) / GIB
+        gib = args.fp32_gib if args.fp32_gib is not None else min(14.0, fits)
+        runs.append(synthetic_series("float32", gib, guard, args.keep) | {"fp32_gib_asked": gib})
+    runs = sorted(merged_with_previous(runs), key=lambda run: ORDER.index(run["key"]))
+    results = {
+        "runs": runs,
+        "targets": targets(runs),
+        "ram_bytes": os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"),
+    }
+    write_results("big_models", results, markdown(results))
+
+
+if __name__ == "__main__":
+    main()
