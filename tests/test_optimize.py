@@ -60,25 +60,40 @@ def _request(model: Path, output: Path, **changes) -> OptimizeRequest:
     return request
 
 
+class _Interrupt(Reporter):
+    """Interrupts the search (as Ctrl-C would) when the second finalist's recovery starts."""
+
+    def step(self, message: str) -> None:
+        if message.startswith("recovering") and "(2/" in message:
+            raise KeyboardInterrupt
+
+
 @pytest.fixture(scope="module")
 def search(tiny, tmp_path_factory) -> tuple[Path, Path, dict, _Recorder]:
-    """The search stopped after screening, then continued to the end."""
+    """The search stopped after screening, continued and interrupted during recovery, then
+    continued to the end."""
     model = tiny.model("llama")
     output = tmp_path_factory.mktemp("optimize") / "out"
     assert optimize(_request(model, output, stop_after="screen")) is None
+    assert not (output / "report.json").exists()
+    with pytest.raises(KeyboardInterrupt):
+        optimize(_request(model, output), _Interrupt())
     assert not (output / "report.json").exists()
     recorder = _Recorder()
     report = optimize(_request(model, output), recorder)
     return model, output, report, recorder
 
 
-def test_the_resumed_search_skips_what_was_done(search):
+def test_the_interrupted_search_continues_where_it_stopped(search):
     _, output, report, recorder = search
     screened = [c["name"] for c in report["candidates"]]
     assert "continuing the search in " + str(output) in recorder.messages
     for name in screened:
         assert f"screening {name}: done earlier" in recorder.messages
     assert not any(m.startswith("aligning") for m in recorder.messages)
+    first, second = (r["name"] for r in report["finalists"])
+    assert f"recovering {first}: done earlier" in recorder.messages
+    assert any(m.startswith(f"recovering {second} (2/2)") for m in recorder.messages)
     state = json.loads((output / "state.json").read_text())
     assert set(state["done"]["stage"]) == {"screen", "recover", "measure"}
 
