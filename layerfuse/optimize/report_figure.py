@@ -73,7 +73,10 @@ def pareto_figure(report: dict, path: str | Path) -> Path:
     shape = report["space"]["measure"]["shape"]
     _panel(axes[1], rows, "speedup", f"speed-up at {shape} (p50)", report, False)
     axes[1].legend(fontsize=7, loc="best")
-    figure.suptitle(
-        f"optimize: {Path(report['model']).parent.name} ({report['why'][:90]})", fontsize=9
+    verdict = (
+        f"winner {report['winner']}"
+        if report["winner"]
+        else f"no winner (closest: {report['closest']})"
     )
+    figure.suptitle(f"optimize {Path(report['model']).parent.name}: {verdict}", fontsize=10)
     return save_figure(figure, path)
