@@ -17,7 +17,7 @@ Variants (the FF window 16-26 is the one local reconstruction repaired best):
   permute merge's parameters (``prune --parameters``);
 - ``hybrid``: the 4 blocks of lowest influence pruned, then FFs of original blocks 18-23 tied
   (permute) in what is left;
-- ``permute, KD only``: the permute merge distilled without the local stage (target P3).
+- ``permute (KD only)``: the permute merge distilled without the local stage (target P3).
 
 FFN Fusion is not run: its best configuration (``ffn_fusion_cpu.md``) removes 4% of the
 parameters (attention of 6 blocks), not a fifth.
@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import time
 from dataclasses import asdict, replace
@@ -70,7 +71,7 @@ VARIANTS = [
     "permute + relax 32",
     "vanilla",
     "hybrid",
-    "permute, KD only",
+    "permute (KD only)",
 ]
 FOLDER = WORK / "quality_compute"
 
@@ -102,7 +103,7 @@ def _pruned(original: Path, name: str, request: PruneRequest) -> tuple[Path, lis
 
 def compressed(original: Path, variant: str) -> Path:
     """The variant's graph, built once into the work folder."""
-    if variant in ("permute", "permute, KD only"):
+    if variant in ("permute", "permute (KD only)"):
         return merged_model(original, WINDOW)
     if variant.startswith("permute + relax"):
         rank = int(variant.split()[-1])
@@ -136,9 +137,9 @@ def _hybrid(original: Path) -> Path:
 
 def segment(original: Path, model: Path, variant: str, budget: float, first: bool) -> dict:
     """Recover ``model`` up to ``budget`` CPU-minutes (resuming the variant's run), measure."""
-    folder = FOLDER / "runs" / variant.replace(" ", "").replace(",", "-").replace("+", "-")
+    folder = FOLDER / "runs" / re.sub(r"[^A-Za-z0-9]+", "-", variant.replace(" ", ""))
     out = folder / f"budget-{budget:g}" / "model.onnx"
-    local = LocalSettings(steps=0) if variant.endswith("KD only") else LocalSettings()
+    local = LocalSettings(steps=0) if "KD only" in variant else LocalSettings()
     if first and (folder / "checkpoints").exists():
         shutil.rmtree(folder / "checkpoints")  # an unfinished first segment: start again
     request = RecoverRequest(

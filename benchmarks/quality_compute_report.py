@@ -98,7 +98,7 @@ def targets(rows: list[dict]) -> list[str]:
             f"({100 * prune['params_removed']:.1f}% removed), a ratio of "
             f"{merge['perplexity'] / prune['perplexity']:.2f}{extra}."
         )
-    pairs = [(b, _row(rows, "permute", b), _row(rows, "permute, KD only", b)) for b in (5, 15, 30)]
+    pairs = [(b, _row(rows, "permute", b), _row(rows, "permute (KD only)", b)) for b in (5, 15, 30)]
     pairs = [(b, a, k) for b, a, k in pairs if a is not None and k is not None]
     if not pairs:
         out.append("- **P3 not measured here** (see `local_reconstruction.md`).")
