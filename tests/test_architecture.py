@@ -32,6 +32,7 @@ LAYERS = {
     "optimize": 6.5,
     "api": 7,
     "cli": 8,
+    "integrations": 8,
 }
 MAX_MODULE_LINES = 300
 MAX_FUNCTION_LINES = 60
