@@ -163,7 +163,7 @@ def test_evaluate_and_bench_run_on_cache_graphs(lm, tmp_path, capsys):
 
 
 def test_optimized_builder_folders_run_in_onnxruntime_genai(lm, tmp_path, capsys):
-    og = pytest.importorskip("onnxruntime_genai", reason="onnxruntime-genai is not installed")
+    pytest.importorskip("onnxruntime_genai", reason="onnxruntime-genai is not installed")
     from layerfuse.generate.genai import GenaiGenerator
 
     source = str(lm.builder)
@@ -186,6 +186,7 @@ def test_optimized_builder_folders_run_in_onnxruntime_genai(lm, tmp_path, capsys
             generator.generate_ids([p], max_new_tokens=16, suppress_eos=True).tokens[0]
             for p in prompts
         ]
+        assert [len(tokens) for tokens in through_genai] == [16] * len(prompts), name
         if layers:
             decoder = Decoder(path, provider="cpu")
             assert len(decoder.entries) == 2 * layers
@@ -197,7 +198,6 @@ def test_optimized_builder_folders_run_in_onnxruntime_genai(lm, tmp_path, capsys
         if name == "pruned":
             expected = lm.torch_greedy(prompts, drop_attention=(1,))
             assert through_genai == [row[:16] for row in expected]
-    assert og.Model(str(tmp_path / "no-attention")) is not None
 
 
 def test_split_residual_norms_compute_what_the_fused_ones_did(lm):

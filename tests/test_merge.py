@@ -11,9 +11,9 @@ from layerfuse.data.batches import make_batches
 from layerfuse.model.io import load_model, save_model, weight_bytes
 from layerfuse.model.manifest import carry_manifest
 from layerfuse.passes.detect import detect_structure
+from layerfuse.passes.ff_weights import ff_forward, read_ff_weights
 from layerfuse.passes.merge import MergePlan, MergeRequest, plan_merge
 from layerfuse.passes.merge.correlation import PairStatistics, align
-from layerfuse.passes.merge.ff_weights import ff_forward, read_ff_weights
 from layerfuse.passes.merge.refit import refit_down_projections, refit_systems
 from layerfuse.passes.merge.tie import tie_weights
 from layerfuse.passes.plan import apply_plan

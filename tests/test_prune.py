@@ -13,8 +13,8 @@ from layerfuse.data.batches import make_batches
 from layerfuse.errors import PlanError
 from layerfuse.model.io import load_model
 from layerfuse.passes.detect import detect_structure
+from layerfuse.passes.ff_weights import read_ff_weights
 from layerfuse.passes.merge import MergeRequest, plan_merge
-from layerfuse.passes.merge.ff_weights import read_ff_weights
 from layerfuse.passes.merge.tie import tie_weights
 from layerfuse.passes.plan import apply_plan
 from layerfuse.passes.planner import DataSettings

@@ -20,8 +20,8 @@ from layerfuse.model.io import load_model, parameter_count, save_model, weight_b
 from layerfuse.model.manifest import carry_manifest
 from layerfuse.model.stats import shared_matmul_weights
 from layerfuse.passes.detect import FeedForward, detect_structure
+from layerfuse.passes.ff_weights import FFWeights, ff_forward, read_ff_weights
 from layerfuse.passes.merge import MergeRequest, plan_merge
-from layerfuse.passes.merge.ff_weights import FFWeights, ff_forward, read_ff_weights
 from layerfuse.passes.plan import apply_plan
 from layerfuse.passes.planner import DataSettings
 from layerfuse.recover.checkpoint import load_state

@@ -16,14 +16,12 @@ from __future__ import annotations
 __all__ = [
     "TokenBatch",
     "adds_bos",
-    "count_batches",
     "load_tokenizer",
     "packed_batches",
     "packed_rows",
     "sentence_batches",
 ]
 
-import math
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -38,10 +36,6 @@ from layerfuse.errors import DataError
 class TokenBatch:
     input_ids: np.ndarray
     attention_mask: np.ndarray
-
-    @property
-    def token_count(self) -> int:
-        return int(self.attention_mask.sum())
 
     def feeds(self) -> dict[str, np.ndarray]:
         return {"input_ids": self.input_ids, "attention_mask": self.attention_mask}
@@ -152,7 +146,3 @@ def sentence_batches(
         yield TokenBatch(
             encoded["input_ids"].astype(np.int64), encoded["attention_mask"].astype(np.int64)
         )
-
-
-def count_batches(item_count: int, batch_size: int) -> int:
-    return math.ceil(item_count / batch_size)

@@ -2,7 +2,7 @@
 
 The model builder (PyPI ``onnxruntime-genai``) writes ``model.onnx``, ``genai_config.json``
 and the tokenizer files into one folder, which is what most onnxruntime LLM users deploy.
-layerfuse reads such a folder without writing into it: :func:`genai_manifest` synthesizes
+layerfuse reads such a folder without writing into it: :func:`genai_manifest_fields` synthesizes
 the manifest from ``genai_config.json`` on every read (a ``layerfuse.json`` written on first
 use would go stale when the user rebuilds the folder).
 
@@ -17,7 +17,7 @@ the name template since version 0.18.
 
 from __future__ import annotations
 
-__all__ = ["GENAI_CONFIG", "carry_genai_folder", "genai_manifest", "read_genai_config"]
+__all__ = ["GENAI_CONFIG", "carry_genai_folder", "genai_manifest_fields", "read_genai_config"]
 
 import json
 import os
@@ -30,7 +30,6 @@ import onnx_ir as ir
 from layerfuse.errors import DataError
 from layerfuse.files import write_json_atomic
 from layerfuse.model.cache import cache_entries
-from layerfuse.model.manifest import Manifest
 
 GENAI_CONFIG = "genai_config.json"
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
@@ -50,8 +49,8 @@ def read_genai_config(folder: str | os.PathLike) -> dict | None:
     return config
 
 
-def genai_manifest(model_path: str | os.PathLike) -> Manifest | None:
-    """The manifest of a builder folder, or None if ``model_path`` is not in one."""
+def genai_manifest_fields(model_path: str | os.PathLike) -> dict | None:
+    """The manifest fields of a builder folder, or None if ``model_path`` is not in one."""
     folder = Path(model_path).parent
     config = read_genai_config(folder)
     if config is None:
@@ -59,7 +58,7 @@ def genai_manifest(model_path: str | os.PathLike) -> Manifest | None:
     model = config["model"]
     decoder = model["decoder"]
     has_tokenizer = any((folder / name).is_file() for name in _TOKENIZER_FILES)
-    return Manifest(
+    return dict(
         source=folder.name,
         origin=f"onnxruntime-genai builder folder {folder}",
         task="causal-lm",

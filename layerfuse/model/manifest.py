@@ -22,6 +22,7 @@ from pathlib import Path
 
 from layerfuse.errors import DataError
 from layerfuse.files import write_json_atomic
+from layerfuse.model.genai import carry_genai_folder, genai_manifest_fields
 
 MANIFEST_NAME = "layerfuse.json"
 SCHEMA = "layerfuse.manifest/1"
@@ -62,9 +63,8 @@ class Manifest:
 def read_manifest(model_path: str | os.PathLike) -> Manifest | None:
     path = Path(model_path).parent / MANIFEST_NAME
     if not path.is_file():
-        from layerfuse.model.genai import genai_manifest
-
-        return genai_manifest(model_path)
+        fields = genai_manifest_fields(model_path)
+        return None if fields is None else Manifest(**fields)
     try:
         data = json.loads(path.read_text())
         if not isinstance(data, dict):
@@ -110,8 +110,6 @@ def carry_manifest(source_model: str | os.PathLike, target_model: str | os.PathL
     if source_dir.resolve() == target_dir.resolve():
         return
     if not (source_dir / MANIFEST_NAME).is_file():
-        from layerfuse.model.genai import carry_genai_folder
-
         carry_genai_folder(source_model, target_model)
         return
     manifest = read_manifest(source_model)

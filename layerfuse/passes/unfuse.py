@@ -15,7 +15,7 @@ is refused. onnxruntime refuses them itself in inference graphs, so this is not 
 
 from __future__ import annotations
 
-__all__ = ["SPLIT_NORMS", "UnfuseResidualNormsPass", "unfuse_residual_norms"]
+__all__ = ["SPLIT_NORMS", "unfuse_residual_norms"]
 
 import onnx_ir as ir
 
@@ -81,10 +81,3 @@ def unfuse_residual_norms(model: ir.Model) -> int:
     for node in fused:
         _split(model.graph, node)
     return len(fused)
-
-
-class UnfuseResidualNormsPass(ir.passes.InPlacePass):
-    """:func:`unfuse_residual_norms` as an onnx_ir pass."""
-
-    def call(self, model: ir.Model) -> ir.passes.PassResult:
-        return ir.passes.PassResult(model, modified=unfuse_residual_norms(model) > 0)

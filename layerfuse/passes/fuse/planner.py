@@ -40,7 +40,7 @@ from layerfuse.passes.fuse.attention import Reducer, attention_importance, choos
 from layerfuse.passes.fuse.plan import FusePlan
 from layerfuse.passes.fuse.rewrite import fusion_problem
 from layerfuse.passes.planner import DataSettings
-from layerfuse.passes.prune.rewrite import remove_sublayers
+from layerfuse.passes.sublayers import remove_sublayers
 from layerfuse.progress import SILENT, Reporter
 from layerfuse.runtime.calibration import ActivationTap, token_rows
 from layerfuse.runtime.quality import row_cosine

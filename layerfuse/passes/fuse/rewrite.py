@@ -38,9 +38,9 @@ from layerfuse.passes.detect import (
     sublayer_counts,
 )
 from layerfuse.passes.detect.relaxed import RelaxedLinear
+from layerfuse.passes.ff_weights import read_ff_weights
 from layerfuse.passes.fuse.functions import DOMAIN, function_name, fused_function
-from layerfuse.passes.merge.ff_weights import read_ff_weights
-from layerfuse.passes.prune.rewrite import check_removable, remove_sublayers
+from layerfuse.passes.sublayers import check_removable, remove_sublayers
 from layerfuse.passes.unfuse import unfuse_residual_norms
 
 _PREFIX = "layerfuse.fused"

@@ -28,7 +28,7 @@ import numpy as np
 from layerfuse.data.batches import InputBatch
 from layerfuse.model.io import load_model
 from layerfuse.passes.detect import detect_structure
-from layerfuse.passes.merge.ff_weights import (
+from layerfuse.passes.ff_weights import (
     ff_forward,
     hidden_activations,
     read_ff_weights,

@@ -35,9 +35,9 @@ import onnx_ir as ir
 
 from layerfuse.errors import PlanError
 from layerfuse.passes.detect import FeedForward
+from layerfuse.passes.ff_weights import FFWeights
 from layerfuse.passes.linears import Linear
-from layerfuse.passes.merge.ff_weights import FFWeights
-from layerfuse.passes.merge.plan import MergeWindow
+from layerfuse.passes.merge.window import MergeWindow
 
 _PREFIX = "layerfuse.relax"
 

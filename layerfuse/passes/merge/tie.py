@@ -28,14 +28,14 @@ from layerfuse.model.graph import constant_array, constant_source
 from layerfuse.passes.base import PlanPass
 from layerfuse.passes.detect import FeedForward, ModelStructure, detect_structure
 from layerfuse.passes.detect.relaxed import RelaxedLinear
-from layerfuse.passes.merge.ff_weights import (
+from layerfuse.passes.ff_weights import (
     FFWeights,
     average,
     read_ff_weights,
     require_modelled,
 )
-from layerfuse.passes.merge.plan import MergeWindow
 from layerfuse.passes.merge.relax import check_rank, relax_window
+from layerfuse.passes.merge.window import MergeWindow
 
 _PREFIX = "layerfuse.tied"
 
