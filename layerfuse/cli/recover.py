@@ -20,6 +20,7 @@ import shutil
 from pathlib import Path
 
 from layerfuse.cli.common import console, model_file, positive_float, positive_int
+from layerfuse.cli.settings import add_settings_options, settings_from_args
 from layerfuse.progress import ConsoleReporter
 
 DATA_HELP = (
@@ -37,19 +38,6 @@ def _run(args: argparse.Namespace) -> int:
     output = Path(args.output)
     default_checkpoints = args.checkpoint_dir is None
     checkpoints = output.with_suffix(".recover") if default_checkpoints else args.checkpoint_dir
-    settings = TrainSettings(
-        steps=args.steps,
-        batch_size=args.batch_size,
-        grad_accum=args.grad_accum,
-        seq_len=args.seq_len,
-        lr=args.lr,
-        warmup=args.warmup,
-        weight_decay=args.weight_decay,
-        eval_every=args.eval_every,
-        patience=args.patience,
-        valid_tokens=args.valid_tokens,
-        seed=args.seed,
-    )
     request = RecoverRequest(
         original=Path(args.original),
         optimized=Path(args.optimized),
@@ -60,14 +48,8 @@ def _run(args: argparse.Namespace) -> int:
         hidden_weight=args.hidden_weight,
         train=args.train,
         plan=Path(args.plan) if args.plan else None,
-        settings=settings,
-        local=LocalSettings(
-            steps=args.local_steps,
-            cache_tokens=args.local_tokens,
-            lr=args.local_lr,
-            seed=args.seed,
-            inputs=args.local_inputs,
-        ),
+        settings=settings_from_args(TrainSettings, args),
+        local=settings_from_args(LocalSettings, args, seed=args.seed),
         checkpoint_dir=Path(checkpoints),
         resume=args.resume,
         stop_after=args.stop_after,
@@ -121,47 +103,12 @@ def _describe(summary: dict, checkpoints: Path) -> None:
 
 
 def _options(parser: argparse.ArgumentParser) -> None:
-    from layerfuse.recover.trainer import TrainSettings as D
+    from layerfuse.recover.local import LocalSettings
+    from layerfuse.recover.trainer import TrainSettings
 
-    add = parser.add_argument
-    add("--data", default="fortunes", help=DATA_HELP)
-    add("--steps", type=positive_int, default=D.steps, help=f"optimizer steps (default {D.steps})")
-    add(
-        "--batch-size",
-        type=positive_int,
-        default=D.batch_size,
-        help=f"sequences per micro-batch, shared out over processes (default {D.batch_size})",
-    )
-    add(
-        "--grad-accum",
-        type=positive_int,
-        default=D.grad_accum,
-        help=f"micro-batches accumulated per optimizer step (default {D.grad_accum})",
-    )
-    add(
-        "--seq-len",
-        type=positive_int,
-        default=D.seq_len,
-        help=f"tokens per sequence (default {D.seq_len})",
-    )
-    add(
-        "--lr",
-        type=positive_float,
-        default=D.lr,
-        help=f"peak AdamW learning rate (default {D.lr:g})",
-    )
-    add(
-        "--warmup",
-        type=int,
-        default=D.warmup,
-        help=f"linear warm-up steps, then cosine decay to 10%% (default {D.warmup})",
-    )
-    add(
-        "--weight-decay",
-        type=float,
-        default=D.weight_decay,
-        help=f"AdamW weight decay (default {D.weight_decay:g})",
-    )
+    parser.add_argument("--data", default="fortunes", help=DATA_HELP)
+    add_settings_options(parser, TrainSettings)
+    add_settings_options(parser, LocalSettings)
 
 
 def _objective_options(parser: argparse.ArgumentParser) -> None:
@@ -191,60 +138,8 @@ def _objective_options(parser: argparse.ArgumentParser) -> None:
     add("--plan", help="the plan OPTIMIZED was made with (checked; adds its blocks to touched)")
 
 
-def _local_options(parser: argparse.ArgumentParser) -> None:
-    from layerfuse.recover.local import LocalSettings as D
-
-    add = parser.add_argument
-    add(
-        "--local-steps",
-        type=int,
-        default=D.steps,
-        help="first stage: Adam steps fitting each tied FF set to its blocks' original FF "
-        f"outputs on cached activations, before distillation; 0 turns it off (default {D.steps})",
-    )
-    add(
-        "--local-tokens",
-        type=positive_int,
-        default=D.cache_tokens,
-        help=f"training tokens cached per tied block for that fit (default {D.cache_tokens})",
-    )
-    add(
-        "--local-lr",
-        type=positive_float,
-        default=D.lr,
-        help=f"Adam learning rate of that fit (default {D.lr:g})",
-    )
-    add(
-        "--local-inputs",
-        default=D.inputs,
-        choices=["original", "sequential"],
-        help="FF inputs of that fit: the original model's, or after half the steps those the "
-        f"compressed model produces (as GPTQ does) (default {D.inputs})",
-    )
-
-
 def _run_options(parser: argparse.ArgumentParser) -> None:
-    from layerfuse.recover.trainer import TrainSettings as D
-
     add = parser.add_argument
-    add(
-        "--eval-every",
-        type=int,
-        default=D.eval_every,
-        help=f"validate every N steps, 0 never; the best is kept (default {D.eval_every})",
-    )
-    add(
-        "--patience",
-        type=int,
-        default=D.patience,
-        help=f"stop after N validations without improvement, 0 never (default {D.patience})",
-    )
-    add(
-        "--valid-tokens",
-        type=int,
-        default=D.valid_tokens,
-        help=f"tokens of the valid split to validate on (default {D.valid_tokens})",
-    )
     add("--checkpoint-dir", help="checkpoint folder (default OUTPUT.recover, removed when done)")
     add("--resume", action="store_true", help="continue from the last checkpoint")
     add(
@@ -252,7 +147,6 @@ def _run_options(parser: argparse.ArgumentParser) -> None:
         type=positive_int,
         help="stop at this step with a checkpoint, to --resume later",
     )
-    add("--seed", type=int, default=D.seed, help=f"seed of the data order (default {D.seed})")
     add("--device", default="cpu", choices=["cpu", "cuda"], help="torch device of the student")
     add("--json", action="store_true", help="print the summary as JSON")
 
@@ -271,6 +165,5 @@ def register(commands) -> None:
     parser.add_argument("-o", "--output", required=True, help="the recovered model (.onnx)")
     _options(parser)
     _objective_options(parser)
-    _local_options(parser)
     _run_options(parser)
     parser.set_defaults(handler=_run)

@@ -41,6 +41,7 @@ import onnx_ir as ir
 import torch
 
 from layerfuse.errors import LayerfuseError
+from layerfuse.options import check_options, option
 from layerfuse.progress import SILENT, Reporter
 from layerfuse.recover.data import TrainingData
 from layerfuse.recover.graph_module import GraphModule
@@ -57,13 +58,34 @@ class LocalSettings:
     """Defaults: 150 Adam steps of 256 tokens per member on 4,096 cached tokens per member,
     a few minutes for 10 tied SmolLM2-135M FFs on 2 CPU cores."""
 
-    steps: int = 150
-    tokens: int = 256
-    cache_tokens: int = 4096
-    eval_tokens: int = 1024
-    lr: float = 1e-2
-    seed: int = 0
-    inputs: str = "original"
+    steps: int = option(
+        150,
+        "first stage: Adam steps fitting each tied FF set to its blocks' original FF outputs "
+        "on cached activations, before distillation; 0 turns it off",
+        name="--local-steps",
+    )
+    tokens: int = option(
+        256, "tokens per tied block in each step of that fit", positive=True,
+        name="--local-batch-tokens",
+    )  # fmt: skip
+    cache_tokens: int = option(
+        4096, "training tokens cached per tied block for that fit", positive=True,
+        name="--local-tokens",
+    )  # fmt: skip
+    eval_tokens: int = option(
+        1024, "held-out tokens per tied block that measure the fit", positive=True,
+        name="--local-eval-tokens",
+    )  # fmt: skip
+    lr: float = option(1e-2, "Adam learning rate of that fit", positive=True, name="--local-lr")
+    # The local stage draws from the run's one --seed.
+    seed: int = option(0, "", name=None)
+    inputs: str = option(
+        "original",
+        "FF inputs of that fit: the original model's, or after half the steps those the "
+        "compressed model produces (as GPTQ does)",
+        name="--local-inputs",
+        choices=INPUTS,
+    )
 
     def learning_rate_factor(self, step: int) -> float:
         """Cosine decay from the full rate to 10% at the last step: a high rate finds the
@@ -71,16 +93,7 @@ class LocalSettings:
         return 0.1 + 0.45 * (1 + math.cos(math.pi * min(1.0, step / max(1, self.steps))))
 
     def check(self) -> None:
-        if self.steps < 0:
-            raise LayerfuseError("--local-steps must be 0 (off) or positive")
-        if not (self.lr > 0 and math.isfinite(self.lr)):
-            raise LayerfuseError("--local-lr must be positive")
-        if self.tokens <= 0 or self.cache_tokens <= 0 or self.eval_tokens <= 0:
-            raise LayerfuseError("--local-tokens must be positive")
-        if self.inputs not in INPUTS:
-            raise LayerfuseError(
-                f"unknown --local-inputs '{self.inputs}' (choose original or sequential)"
-            )
+        check_options(self)
 
 
 @dataclass

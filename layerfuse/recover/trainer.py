@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from layerfuse.errors import LayerfuseError
+from layerfuse.options import check_options, option
 from layerfuse.progress import SILENT, Reporter
 from layerfuse.recover.budget import CpuClock
 from layerfuse.recover.checkpoint import load_state, restore_random, save_state, snapshot_random
@@ -44,38 +45,37 @@ class TrainSettings:
     """Defaults: 100 steps of 4 x 2 x 128 tokens, in tens of minutes for SmolLM2-135M on 2
     CPU cores (the command line shows these defaults)."""
 
-    steps: int = 100
-    batch_size: int = 4
-    grad_accum: int = 2
-    seq_len: int = 128
-    lr: float = 1e-4
-    warmup: int = 10
-    min_lr_ratio: float = 0.1
-    weight_decay: float = 0.0
-    clip: float = 1.0
-    eval_every: int = 25
-    patience: int = 3
-    valid_tokens: int = 4096
-    seed: int = 0
-    # CPU-minutes (user+system, local stage included; 0: none): distillation stops after
-    # the step during which the run's CPU time passed it (see layerfuse.recover.budget).
-    budget_minutes: float = 0.0
+    steps: int = option(100, "optimizer steps", positive=True)
+    batch_size: int = option(
+        4, "sequences per micro-batch, shared out over processes", positive=True
+    )
+    grad_accum: int = option(2, "micro-batches accumulated per optimizer step", positive=True)
+    seq_len: int = option(128, "tokens per sequence", positive=True)
+    lr: float = option(1e-4, "peak AdamW learning rate", positive=True)
+    warmup: int = option(10, "linear warm-up steps, then cosine decay to --min-lr-ratio")
+    min_lr_ratio: float = option(0.1, "learning rate at the last step, as a share of --lr")
+    weight_decay: float = option(0.0, "AdamW weight decay")
+    clip: float = option(1.0, "gradient norm clip (0: none)")
+    eval_every: int = option(25, "validate every N steps, 0 never; the best is kept")
+    patience: int = option(3, "stop after N validations without improvement, 0 never")
+    valid_tokens: int = option(4096, "tokens of the valid split to validate on")
+    seed: int = option(0, "seed of the data order and of the local stage")
+    budget_minutes: float = option(
+        0.0,
+        "CPU-minutes (user+system, local stage included; 0: none): distillation stops after "
+        "the step during which the run's CPU time passed it",
+    )
 
     @property
     def global_batch(self) -> int:
         return self.batch_size * self.grad_accum
 
     def check(self, world_size: int) -> None:
-        positive = ("steps", "batch_size", "grad_accum", "seq_len", "lr")
-        for name in positive:
-            if not getattr(self, name) > 0 or not math.isfinite(getattr(self, name)):
-                raise LayerfuseError(f"--{name.replace('_', '-')} must be positive")
+        check_options(self)
         if self.batch_size % world_size:
             raise LayerfuseError(
                 f"--batch-size {self.batch_size} must be a multiple of the {world_size} processes"
             )
-        if not (math.isfinite(self.budget_minutes) and self.budget_minutes >= 0):
-            raise LayerfuseError("--budget-minutes must be 0 (none) or positive")
 
     def learning_rate_factor(self, step: int) -> float:
         """Linear warm-up to 1, then cosine decay to ``min_lr_ratio`` at the last step."""
