@@ -10,8 +10,6 @@ from pathlib import Path
 from layerfuse.cli.common import data_settings
 from layerfuse.cli.rewrite import RewriteCommand
 from layerfuse.errors import LayerfuseError
-from layerfuse.passes.plan import Plan
-from layerfuse.progress import Reporter
 
 
 def _fuse_options(parser: argparse.ArgumentParser) -> None:
@@ -56,9 +54,9 @@ def _drop_attention(text: str | None) -> int | str | list[int] | None:
     return parse_blocks(text)
 
 
-def _fuse_plan(args: argparse.Namespace, reporter: Reporter) -> Plan:
+def _fuse_request(args: argparse.Namespace):
     from layerfuse.passes.blocks import parse_ranges
-    from layerfuse.passes.fuse import FuseRequest, plan_fuse
+    from layerfuse.passes.fuse import FuseRequest
 
     request = FuseRequest(
         drop_attention=_drop_attention(args.drop_attention),
@@ -71,7 +69,7 @@ def _fuse_plan(args: argparse.Namespace, reporter: Reporter) -> Plan:
     )
     if args.contiguous and not isinstance(request.drop_attention, int):
         raise LayerfuseError("--contiguous needs --drop-attention N (a count)")
-    return plan_fuse(args.model, request, reporter)
+    return request
 
 
 def _fuse_summary(plan) -> str:
@@ -97,9 +95,10 @@ COMMAND = RewriteCommand(
     "remove attention and fuse runs of FFN-only blocks into one wide FFN",
     _fuse_plan_class,
     _fuse_options,
-    _fuse_plan,
+    _fuse_request,
     _fuse_summary,
     calib_tokens=2048,
     valid_tokens=2048,
     figures=_fuse_figures,
+    planner="plan_fuse",
 )

@@ -8,8 +8,6 @@ import argparse
 
 from layerfuse.cli.common import data_settings, positive_int
 from layerfuse.cli.rewrite import RewriteCommand
-from layerfuse.passes.plan import Plan
-from layerfuse.progress import Reporter
 
 
 def _merge_options(parser: argparse.ArgumentParser) -> None:
@@ -68,9 +66,9 @@ def _merge_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _merge_plan(args: argparse.Namespace, reporter: Reporter) -> Plan:
+def _merge_request(args: argparse.Namespace):
     from layerfuse.passes.blocks import parse_ranges
-    from layerfuse.passes.merge import MergeRequest, plan_merge
+    from layerfuse.passes.merge import MergeRequest
 
     request = MergeRequest(
         ratio=args.ratio,
@@ -85,7 +83,7 @@ def _merge_plan(args: argparse.Namespace, reporter: Reporter) -> Plan:
         relax_rank=args.relax_rank,
         relax_init=args.relax_init,
     )
-    return plan_merge(args.model, request, reporter)
+    return request
 
 
 def _merge_summary(plan) -> str:
@@ -134,8 +132,9 @@ COMMAND = RewriteCommand(
     "align, average and tie consecutive FF sublayers (shared initializers)",
     _merge_plan_class,
     _merge_options,
-    _merge_plan,
+    _merge_request,
     _merge_summary,
     calib_tokens=10240,
     valid_tokens=4096,
+    planner="plan_merge",
 )

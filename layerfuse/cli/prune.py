@@ -8,8 +8,6 @@ import argparse
 
 from layerfuse.cli.common import data_settings, positive_int
 from layerfuse.cli.rewrite import RewriteCommand
-from layerfuse.passes.plan import Plan
-from layerfuse.progress import Reporter
 
 
 def _prune_options(parser: argparse.ArgumentParser) -> None:
@@ -35,10 +33,10 @@ def _prune_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _prune_plan(args: argparse.Namespace, reporter: Reporter) -> Plan:
+def _prune_request(args: argparse.Namespace):
     from layerfuse.passes.blocks import parse_blocks
     from layerfuse.passes.merge import MergePlan
-    from layerfuse.passes.prune import PruneRequest, plan_prune
+    from layerfuse.passes.prune import PruneRequest
 
     budget = MergePlan.load(args.match_plan).parameters_removed if args.match_plan else args.params
     request = PruneRequest(
@@ -49,7 +47,7 @@ def _prune_plan(args: argparse.Namespace, reporter: Reporter) -> Plan:
         select=args.select,
         data=data_settings(args),
     )
-    return plan_prune(args.model, request, reporter)
+    return request
 
 
 def _prune_summary(plan) -> str:
@@ -67,8 +65,9 @@ COMMAND = RewriteCommand(
     "drop blocks or sublayers (the baseline merging is judged against)",
     _prune_plan_class,
     _prune_options,
-    _prune_plan,
+    _prune_request,
     _prune_summary,
     calib_tokens=4096,
     valid_tokens=4096,
+    planner="plan_prune",
 )

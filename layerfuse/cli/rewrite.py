@@ -20,8 +20,8 @@ import onnx_ir as ir
 from layerfuse.cli.common import add_data_options, console, model_file, output_path
 from layerfuse.errors import LayerfuseError, PlanError
 from layerfuse.files import check_writable, refuse_overwriting_inputs
-from layerfuse.passes.plan import Plan, apply_plan
-from layerfuse.progress import ConsoleReporter, Reporter
+from layerfuse.passes.plan import Plan
+from layerfuse.progress import ConsoleReporter
 
 
 @dataclass(frozen=True)
@@ -30,11 +30,13 @@ class RewriteCommand:
     help: str
     plan_class: Callable[[], type[Plan]]
     add_options: Callable[[argparse.ArgumentParser], None]
-    make_plan: Callable[[argparse.Namespace, Reporter], Plan]
+    make_request: Callable[[argparse.Namespace], object]
     describe: Callable[[Plan], str]
     calib_tokens: int
     valid_tokens: int
     figures: Callable[[Plan, Path], list[Path]] | None = None
+    # The layerfuse.api planner that turns the request into a plan.
+    planner: str = ""
 
 
 # Options that mean the same with a saved plan as without one.
@@ -71,43 +73,35 @@ def _measured_change(source: Path, output: Path) -> str:
     )
 
 
-def _write_variant(source: Path, output: Path, model, plan: Plan, plan_path: Path) -> str:
-    """Save a rewritten model with its manifest and plan; the change as measured on disk."""
-    from layerfuse.model.io import save_model
-    from layerfuse.model.manifest import carry_manifest
-
-    save_model(model, output)
-    carry_manifest(source, output)
-    plan.save(plan_path)
-    return f"{_measured_change(source, output)}; wrote {output} and {plan_path}"
-
-
-def _refuse_unchanged(source: Path, model, plan_source: str) -> None:
-    from layerfuse.model.io import load_model
-
-    original = load_model(source)
-    same_nodes = sum(1 for _ in ir.traversal.RecursiveGraphIterator(model.graph)) == sum(
-        1 for _ in ir.traversal.RecursiveGraphIterator(original.graph)
-    )
-    if same_nodes and len(model.graph.initializers) == len(original.graph.initializers):
-        raise PlanError(f"{plan_source} changes nothing in {source}; nothing was written")
+def _graph_size(model: ir.Model) -> tuple[int, int]:
+    nodes = sum(1 for _ in ir.traversal.RecursiveGraphIterator(model.graph))
+    return nodes, len(model.graph.initializers)
 
 
 def _run(spec: RewriteCommand, parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    import layerfuse.api as api
     from layerfuse.model.publish import model_files
 
     output = check_writable(output_path(args.output))
     plan_path = Path(args.plan_out) if args.plan_out else output.with_suffix(".plan.json")
     inputs = model_files(args.model) + ([Path(args.plan)] if args.plan else [])
     refuse_overwriting_inputs(inputs, [output, plan_path])
+    model = api.load(args.model)
     if args.plan:
         _refuse_options_the_plan_decides(parser, args)
         plan = spec.plan_class().load(args.plan)
     else:
-        plan = spec.make_plan(args, ConsoleReporter())
-    model = apply_plan(args.model, plan)
-    _refuse_unchanged(args.model, model, args.plan or "the plan")
-    summary = _write_variant(args.model, output, model, plan, plan_path)
+        planner = getattr(api, spec.planner)
+        plan = planner(model, spec.make_request(args), reporter=ConsoleReporter())
+    before = _graph_size(model.ir)
+    plan.apply(model)
+    if _graph_size(model.ir) == before:
+        raise PlanError(
+            f"{args.plan or 'the plan'} changes nothing in {args.model}; nothing was written"
+        )
+    model.save(output)
+    plan.save(plan_path)
+    summary = f"{_measured_change(args.model, output)}; wrote {output} and {plan_path}"
     figures = spec.figures(plan, output.with_suffix("")) if spec.figures else []
     written = f"\nwrote {', '.join(str(p) for p in figures)}" if figures else ""
     console().print(f"{spec.describe(plan)}\n{summary}{written}")

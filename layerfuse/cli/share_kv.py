@@ -10,8 +10,6 @@ import re
 from layerfuse.cli.common import data_settings
 from layerfuse.cli.rewrite import RewriteCommand
 from layerfuse.errors import LayerfuseError
-from layerfuse.passes.plan import Plan
-from layerfuse.progress import Reporter
 
 _PAIR = re.compile(r"^\s*(\d+)\s*<-\s*(\d+)\s*$")
 
@@ -48,13 +46,13 @@ def _options(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _plan(args: argparse.Namespace, reporter: Reporter) -> Plan:
-    from layerfuse.passes.share_kv import ShareKVRequest, plan_share_kv
+def _request(args: argparse.Namespace):
+    from layerfuse.passes.share_kv import ShareKVRequest
 
     request = ShareKVRequest(
         layers=_layers(args.layers), tolerance=args.tolerance, data=data_settings(args)
     )
-    return plan_share_kv(args.model, request, reporter)
+    return request
 
 
 def _summary(plan) -> str:
@@ -83,9 +81,10 @@ COMMAND = RewriteCommand(
     "let later attention layers read earlier layers' keys and values (a smaller KV cache)",
     _plan_class,
     _options,
-    _plan,
+    _request,
     _summary,
     calib_tokens=1024,
     valid_tokens=2048,
     figures=_figures,
+    planner="plan_share_kv",
 )
