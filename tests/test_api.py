@@ -122,3 +122,29 @@ def test_import_layerfuse_does_not_load_torch_or_onnxruntime():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
     assert callable(layerfuse.load) and "plan_merge" in dir(layerfuse.api)
+
+
+def _readme_example() -> str:
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    section = readme.split("### Python API", 1)[1]
+    return section.split("```python\n", 1)[1].split("```", 1)[0]
+
+
+def test_the_readme_example_runs(tiny, tmp_path):
+    """The README's API example, run as written on the tiny Llama instead of SmolLM2."""
+    code = _readme_example().replace("runs/demo/original/model.onnx", str(tiny.model("llama")))
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    parameters, history = out.stdout.splitlines()[0].split(" ", 1)
+    saved = layerfuse.load(tmp_path / "runs" / "api" / "model.onnx")
+    assert int(parameters) == saved.parameters < layerfuse.load(tiny.model("llama")).parameters
+    assert "merge" in history and "prune" in history
+    assert float(out.stdout.splitlines()[1]) > 1
+    assert layerfuse.load_plan(tmp_path / "merge.plan.json").windows
