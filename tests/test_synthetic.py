@@ -21,6 +21,7 @@ from layerfuse.export.synthetic import SyntheticConfig, layers_for_bytes, write_
 from layerfuse.model.fingerprint import fingerprint
 from layerfuse.model.io import load_model, save_model
 from layerfuse.model.manifest import read_manifest
+from layerfuse.model.stats import model_stats
 from layerfuse.passes.detect import detect_structure
 from layerfuse.passes.merge import MergeRequest, plan_merge
 from layerfuse.passes.plan import apply_plan
@@ -118,3 +119,14 @@ def test_fingerprint_reads_samples_without_mapping(synthetic, monkeypatch):
     assert not seen["materialized"]
     monkeypatch.undo()
     assert sampled == fingerprint(ir.external_data.load_to_model(load_model(path)))
+
+
+def test_model_stats_reads_weights_without_mapping(synthetic, monkeypatch):
+    _, path = synthetic
+    seen = _watch_external_reads(monkeypatch)
+    streamed = model_stats(path)
+    assert not seen["materialized"]
+    monkeypatch.undo()
+    model = ir.external_data.load_to_model(load_model(path))
+    in_memory = save_model(model, path.parent / "inline" / "model.onnx", external_data=False)
+    assert model_stats(in_memory).unique_content_bytes == streamed.unique_content_bytes
