@@ -33,7 +33,7 @@ from layerfuse.passes.detect import detect_structure
 
 GIB = 1 << 30
 LAYERFUSE = str(Path(sys.executable).with_name("layerfuse"))
-ORDER = ["smollm2", "float16", "float32"]
+ORDER = ["smollm2", "float16", "float32", "gemma-vocab"]
 PLANNING = ["--data", "random", "--calib-tokens", "256", "--valid-tokens", "128"]
 
 
@@ -101,6 +101,8 @@ def commands(model: Path, out: Path, options: dict) -> list[tuple[str, list[str]
 
     merge = ["merge", source, "--blocks", options["window"], "--method", options["method"]]
     prune = ["prune", source, "--target", "block", "--count", "2", "--select", "influence"]
+    chosen = out / "prune-blocks" / "model.onnx"  # no calibration: a plan to replay always
+    prune_blocks = ["prune", source, "--target", "block", "--blocks", "3,5", "-o", str(chosen)]
     quantize = ["quantize", source, "--int4", "-o", str(out / "int4" / "model.onnx")]
     bench = ["bench", source, "--inputs", "1x16", "--warmup", "1", "--runs", "3", "--no-memory"]
     listed = [
@@ -108,7 +110,8 @@ def commands(model: Path, out: Path, options: dict) -> list[tuple[str, list[str]
         ("merge plan+apply", [*merge, *PLANNING, "-o", str(merged)], None),
         ("merge --plan apply", *replay("merge", merged, "merge-plan")),
         ("prune plan+apply", [*prune, *PLANNING, "-o", str(pruned)], None),
-        ("prune --plan apply", *replay("prune", pruned, "prune-plan")),
+        ("prune --blocks apply", prune_blocks, None),
+        ("prune --plan apply", *replay("prune", chosen, "prune-plan")),
         ("quantize --int4", quantize, out / "int4"),
         ("bench 1x16", [*bench, "--provider", "cpu"], None),
     ]
@@ -123,7 +126,11 @@ def quantize_fits(model_bytes: int, guard: int) -> bool:
 def series(label: str, model: Path, out: Path, options: dict, guard: int) -> dict:
     model_bytes = file_bytes(model)
     rows, log_path = [], out / "commands.log"
+    previous = {row["command"]: row for row in options.pop("previous", [])}
     for name, argv, folder in commands(model, out, options):
+        if name in previous:  # --reuse: the last run's measurement of this command
+            rows.append(previous[name] | {"reused": True})
+            continue
         if name.startswith("quantize") and not quantize_fits(model_bytes, guard):
             rows.append({"command": name, "skipped": "peaks near 7x the model (onnx.load, copies)"})
             continue
@@ -138,38 +145,59 @@ def series(label: str, model: Path, out: Path, options: dict, guard: int) -> dic
         if folder is not None:
             shutil.rmtree(folder, ignore_errors=True)
     shutil.rmtree(out / "merge", ignore_errors=True)
-    shutil.rmtree(out / "prune", ignore_errors=True)
+    for folder in ("prune", "prune-blocks"):
+        shutil.rmtree(out / folder, ignore_errors=True)
     return {"model": label, "model_bytes": model_bytes, **options, "commands": rows}
+
+
+def previous_runs() -> list[dict]:
+    path = RESULTS / "big_models.json"
+    return json.loads(path.read_text())["runs"] if path.exists() else []
+
+
+def reused_rows(key: str, names: list[str]) -> list[dict]:
+    """The previous results' rows of ``names`` for the model ``key`` (not measured again)."""
+    runs = [run for run in previous_runs() if run.get("key") == key]
+    return [row for run in runs for row in run["commands"] if row["command"] in names]
 
 
 def merged_with_previous(runs: list[dict]) -> list[dict]:
     """This invocation's runs plus the previous file's runs of the models not run now."""
-    path = RESULTS / "big_models.json"
-    previous = json.loads(path.read_text())["runs"] if path.exists() else []
+    previous = previous_runs()
     keys = {run["key"] for run in runs}
     return [run for run in previous if run.get("key") not in keys] + runs
 
 
-def synthetic_series(dtype: str, gib: float, guard: int, keep: bool) -> dict:
-    base = SyntheticConfig(dtype=dtype)
-    config = SyntheticConfig(dtype=dtype, layers=layers_for_bytes(base, int(gib * GIB)))
-    folder = WORK / "big_models" / f"synthetic-{dtype}"
+# Gemma-3-270M's vocabulary and widths (head_dim here is hidden / heads), tied, fp32.
+GEMMA_VOCAB = SyntheticConfig(
+    hidden=640, ff=2048, heads=4, kv_heads=1, layers=18, vocab=262144, dtype="float32", tied=True
+)
+
+
+def synthetic_series(key: str, config: SyntheticConfig, args, reuse: list[str]) -> dict:
+    guard = int(args.guard_gib * GIB)
+    folder = WORK / "big_models" / f"synthetic-{key}"
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
     made = generate(config, folder / "model", guard, folder / "commands.log")
     options = {"config": asdict(config), "window": "3-4", "method": "vanilla"}
+    options["previous"] = reused_rows(key, reuse)
+    if "merge plan+apply" in reuse:
+        earlier = [run for run in previous_runs() if run.get("key") == key]
+        options |= {k: run[k] for run in earlier for k in ("rewritten_bytes",) if k in run}
+    label = f"synthetic {config.dtype} ({config.layers} layers, vocabulary {config.vocab})"
     try:
-        result = series(
-            f"synthetic {dtype} ({config.layers} layers)",
-            folder / "model" / "model.onnx",
-            folder,
-            options,
-            guard,
-        )
+        result = series(label, folder / "model" / "model.onnx", folder, options, guard)
     finally:
-        if not keep:
+        if not args.keep:
             shutil.rmtree(folder, ignore_errors=True)
-    return result | {"generate": made, "key": dtype}
+    return result | {"generate": made, "key": key}
+
+
+def sized(dtype: str, gib: float) -> SyntheticConfig:
+    """Llama-3-8B's shapes with the layers that make ``gib`` GiB."""
+    layers = layers_for_bytes(SyntheticConfig(dtype=dtype), int(gib * GIB))
+    return SyntheticConfig(dtype=dtype, layers=layers)
 
 
 def main() -> None:
@@ -177,9 +205,11 @@ def main() -> None:
     parser.add_argument("--fp16-gib", type=float, default=8.0)
     parser.add_argument("--fp32-gib", type=float, default=None, help="default: what RAM allows")
     parser.add_argument("--guard-gib", type=float, default=3.0)
-    parser.add_argument("--only", default="smollm2,fp16,fp32")
+    parser.add_argument("--only", default="smollm2,fp16,fp32,gemma")
     parser.add_argument("--keep", action="store_true", help="keep generated models")
+    parser.add_argument("--reuse", default="", help="commands whose last results are kept")
     args = parser.parse_args()
+    reuse = [name for name in args.reuse.split(",") if name]
     guard, wanted, runs = int(args.guard_gib * GIB), args.only.split(","), []
     if "smollm2" in wanted:
         out = WORK / "big_models" / "smollm2"
@@ -188,12 +218,15 @@ def main() -> None:
         label, model = "SmolLM2-135M (fp32)", exported_model("smollm2-135m")
         runs.append(series(label, model, out, options, guard) | {"key": "smollm2"})
     if "fp16" in wanted:
-        runs.append(synthetic_series("float16", args.fp16_gib, guard, args.keep))
+        runs.append(synthetic_series("float16", sized("float16", args.fp16_gib), args, reuse))
     if "fp32" in wanted:
         # Planning holds about the model plus 2 GiB: leave the guard and 4 GiB for others.
         fits = (available_bytes() - guard - 4 * GIB - 2 * GIB) / GIB
         gib = args.fp32_gib if args.fp32_gib is not None else min(14.0, fits)
-        runs.append(synthetic_series("float32", gib, guard, args.keep) | {"fp32_gib_asked": gib})
+        run = synthetic_series("float32", sized("float32", gib), args, reuse)
+        runs.append(run | {"fp32_gib_asked": gib})
+    if "gemma" in wanted:
+        runs.append(synthetic_series("gemma-vocab", GEMMA_VOCAB, args, reuse))
     runs = sorted(merged_with_previous(runs), key=lambda run: ORDER.index(run["key"]))
     results = {
         "runs": runs,

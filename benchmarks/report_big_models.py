@@ -8,11 +8,44 @@ GB = 10**9
 APPLY_SLACK = 1.5 * GB  # a saved plan's apply: <= the bytes it rewrites + 1.5 GB
 PLANNING_SLACK = 2 * GB  # planning: <= the model's size + 2 GB
 PLANNING = ("inspect", "merge plan+apply", "prune plan+apply")
-APPLY = ("merge --plan apply", "prune --plan apply")
+APPLY = ("merge --plan apply", "prune --blocks apply", "prune --plan apply")
+
+
+NOTES = """## How to read this
+
+- Synthetic models merge with `--method vanilla`: `permute` solves a 14336 x 14336 linear
+  assignment per FF, too slow on this CPU; SmolLM2 uses `permute`. A merge with `--blocks` and
+  `vanilla` runs no onnxruntime session, so planning memory is measured by `prune --count 2`
+  (ShortGPT influence, calibrated on 256 random tokens) and by `bench`.
+- Applying a saved plan streams: the fingerprint check samples weights with `pread`, a prune
+  plan reads no weight and a merge plan reads only its window's FF weights; saving copies every
+  other tensor file to file (`copy_file_range`), so `prune --plan` on the largest model peaks
+  at the process's baseline (`tests/test_synthetic.py` checks which tensors are read).
+  `merge --plan` holds more than its window: `read_ff_weights` widens every FF weight of the
+  window to float32 at once and `average` stacks them (`layerfuse/passes/ff_weights.py`), about
+  4x the window's fp16 bytes; averaging role by role into one float32 buffer would bound it.
+- onnxruntime's CPU provider has no fp16 MatMul on x86: it inserts Casts and folds every fp16
+  weight into a float32 copy, so any session on an fp16 model holds about twice the file
+  (measured: a 1.2 GB fp16 synthetic holds 2.2 GB after session creation, its 2.4 GB fp32 twin
+  2.2 GB). fp16 planning and bench therefore need ~2x the model on CPU, above the target.
+- `quantize --int4` loads the whole model (`onnx.load`) and MatMulNBitsQuantizer keeps copies:
+  SmolLM2 (0.5 GiB) peaked at 3.9 GiB, so it is skipped where 8x the model does not fit.
+- The fp32 model is smaller than the issue's 14 GB: on this shared machine a 14 GB fp32 session
+  plus the other jobs' memory would leave no safe margin; the size asked is in the JSON.
+- A command killed by the memory guard did not finish: its peak is where it was stopped.
+"""
 
 
 def _gib(count: float | None) -> str:
     return "-" if count is None else f"{count / (1 << 30):.2f} GiB"
+
+
+def label(run: dict) -> str:
+    config = run.get("config")
+    if config is None:
+        return run["model"]
+    shape = f"{config['layers']} layers, vocabulary {config['vocab']}"
+    return f"synthetic {config['dtype']} ({shape}{', tied' if config['tied'] else ''})"
 
 
 def targets(runs: list[dict]) -> list[dict]:
@@ -35,7 +68,7 @@ def targets(runs: list[dict]) -> list[dict]:
                 met = met and (limit is None or peak <= limit)
                 rows.append(
                     {
-                        "model": run["model"],
+                        "model": label(run),
                         "command": name,
                         "target": target,
                         "limit_bytes": limit,
@@ -55,11 +88,13 @@ def _run_table(run: dict) -> str:
         note = "killed by the memory guard" if row["killed_by_memory_guard"] else ""
         if row["returncode"] and not note:
             note = f"failed (exit {row['returncode']})"
+        if row.get("reused"):
+            note = f"{note}; measured in an earlier invocation" if note else "earlier invocation"
         output = _gib(row["output_bytes"]) if "output_bytes" in row else "-"
         rows.append(
             [row["command"], f"{row['wall_s']:.1f}", _gib(row["peak_rss_bytes"]), output, note]
         )
-    header = f"### {run['model']}: {_gib(run['model_bytes'])} on disk\n\n"
+    header = f"### {label(run)}: {_gib(run['model_bytes'])} on disk\n\n"
     details = f"merge window {run['window']}, method {run['method']}"
     if "rewritten_bytes" in run:
         details += f"; the merge plan rewrites {_gib(run['rewritten_bytes'])} of FF weights"
@@ -95,5 +130,5 @@ def markdown(results: dict) -> str:
         + "\n## Targets (issue 24)\n\n"
         + markdown_table(["model", "command", "target", "limit", "peak RSS", ""], target_rows)
         + "\n"
-        + results.get("notes", "")
+        + NOTES
     )
