@@ -13,7 +13,7 @@ layerfuse's loop. Plans, as in serve_load.py and ffn_fusion.py (no calibration d
 - ``fused``: those removed, and the FFNs of blocks 3-8 fused into one wide FFN (ffn_fusion's plan);
 - ``merged 1/3 + fused``: both rewrites in one graph (the windows do not overlap).
 
-Measured interleaved in one run by :mod:`layerfuse.generate.bench`; quality is not measured.
+Measured interleaved in one run by :mod:`layerfuse.generate.timing`; quality is not measured.
 
     python benchmarks/decode.py                 # about 12 minutes on 2 shared cores
     python benchmarks/decode.py --report-only   # the report again from the saved measurements
@@ -34,7 +34,7 @@ from common import RESULTS, WORK, log, markdown_table, write_results
 from layerfuse.data import corpus
 from layerfuse.data.tokens import load_tokenizer
 from layerfuse.files import write_json_atomic
-from layerfuse.generate.bench import DecodeCase, DecodeTarget, decode_prompts, run_decode_bench
+from layerfuse.generate.timing import DecodeCase, DecodeTarget, decode_prompts, run_decode_bench
 from layerfuse.model.io import load_model, save_model
 from layerfuse.model.manifest import carry_manifest
 from layerfuse.passes.detect import detect_structure

@@ -30,7 +30,7 @@ from layerfuse.passes.detect import detect_structure
 from layerfuse.passes.fuse import FusePlan, FuseRequest, plan_fuse
 from layerfuse.passes.plan import apply_plan
 from layerfuse.passes.planner import DataSettings
-from layerfuse.reports.bench import bench_figure, bench_markdown
+from layerfuse.reports.bench_render import bench_figure, bench_markdown
 from layerfuse.reports.plots import bar_chart, heatmap
 from layerfuse.runtime.bench import BenchConfig, run_bench
 from layerfuse.runtime.inputs import parse_shapes

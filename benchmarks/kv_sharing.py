@@ -25,7 +25,7 @@ from common import RESULTS, ROOT, WORK, log, markdown_table, write_results
 
 from layerfuse.data import corpus
 from layerfuse.data.tokens import load_tokenizer
-from layerfuse.generate.bench import DecodeCase, DecodeTarget, decode_prompts, run_decode_bench
+from layerfuse.generate.timing import DecodeCase, DecodeTarget, decode_prompts, run_decode_bench
 from layerfuse.model.io import load_model, parameter_count, save_model
 from layerfuse.model.manifest import carry_manifest
 from layerfuse.passes.plan import apply_plan

@@ -14,7 +14,7 @@ import json
 
 from common import RESULTS, WORK, exported_model, log, write_results
 
-from layerfuse.reports.bench import bench_figure, bench_markdown
+from layerfuse.reports.bench_render import bench_figure, bench_markdown
 from layerfuse.runtime.bench import BenchConfig, run_bench
 from layerfuse.runtime.inputs import parse_shapes
 

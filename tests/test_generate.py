@@ -173,7 +173,7 @@ def test_decode_bench_times_every_target_on_the_same_prompts(lm):
     """The export, the builder graph in layerfuse's loop and in onnxruntime-genai compute one
     function, so every target's tokens equal the peer's; the cache size comes from the graph."""
     from layerfuse.data import corpus
-    from layerfuse.generate.bench import DecodeCase, DecodeTarget, decode_prompts, run_decode_bench
+    from layerfuse.generate.timing import DecodeCase, DecodeTarget, decode_prompts, run_decode_bench
 
     targets = [DecodeTarget("export", lm.export), DecodeTarget("builder", lm.builder)]
     if importlib.util.find_spec("onnxruntime_genai"):

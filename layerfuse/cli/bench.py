@@ -20,7 +20,7 @@ def _run(args: argparse.Namespace) -> int:
         write_text_atomic,
     )
     from layerfuse.model.publish import model_files
-    from layerfuse.reports.bench import bench_figure, bench_markdown, bench_table
+    from layerfuse.reports.bench_render import bench_figure, bench_markdown, bench_table
     from layerfuse.runtime.bench import BenchConfig, run_bench
     from layerfuse.runtime.gate import find_regressions, load_baseline, parse_tolerance
     from layerfuse.runtime.inputs import parse_shapes
