@@ -14,6 +14,7 @@ import shutil
 from pathlib import Path
 
 from layerfuse.cli.common import console, model_file
+from layerfuse.cli.settings import add_settings_options, settings_from_args
 
 _STORAGE_PLACEHOLDER = "s3://YOUR-BUCKET/PATH/TO/REPO"
 
@@ -23,16 +24,7 @@ def _run_triton(args: argparse.Namespace) -> int:
     from layerfuse.deploy.triton_config import TritonOptions
     from layerfuse.deploy.triton_repo import check_siblings, write_triton_model
 
-    options = TritonOptions(
-        backend=args.backend,
-        max_batch_size=args.max_batch_size,
-        batch_delay_us=args.batch_delay_us,
-        instances=args.instances,
-        device=args.device,
-        threads=args.threads,
-        max_input_elements=args.max_input_elements,
-        python_env=args.python_env,
-    )
+    options = settings_from_args(TritonOptions, args)
     check_siblings(args.repo)
     folder, signature = write_triton_model(
         args.model, args.repo, args.name, options, version=args.version
@@ -73,6 +65,8 @@ def _run_triton(args: argparse.Namespace) -> int:
 
 
 def _add_triton(commands) -> None:
+    from layerfuse.deploy.triton_config import TritonOptions
+
     parser = commands.add_parser(
         "triton",
         help="write a Triton model repository entry (config.pbtxt from the graph)",
@@ -83,65 +77,14 @@ def _add_triton(commands) -> None:
     parser.add_argument("--repo", type=Path, required=True, help="model repository folder")
     parser.add_argument("--name", required=True, help="model name (the folder REPO/NAME)")
     parser.add_argument(
-        "--backend",
-        default="onnxruntime",
-        choices=["onnxruntime", "python"],
-        help="onnxruntime: Triton's onnxruntime backend (production images); python: a "
-        "model.py that runs the graph in onnxruntime, which any Triton loads, the one "
-        "`layerfuse serve` bundles included (default onnxruntime)",
-    )
-    parser.add_argument(
         "--version", type=int, default=1, help="version folder to write (default 1)"
     )
-    _add_instance_options(parser)
+    add_settings_options(parser, TritonOptions)
     _add_manifest_options(parser)
     parser.add_argument(
         "--json", action="store_true", help="print what was written as JSON on stdout"
     )
     parser.set_defaults(handler=_run_triton)
-
-
-def _add_instance_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--max-batch-size",
-        type=int,
-        default=8,
-        help="largest batch Triton's dynamic batcher forms; 0 turns batching off; "
-        "graphs without an open first dimension get 0 (default 8)",
-    )
-    parser.add_argument(
-        "--batch-delay-us",
-        type=int,
-        default=500,
-        help="microseconds a request may wait for others to batch with (default 500)",
-    )
-    parser.add_argument(
-        "--instances", type=int, default=1, help="model instances per device (default 1)"
-    )
-    parser.add_argument(
-        "--device",
-        default="cpu",
-        choices=["cpu", "gpu"],
-        help="instance group kind: KIND_CPU or KIND_GPU (default cpu)",
-    )
-    parser.add_argument(
-        "--threads",
-        type=int,
-        default=0,
-        help="onnxruntime intra-op threads per instance; 0 leaves onnxruntime's default "
-        "(default 0)",
-    )
-    parser.add_argument(
-        "--max-input-elements",
-        type=int,
-        default=16384,
-        help="python backend: refuse a request input with more elements (default 16384)",
-    )
-    parser.add_argument(
-        "--python-env",
-        help="python backend: EXECUTION_ENV_PATH for the stub, an environment (folder or "
-        "conda-pack tarball) with numpy<2 and onnxruntime, as the server will see it",
-    )
 
 
 def _add_manifest_options(parser: argparse.ArgumentParser) -> None:

@@ -25,7 +25,7 @@ def _dest(spec: Field) -> str:
 
 def _type(spec: Field):
     default, positive = spec.default, spec.metadata["positive"]
-    if isinstance(default, bool | str):
+    if default is None or isinstance(default, bool | str):
         return str
     if isinstance(default, int):
         return positive_int if positive else int
@@ -37,13 +37,14 @@ def add_settings_options(parser: argparse.ArgumentParser, settings: type) -> Non
     for spec in options_of(settings):
         default = spec.default
         shown = f"{default:g}" if isinstance(default, float) else str(default)
+        suffix = "" if default is None else f" (default {shown})"
         parser.add_argument(
             option_name(spec),
             dest=_dest(spec),
             type=_type(spec),
             default=default,
             choices=spec.metadata["choices"],
-            help=f"{spec.metadata['help']} (default {shown})".replace("%", "%%"),
+            help=f"{spec.metadata['help']}{suffix}".replace("%", "%%"),
         )
 
 

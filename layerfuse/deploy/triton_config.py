@@ -31,6 +31,7 @@ from pathlib import Path
 
 from layerfuse.deploy.signature import Signature, triton_type
 from layerfuse.errors import LayerfuseError
+from layerfuse.options import check_options, option
 
 BACKENDS = ("onnxruntime", "python")
 # The only ``parameters`` keys Triton's onnxruntime backend reads (onnxruntime_backend
@@ -58,25 +59,35 @@ ORT_BACKEND_PARAMETERS = frozenset(
 class TritonOptions:
     """How one model is served; every field maps to one ``config.pbtxt`` setting."""
 
-    backend: str = "onnxruntime"
-    max_batch_size: int = 8
-    batch_delay_us: int = 500
-    instances: int = 1
-    device: str = "cpu"
-    threads: int = 0
-    max_input_elements: int = 16384
-    python_env: str | None = None
+    backend: str = option(
+        "onnxruntime",
+        "onnxruntime: Triton's onnxruntime backend (production images); python: a model.py "
+        "that runs the graph in onnxruntime, which any Triton loads, the one `layerfuse "
+        "serve` bundles included",
+        choices=BACKENDS,
+    )
+    max_batch_size: int = option(
+        8,
+        "largest batch Triton's dynamic batcher forms; 0 turns batching off; graphs without "
+        "an open first dimension get 0",
+    )
+    batch_delay_us: int = option(500, "microseconds a request may wait for others to batch with")
+    instances: int = option(1, "model instances per device", positive=True)
+    device: str = option("cpu", "instance group kind: KIND_CPU or KIND_GPU", choices=("cpu", "gpu"))
+    threads: int = option(
+        0, "onnxruntime intra-op threads per instance; 0 leaves onnxruntime's default"
+    )
+    max_input_elements: int = option(
+        16384, "python backend: refuse a request input with more elements"
+    )
+    python_env: str | None = option(
+        None,
+        "python backend: EXECUTION_ENV_PATH for the stub, an environment (folder or "
+        "conda-pack tarball) with numpy<2 and onnxruntime, as the server will see it",
+    )
 
     def __post_init__(self) -> None:
-        if self.backend not in BACKENDS:
-            raise LayerfuseError(f"backend '{self.backend}' is not one of {', '.join(BACKENDS)}")
-        if self.device not in ("cpu", "gpu"):
-            raise LayerfuseError(f"device '{self.device}' is not cpu or gpu")
-        for name in ("max_batch_size", "batch_delay_us", "threads", "max_input_elements"):
-            if getattr(self, name) < 0:
-                raise LayerfuseError(f"{name.replace('_', '-')} must not be negative")
-        if self.instances < 1:
-            raise LayerfuseError("instances must be at least 1")
+        check_options(self)
 
 
 def model_config_module():
