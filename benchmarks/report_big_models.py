@@ -24,12 +24,20 @@ NOTES = """## How to read this
   `merge --plan` holds more than its window: `read_ff_weights` widens every FF weight of the
   window to float32 at once and `average` stacks them (`layerfuse/passes/ff_weights.py`), about
   4x the window's fp16 bytes; averaging role by role into one float32 buffer would bound it.
-- onnxruntime's CPU provider has no fp16 MatMul on x86: it inserts Casts and folds every fp16
-  weight into a float32 copy, so any session on an fp16 model holds about twice the file
-  (measured: a 1.2 GB fp16 synthetic holds 2.2 GB after session creation, its 2.4 GB fp32 twin
-  2.2 GB). fp16 planning and bench therefore need ~2x the model on CPU, above the target.
+- onnxruntime's CPU provider holds an fp16 model's weights as float32 (seemingly Casts it
+  inserts around fp16 ops it lacks on x86, folded into the weights): a 1.2 GB fp16 synthetic
+  held 2.2 GB after session creation, its 2.4 GB fp32 twin also 2.2 GB (an ad-hoc check, not
+  in this script). fp16 planning and bench therefore need ~2x the model on CPU, over target.
 - `quantize --int4` loads the whole model (`onnx.load`) and MatMulNBitsQuantizer keeps copies:
-  SmolLM2 (0.5 GiB) peaked at 3.9 GiB, so it is skipped where 8x the model does not fit.
+  it peaked at 5-7x the model (SmolLM2, the Gemma-vocabulary model), so it is skipped where 8x
+  the model does not fit in the available memory (the 8-9 GiB models).
+- `bench` hashed every weight through `tobytes` (`model_stats`), which mapped and kept the whole
+  model resident beside onnxruntime's copy: fixed by reading each weight from its file a chunk
+  at a time (fp32 bench: 17.9 GiB before, 9.1 GiB after). The fp16 bench row predates the fix
+  and was not rerun: with onnxruntime's float32 copies it would still need about twice the model.
+- The Gemma-sized vocabulary (262144, tied): `prune` planning calibrates on one batch of 256
+  tokens, whose float32 logits are 0.25 GiB; its peak stays near the model's size. One batch
+  cannot show that memory does not grow with the data set: `tests/test_quality_memory.py` does.
 - The fp32 model is smaller than the issue's 14 GB: on this shared machine a 14 GB fp32 session
   plus the other jobs' memory would leave no safe margin; the size asked is in the JSON.
 - A command killed by the memory guard did not finish: its peak is where it was stopped.
@@ -121,7 +129,10 @@ def markdown(results: dict) -> str:
     ]
     return (
         "# Big models: every command in a fresh process, peak RSS and wall time\n\n"
-        f"Regenerate: `{command_line()}`. Machine RAM {_gib(results['ram_bytes'])}, shared with "
+        "Regenerate everything: `python benchmarks/big_models.py --fp32-gib 8` (about 25 min); "
+        f"this file was last written by `{command_line()}`, and rows marked 'earlier invocation' "
+        "are kept from the file before (`--reuse`; `--only none` re-renders). "
+        f"Machine RAM {_gib(results['ram_bytes'])}, shared with "
         "other jobs while this ran (a guard kills a command when available memory runs low). "
         "Synthetic models are Llama-3-8B-shaped (hidden 4096, FF 14336, GQA 32/8, vocabulary "
         "128256, untied head) with random weights and external data, generated one weight at a "
