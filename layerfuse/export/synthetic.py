@@ -43,6 +43,9 @@ class SyntheticConfig:
     tied: bool = False
     rope_theta: float = 500000.0
     seed: int = 0
+    # Weights are zeros left as holes in the data file: a model of many GB in no time and no
+    # disk, for tests of size limits (it computes nothing useful).
+    sparse: bool = False
 
     @property
     def head_dim(self) -> int:
@@ -67,6 +70,14 @@ def layers_for_bytes(config: SyntheticConfig, target_bytes: int) -> int:
     itemsize = config.numpy_dtype.itemsize
     fixed = replace(config, layers=0).parameters() * itemsize
     return max(1, math.ceil((target_bytes - fixed) / (config.block_parameters() * itemsize)))
+
+
+class _HoleTensor(ir.LazyTensor):
+    """Zeros that the writer leaves as a hole in the data file (reads back as zeros)."""
+
+    def tofile(self, file) -> None:
+        file.seek(file.tell() + self.nbytes)
+        file.truncate()
 
 
 class _Builder:
@@ -99,6 +110,8 @@ class _Builder:
             size = math.prod(shape)
             if std is None:
                 return ir.tensor(np.ones(shape, numpy_dtype), name=name)
+            if self.config.sparse:
+                return ir.tensor(np.zeros(shape, numpy_dtype), name=name)
             rng = np.random.default_rng([seed, index])
             data = np.empty(size, numpy_dtype)
             for start in range(0, size, _CHUNK):
@@ -107,7 +120,8 @@ class _Builder:
                 data[start:stop] = chunk * np.float32(std)
             return ir.tensor(data.reshape(shape), name=name)
 
-        tensor = ir.LazyTensor(generate, dtype=self.dtype, shape=ir.Shape(shape), name=name)
+        kind = _HoleTensor if self.config.sparse and std is not None else ir.LazyTensor
+        tensor = kind(generate, dtype=self.dtype, shape=ir.Shape(shape), name=name)
         value = ir.Value(name=name, shape=ir.Shape(shape), type=ir.TensorType(self.dtype))
         value.const_value = tensor
         self.initializers.append(value)
