@@ -101,11 +101,16 @@ def _markdown(reports: dict[str, dict], budgets: dict[str, str]) -> str:
         "",
     ]
     for name, report in reports.items():
-        load = ", ".join(f"{x:.1f}" for x in report["load_before"])
+        stages = report["stages"]
+        cores = ", ".join(
+            f"{stage} {r['cpu_seconds'] / max(r['wall_seconds'], 1e-9):.2f}"
+            for stage, r in stages.items()
+        )
+        wall = sum(r["wall_seconds"] for r in stages.values()) / 60
         lines += [
-            f"Search `{name}` (budget {budgets[name]}; load before {load}, after "
-            + ", ".join(f"{x:.1f}" for x in report["load_after"])
-            + ").",
+            f"Search `{name}`: budget {budgets[name]}, {wall:.0f} minutes of wall time in all; "
+            f"cores the search process got on average (CPU s / wall s) per stage: {cores} "
+            "(2 would be the machine to itself).",
             "",
         ]
         body = report_markdown(report).replace("![Pareto](report.png)", "")
