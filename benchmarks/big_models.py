@@ -80,13 +80,16 @@ def generate(config: SyntheticConfig, folder: Path, guard: int, log_path: Path) 
 
 
 def rewritten_bytes(model: Path, plan: Path) -> int:
-    """Bytes of the FF weights a merge plan's windows rewrite (read, averaged, written)."""
-    windows = json.loads(plan.read_text())["windows"]
+    """Bytes of the FF weights a merge plan's windows or a fuse plan's runs rewrite."""
+    data = json.loads(plan.read_text())
+    if "windows" in data:
+        chosen = [index for window in data["windows"] for index in window["blocks"]]
+    else:
+        chosen = [index for first, last in data["fuse"] for index in range(first, last + 1)]
     blocks = detect_structure(load_model(model)).blocks
     return sum(
         linear.weight.const_value.nbytes
-        for window in windows
-        for index in window["blocks"]
+        for index in chosen
         for linear in blocks[index].ff.linears.values()
     )
 
@@ -103,6 +106,8 @@ def commands(model: Path, out: Path, options: dict) -> list[tuple[str, list[str]
     prune = ["prune", source, "--target", "block", "--count", "2", "--select", "influence"]
     chosen = out / "prune-blocks" / "model.onnx"  # no calibration: a plan to replay always
     prune_blocks = ["prune", source, "--target", "block", "--blocks", "3,5", "-o", str(chosen)]
+    fused, window = out / "fuse" / "model.onnx", options["window"]
+    fuse = ["fuse", source, "--drop-attention", window, "--runs", window, "--include-last"]
     quantize = ["quantize", source, "--int4", "-o", str(out / "int4" / "model.onnx")]
     bench = ["bench", source, "--inputs", "1x16", "--warmup", "1", "--runs", "3", "--no-memory"]
     listed = [
@@ -112,6 +117,8 @@ def commands(model: Path, out: Path, options: dict) -> list[tuple[str, list[str]
         ("prune plan+apply", [*prune, *PLANNING, "-o", str(pruned)], None),
         ("prune --blocks apply", prune_blocks, None),
         ("prune --plan apply", *replay("prune", chosen, "prune-plan")),
+        ("fuse plan+apply", [*fuse, "-o", str(fused)], None),
+        ("fuse --plan apply", *replay("fuse", fused, "fuse-plan")),
         ("quantize --int4", quantize, out / "int4"),
         ("bench 1x16", [*bench, "--provider", "cpu"], None),
     ]
@@ -138,14 +145,15 @@ def series(label: str, model: Path, out: Path, options: dict, guard: int) -> dic
         written = Path(argv[argv.index("-o") + 1]) if "-o" in argv else None
         if written is not None and written.exists():
             row["output_bytes"] = file_bytes(written)
-        if name == "merge plan+apply" and written is not None and written.exists():
-            plan = written.with_suffix(".plan.json")
-            options["rewritten_bytes"] = rewritten_bytes(model, plan)
+        planned = name in ("merge plan+apply", "fuse plan+apply")
+        if planned and written is not None and written.exists():
+            key = "rewritten_bytes" if name.startswith("merge") else "fuse_rewritten_bytes"
+            options[key] = rewritten_bytes(model, written.with_suffix(".plan.json"))
         rows.append(row)
         if folder is not None:
             shutil.rmtree(folder, ignore_errors=True)
     shutil.rmtree(out / "merge", ignore_errors=True)
-    for folder in ("prune", "prune-blocks"):
+    for folder in ("prune", "prune-blocks", "fuse"):
         shutil.rmtree(out / folder, ignore_errors=True)
     return {"model": label, "model_bytes": model_bytes, **options, "commands": rows}
 
