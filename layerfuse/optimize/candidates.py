@@ -113,15 +113,16 @@ def _counted(
     kind: str, unit: int, size: SizeModel, extra: list[int], need: int, options: dict
 ) -> tuple[list[Candidate], list[str]]:
     label = options.get("target", "attention")
+    what = f"{kind} {label}" if kind != label else kind
     if unit <= 0:
-        return [], [f"{kind} {label}: the model has no such sublayers"]
+        return [], [f"{what}: the model has no such sublayers"]
     smallest = max(1, math.ceil(need / unit))
     found = []
     for more in sorted(set(extra)):
         count = smallest + more
         limit = size.num_blocks - (1 if label == "block" else 0)
         if count > limit:
-            return found, [f"{kind} {label}: {count} of {size.num_blocks} is too many"]
+            return found, [f"{what}: {count} of {size.num_blocks} would be needed, too many"]
         name = f"{kind}-{count}{label}" if kind == "prune" else f"attention-{count}"
         found.append(Candidate(name, kind, {**options, "count": count}, count * unit))
     return found, []
