@@ -38,7 +38,7 @@ def _panel(axis, rows, x_key, x_label, report, lower_x) -> None:
     )  # fmt: skip
     for row, (x, y) in zip(rows, points, strict=True):
         style = {"marker": "*", "s": 160} if row["name"] == "original" else {"marker": "o", "s": 50}
-        if row["name"] == report["winner"]:
+        if row["name"] in (report["winner"], report["closest"]):  # the verdict's model
             style = {"marker": "D", "s": 90, "edgecolors": "black"}
         axis.scatter([x], [y], label=row["name"], **style)
     original = report["original"]["quality"]
