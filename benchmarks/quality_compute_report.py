@@ -41,7 +41,13 @@ def plot(rows: list[dict], path: Path) -> None:
 
 
 def table(rows: list[dict]) -> str:
-    headers = ["variant", "net params removed", "budget", "CPU min (local + KD)", "KD steps"]
+    headers = [
+        "variant",
+        "net params removed",
+        "budget",
+        "CPU min (local + KD; setup the rest)",
+        "KD steps",
+    ]
     headers += ["KD tokens", "test ppl", "vs original", "load 1-min"]
     cells = []
     order = list(dict.fromkeys(r["variant"] for r in rows))
