@@ -11,9 +11,10 @@ from __future__ import annotations
 
 __all__ = [
     "FFWeights",
-    "average",
     "ff_forward",
     "hidden_activations",
+    "mean_feedforward",
+    "permute_matrix",
     "read_ff_weights",
     "require_modelled",
 ]
@@ -42,10 +43,7 @@ class FFWeights:
 
     def permuted(self, permutation: np.ndarray) -> FFWeights:
         """Hidden neuron ``j`` of the result is neuron ``permutation[j]`` of this FF."""
-        matrices = {
-            role: (m[permutation] if role == "down" else m[:, permutation])
-            for role, m in self.matrices.items()
-        }
+        matrices = {role: permute_matrix(role, m, permutation) for role, m in self.matrices.items()}
         biases = {
             role: (b if role == "down" else b[permutation]) for role, b in self.biases.items()
         }
@@ -55,28 +53,58 @@ class FFWeights:
 
 def read_ff_weights(ff: FeedForward) -> FFWeights:
     matrices = {role: linear.read_weight() for role, linear in ff.linears.items()}
+    return FFWeights(ff.kind, ff.activation, matrices, *_small_parameters(ff))
+
+
+def permute_matrix(role: str, matrix: np.ndarray, permutation: np.ndarray) -> np.ndarray:
+    """``matrix`` of projection ``role`` with hidden neuron ``j`` taken from ``permutation[j]``."""
+    return matrix[permutation] if role == "down" else matrix[:, permutation]
+
+
+def mean_feedforward(
+    feedforwards: list[FeedForward], permutations: list[np.ndarray | None]
+) -> FFWeights:
+    """The elementwise mean of FFs of one shape (the merge step of the paper), each FF's
+    neurons first put in order by its permutation (None: as they are).
+
+    Read one projection of one FF at a time into a running sum, so memory holds the mean,
+    one projection and its float32 copy, not the window's weights: a window of 8B-sized FFs
+    is gigabytes.
+    """
+    count, first = len(feedforwards), feedforwards[0]
+    matrices = {}
+    for role in first.linears:
+        total = None
+        for ff, permutation in zip(feedforwards, permutations, strict=True):
+            matrix = ff.linears[role].read_weight()
+            if permutation is not None:
+                matrix = permute_matrix(role, matrix, permutation)
+            total = matrix if total is None else np.add(total, matrix, out=total)
+        matrices[role] = np.divide(total, count, out=total)
+    small = []
+    for ff, permutation in zip(feedforwards, permutations, strict=True):
+        own = FFWeights(ff.kind, ff.activation, {}, *_small_parameters(ff))
+        small.append(own if permutation is None else own.permuted(permutation))
+    return FFWeights(
+        first.kind,
+        first.activation,
+        matrices,
+        {role: np.mean([w.biases[role] for w in small], axis=0) for role in small[0].biases},
+        [
+            np.mean([w.neuron_parameters[i] for w in small], axis=0)
+            for i in range(len(small[0].neuron_parameters))
+        ],
+    )
+
+
+def _small_parameters(ff: FeedForward) -> tuple[dict[str, np.ndarray], list[np.ndarray]]:
+    """An FF's biases and per-neuron constants: vectors, cheap to hold for a whole window."""
     biases = {
         role: bias
         for role, linear in ff.linears.items()
         if (bias := linear.read_bias()) is not None
     }
-    neurons = [constant_array(v).astype(np.float32) for v in ff.neuron_parameters]
-    return FFWeights(ff.kind, ff.activation, matrices, biases, neurons)
-
-
-def average(weights: list[FFWeights]) -> FFWeights:
-    """Elementwise mean of FFs of one shape (the merge step of the paper)."""
-    first = weights[0]
-    return FFWeights(
-        first.kind,
-        first.activation,
-        {role: np.mean([w.matrices[role] for w in weights], axis=0) for role in first.matrices},
-        {role: np.mean([w.biases[role] for w in weights], axis=0) for role in first.biases},
-        [
-            np.mean([w.neuron_parameters[i] for w in weights], axis=0)
-            for i in range(len(first.neuron_parameters))
-        ],
-    )
+    return biases, [constant_array(v).astype(np.float32) for v in ff.neuron_parameters]
 
 
 def _activation(name: str, x: np.ndarray) -> np.ndarray:

@@ -17,12 +17,21 @@ from __future__ import annotations
 
 __all__ = ["Linear", "LinearRef", "as_linear", "column_parts"]
 
+import contextlib
 from dataclasses import dataclass, replace
 
 import numpy as np
 import onnx_ir as ir
 
 from layerfuse.model.graph import constant_array, consumers, is_constant, weight_source
+
+
+def _release_mapping(tensor: ir.TensorProtocol | None) -> None:
+    """Unmap an external tensor's file (it maps again if read again); a tensor someone else
+    still holds a view of stays mapped."""
+    if isinstance(tensor, ir.ExternalTensor):
+        with contextlib.suppress(BufferError):
+            tensor.release()
 
 
 @dataclass(frozen=True)
@@ -116,9 +125,16 @@ class Linear:
         return np.ascontiguousarray(data[..., self.columns[0] : self.columns[1]])
 
     def read_weight(self) -> np.ndarray:
-        """The weight as float32 ``[in_features, out_features]``."""
-        stored = self.weight.const_value.numpy()
-        full = (stored.T if self.transposed else stored).astype(np.float32)
+        """The weight as float32 ``[in_features, out_features]``.
+
+        One copy is made, and a weight in external data is unmapped after it, so reading a
+        window of FFs does not keep every one of them resident until the pass ends.
+        """
+        tensor = self.weight.const_value
+        stored = tensor.numpy()
+        full = np.array(stored.T if self.transposed else stored, dtype=np.float32, order="C")
+        del stored
+        _release_mapping(tensor)
         return np.ascontiguousarray(self._own(full))
 
     def read_bias(self) -> np.ndarray | None:

@@ -30,7 +30,7 @@ from layerfuse.passes.detect import FeedForward, ModelStructure, detect_structur
 from layerfuse.passes.detect.relaxed import RelaxedLinear
 from layerfuse.passes.ff_weights import (
     FFWeights,
-    average,
+    mean_feedforward,
     read_ff_weights,
     require_modelled,
 )
@@ -81,27 +81,36 @@ def _private_initializers(ff: FeedForward) -> list[str] | None:
     return [value.name for value in values]
 
 
-def aligned_window_weights(feedforwards: list[FeedForward], window: MergeWindow) -> list[FFWeights]:
-    """Each FF's own weights, permuted to the anchor's neuron order."""
-    weights = []
+def _permutations(feedforwards: list[FeedForward], window: MergeWindow) -> list[np.ndarray | None]:
+    """Each FF's permutation to the anchor's neuron order (None: already in it), checked."""
+    permutations = []
     for block, ff in zip(window.blocks, feedforwards, strict=True):
-        own = read_ff_weights(ff)
         permutation = window.permutations.get(block)
-        if permutation is not None:
-            if sorted(permutation) != list(range(own.width)):
-                raise PlanError(
-                    f"the permutation for block {block} is not a permutation of {own.width} neurons"
-                )
-            own = own.permuted(np.asarray(permutation))
-        weights.append(own)
-    return weights
+        width = ff.linears["down"].in_features
+        if permutation is not None and sorted(permutation) != list(range(width)):
+            raise PlanError(
+                f"the permutation for block {block} is not a permutation of {width} neurons"
+            )
+        permutations.append(None if permutation is None else np.asarray(permutation))
+    return permutations
+
+
+def aligned_window_weights(feedforwards: list[FeedForward], window: MergeWindow) -> list[FFWeights]:
+    """Each FF's own weights, permuted to the anchor's neuron order (all of them at once:
+    relaxed ties need every layer's own weights beside the shared ones)."""
+    return [
+        own if permutation is None else own.permuted(permutation)
+        for own, permutation in zip(
+            map(read_ff_weights, feedforwards), _permutations(feedforwards, window), strict=True
+        )
+    ]
 
 
 def merged_window_weights(
     feedforwards: list[FeedForward], window: MergeWindow, refit: dict[str, np.ndarray] | None
 ) -> FFWeights:
     """The shared weights of ``window``: permuted to the anchor, averaged, maybe refitted."""
-    merged = average(aligned_window_weights(feedforwards, window))
+    merged = mean_feedforward(feedforwards, _permutations(feedforwards, window))
     if refit:
         merged.matrices["down"] = refit["down"].astype(np.float32)
         if "down_bias" in refit:
