@@ -87,7 +87,9 @@ def _markdown(reports: dict[str, dict], budgets: dict[str, str]) -> str:
         "block pruning, attention removal), screen them without training on the valid split, "
         "recover the best 3 within the CPU-time budget (split among them), measure original "
         "and finalists side by side on the test split, pick the best that meets target and "
-        "limit. 2 CPU cores shared with other jobs; load averages are recorded per search.",
+        "limit. 2 CPU cores shared with other jobs (the cores each stage got are shown per "
+        "search). Budgets are CPU time of the search process; the issue names none for "
+        "MiniLM, which got 5 CPU-minutes.",
         "",
         "**Not the issue's exact command.** The issue asks for SmolLM2-135M with "
         "`--recover-budget 30m`; while this ran, two other engineers' test suites and "
@@ -110,7 +112,10 @@ def _markdown(reports: dict[str, dict], budgets: dict[str, str]) -> str:
         lines += [
             f"Search `{name}`: budget {budgets[name]}, {wall:.0f} minutes of wall time in all; "
             f"cores the search process got on average (CPU s / wall s) per stage: {cores} "
-            "(2 would be the machine to itself).",
+            "(2 would be the machine to itself). Recovery spent "
+            f"{sum(f['recover']['cpu_seconds'] for f in report['finalists']):.0f} of the "
+            f"{report['budget']['seconds']:.0f} CPU seconds budgeted (the last finalist's "
+            "first phase, local stage and 2 steps, is paid in full even where it overruns).",
             "",
         ]
         body = report_markdown(report).replace("![Pareto](report.png)", "")

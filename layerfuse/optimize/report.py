@@ -57,10 +57,10 @@ def _screen_rows(report: dict) -> list[str]:
         if s.get("error"):
             lines.append(f"| {c['name']} | | not planned: {s['error']} | no | | |")
             continue
-        ratio = f"{s['score_ratio']:.3f}" if s.get("score_ratio") else ""
+        ratio = f" ({s['score_ratio']:.3f})" if s.get("score_ratio") else ""
         lines.append(
             f"| {c['name']} | {human_count(s['parameters'])} ({s['params_ratio']:.3f}) | "
-            f"{s['score']:.4g} ({ratio}) | {'yes' if s['meets_target'] else 'no'} | "
+            f"{s['score']:.4g}{ratio} | {'yes' if s['meets_target'] else 'no'} | "
             f"{'yes' if c['finalist'] else ''} | {s['seconds']:.0f} |"
         )
     return lines
