@@ -122,6 +122,7 @@ def test_import_layerfuse_does_not_load_torch_or_onnxruntime():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
     assert callable(layerfuse.load) and "plan_merge" in dir(layerfuse.api)
+    assert sorted(set(layerfuse.__all__) - {"__version__"}) == sorted(layerfuse.api.__all__)
 
 
 def _readme_example() -> str:

@@ -24,17 +24,7 @@ from layerfuse.integrations import olive as lf_olive
 from layerfuse.passes.merge import MergeRequest
 from layerfuse.passes.planner import DataSettings
 from layerfuse.passes.prune import PruneRequest
-from layerfuse.runtime.session import create_session
-
-MERGE = {"ranges": [(1, 2)], "method": "vanilla"}
-PRUNE = {"target": "ff", "blocks": [3]}
-
-
-def _logits(path: Path, ids: np.ndarray) -> np.ndarray:
-    session = create_session(path, provider="cpu")
-    feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
-    names = {i.name for i in session.get_inputs()}
-    return session.run(None, {k: v for k, v in feeds.items() if k in names})[0]
+from tests.test_api import MERGE, PRUNE, _logits
 
 
 def _workflow(tmp_path: Path, source: Path, passes: dict) -> Path:
