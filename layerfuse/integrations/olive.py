@@ -50,7 +50,7 @@ import dataclasses
 import json
 import os
 import typing
-from abc import abstractmethod
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -145,14 +145,12 @@ class _LayerfusePass(Pass):
 
     request: ClassVar[type]
     kind: ClassVar[str]
+    # The layerfuse.api planner (a staticmethod: Olive instantiates the pass).
+    planner: ClassVar[Callable[[api.Model, Any], Plan]]
 
     @classmethod
     def _default_config(cls, accelerator_spec: AcceleratorSpec) -> dict[str, PassConfigParam]:
         return request_config(cls.request)
-
-    @abstractmethod
-    def _plan(self, model: api.Model, request: Any) -> Plan:
-        """Run this pass's planner."""
 
     def _run_for_config(
         self, model: ONNXModelHandler, config: type[BasePassConfig], output_model_path: str
@@ -161,7 +159,7 @@ class _LayerfusePass(Pass):
         target = Path(resolve_onnx_path(output_model_path, source.name))
         values = {f.name: getattr(config, f.name) for f in dataclasses.fields(self.request)}
         loaded = api.load(source)
-        plan = self._plan(loaded, build_request(self.request, values))
+        plan = self.planner(loaded, build_request(self.request, values))
         plan.apply(loaded).save(target)
         plan.save(target.parent / f"{self.kind}.plan.json")
         attributes = dict(model.model_attributes or {})
@@ -178,37 +176,25 @@ class _LayerfusePass(Pass):
 class LayerfuseMerge(_LayerfusePass):
     """Align and tie FF sublayers (:func:`layerfuse.plan_merge`; ``MergeRequest`` fields)."""
 
-    request, kind = MergeRequest, "merge"
-
-    def _plan(self, model: api.Model, request: MergeRequest) -> Plan:
-        return api.plan_merge(model, request)
+    request, kind, planner = MergeRequest, "merge", staticmethod(api.plan_merge)
 
 
 class LayerfusePrune(_LayerfusePass):
     """Remove blocks, FFs or attention (:func:`layerfuse.plan_prune`; ``PruneRequest``)."""
 
-    request, kind = PruneRequest, "prune"
-
-    def _plan(self, model: api.Model, request: PruneRequest) -> Plan:
-        return api.plan_prune(model, request)
+    request, kind, planner = PruneRequest, "prune", staticmethod(api.plan_prune)
 
 
 class LayerfuseFuse(_LayerfusePass):
     """FFN Fusion (:func:`layerfuse.plan_fuse`; ``FuseRequest`` fields)."""
 
-    request, kind = FuseRequest, "fuse"
-
-    def _plan(self, model: api.Model, request: FuseRequest) -> Plan:
-        return api.plan_fuse(model, request)
+    request, kind, planner = FuseRequest, "fuse", staticmethod(api.plan_fuse)
 
 
 class LayerfuseShareKV(_LayerfusePass):
     """Cross-layer KV sharing (:func:`layerfuse.plan_share_kv`; ``ShareKVRequest``)."""
 
-    request, kind = ShareKVRequest, "share_kv"
-
-    def _plan(self, model: api.Model, request: ShareKVRequest) -> Plan:
-        return api.plan_share_kv(model, request)
+    request, kind, planner = ShareKVRequest, "share_kv", staticmethod(api.plan_share_kv)
 
 
 PASSES = (LayerfuseMerge, LayerfusePrune, LayerfuseFuse, LayerfuseShareKV)
