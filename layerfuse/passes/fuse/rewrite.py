@@ -38,7 +38,6 @@ from layerfuse.passes.detect import (
     sublayer_counts,
 )
 from layerfuse.passes.detect.relaxed import RelaxedLinear
-from layerfuse.passes.ff_weights import read_ff_weights
 from layerfuse.passes.fuse.functions import DOMAIN, function_name, fused_function
 from layerfuse.passes.sublayers import check_removable, remove_sublayers
 from layerfuse.passes.unfuse import unfuse_residual_norms
@@ -98,32 +97,51 @@ def _check_run(blocks: list[Block], first: int, last: int, dropped: set[int]) ->
         raise PlanError(f"block {first}: gated FFNs behind a biased norm are not fused")
 
 
-def fused_weights(run: list[Block]) -> dict[str, np.ndarray]:
-    """W_in (gates then ups, or ups), W_down stacked, biases: norm gains folded in, in
-    float64 whatever the graph's dtype."""
-    gates, ups, downs, in_biases = [], [], [], []
-    down_bias = 0.0
-    for block in run:
-        weights = read_ff_weights(block.ff)
-        norm = block.ff_wiring.norm
-        gain = constant_array(norm.weight)
-        # fp16/bf16 gains are widened before folding; the sum is cast back once, on write.
-        gain = np.ones(block.ff.model_dim) if gain is None else gain.reshape(-1).astype(np.float64)
-        shift = constant_array(norm.bias)
-        shift = None if shift is None else shift.reshape(-1).astype(np.float64)
-        up = weights.matrices["up"].astype(np.float64)
-        ups.append(gain[:, None] * up)
-        if "gate" in weights.matrices:
-            gates.append(gain[:, None] * weights.matrices["gate"].astype(np.float64))
-        bias = weights.biases.get("up", np.zeros(up.shape[1]))
-        in_biases.append(bias + (shift @ up if shift is not None else 0.0))
-        downs.append(weights.matrices["down"].astype(np.float64))
-        down_bias = down_bias + weights.biases.get("down", 0.0)
-    result = {
-        "w_in": np.concatenate(gates + ups, axis=1),
-        "w_down": np.concatenate(downs, axis=0),
-    }
-    if not gates:
+def _norm_affine(block: Block) -> tuple[np.ndarray, np.ndarray | None]:
+    """The FF norm's gain and bias (shift) in float64: fp16/bf16 gains are widened before
+    folding, the product is cast to the graph's dtype once, on write."""
+    norm = block.ff_wiring.norm
+    gain = constant_array(norm.weight)
+    gain = np.ones(block.ff.model_dim) if gain is None else gain.reshape(-1).astype(np.float64)
+    shift = constant_array(norm.bias)
+    return gain, None if shift is None else shift.reshape(-1).astype(np.float64)
+
+
+def fused_weights(run: list[Block], dtype: np.dtype) -> dict[str, np.ndarray]:
+    """W_in (gates then ups, or ups), W_down stacked, biases, norm gains folded in.
+
+    Each projection is read, folded in float64 and written straight into arrays of the
+    graph's ``dtype``, one at a time, so memory holds the fused weights once plus one
+    projection rather than the whole run widened to float64 (gigabytes for 8B-sized FFs).
+    """
+    linears = [block.ff.linears for block in run]
+    widths = [lin["down"].in_features for lin in linears]
+    gated, total = "gate" in linears[0], sum(widths)
+    w_in = np.empty((run[0].ff.model_dim, total * (2 if gated else 1)), dtype)
+    w_down = np.empty((total, run[0].ff.model_dim), dtype)
+    in_biases, down_bias, offset = [], 0.0, 0
+    for block, lin, width in zip(run, linears, widths, strict=True):
+        gain, shift = _norm_affine(block)
+        up_columns = slice(total * gated + offset, total * gated + offset + width)
+        up = lin["up"].read_weight().astype(np.float64)
+        if not gated:
+            bias = lin["up"].read_bias()
+            bias = np.zeros(width) if bias is None else bias.astype(np.float64)
+            in_biases.append(bias + (shift @ up if shift is not None else 0.0))
+        up *= gain[:, None]  # in place: one float64 projection at a time
+        w_in[:, up_columns] = up
+        del up
+        if gated:
+            gate = lin["gate"].read_weight().astype(np.float64)
+            gate *= gain[:, None]
+            w_in[:, offset : offset + width] = gate
+            del gate
+        w_down[offset : offset + width] = lin["down"].read_weight()
+        down = lin["down"].read_bias()
+        down_bias = down_bias + (0.0 if down is None else down)
+        offset += width
+    result = {"w_in": w_in, "w_down": w_down}
+    if not gated:
         result["b_in"] = np.concatenate(in_biases)
         result["b_down"] = np.broadcast_to(down_bias, (run[0].ff.model_dim,)).copy()
     return result
@@ -180,11 +198,12 @@ def _fuse_run(model: ir.Model, run: list[Block], first: int, last: int) -> None:
         # No declared type: the stream computes in the FFs' dtype (the norm reads it).
         x.dtype = dtype
     normalized = _shared_norm(tape, x, run[0], prefix)
-    weights = fused_weights(run)
+    weights = fused_weights(run, dtype.numpy())
     inputs = [normalized] + [
         tape.initializer(
             ir.tensor(
-                np.ascontiguousarray(weights[name].astype(dtype.numpy())), name=f"{prefix}.{name}"
+                np.ascontiguousarray(weights[name].astype(dtype.numpy(), copy=False)),
+                name=f"{prefix}.{name}",
             )
         )
         for name in ("w_in", "w_down", "b_in", "b_down")
