@@ -23,12 +23,13 @@ NOTES = """## How to read this
   plan reads no weight and a merge plan reads only its window's FF weights; saving copies every
   other tensor file to file (`copy_file_range`), so `prune --plan` on the largest model peaks
   at the process's baseline (`tests/test_synthetic.py` checks which tensors are read).
-  `merge --plan` holds more than its window: `read_ff_weights` widens every FF weight of the
-  window to float32 at once and `average` stacks them (`layerfuse/passes/ff_weights.py`), about
-  4x the window's fp16 bytes; averaging role by role into one float32 buffer would bound it.
-  `fuse --plan` likewise: `fused_weights` (`layerfuse/passes/fuse/rewrite.py`) widens the run's
-  FF weights to float32 and concatenates them; tracemalloc on a 0.75 GB model put the apply's
-  peak at ~5x the run's float32 bytes (0.49 GB for a 0.1 GB run), which is the 7-8 GiB here.
+  `merge --plan` sums the window's mean one projection at a time (`mean_feedforward` in
+  `layerfuse/passes/ff_weights.py`; each weight copied to float32 once and unmapped after it
+  is read), and `fuse --plan` writes each projection, its norm gain folded in float64, straight
+  into fused arrays of the graph's dtype (`fused_weights` in `layerfuse/passes/fuse/rewrite.py`).
+  Before, both widened the whole window or run at once (merge stacked it for `np.mean`; fuse
+  concatenated it in float64): ~4-5x the rewritten bytes, 3.4-4.0 GiB for merge and 7.3-8.0 GiB
+  for fuse on these models.
   It reads no other weight (checked with the same watch as the merge test).
 - onnxruntime's CPU provider holds an fp16 model's weights as float32 (seemingly Casts it
   inserts around fp16 ops it lacks on x86, folded into the weights): a 1.2 GB fp16 synthetic
