@@ -9,7 +9,7 @@ line, with its default in the help, by being added here once.
 
 from __future__ import annotations
 
-__all__ = ["check_options", "option", "option_name", "options_of"]
+__all__ = ["check_number", "check_options", "option", "option_name", "options_of"]
 
 import math
 from dataclasses import MISSING, Field, field, fields
@@ -55,7 +55,13 @@ def check_options(settings: Any) -> None:
             raise LayerfuseError(f"unknown {name} '{value}' (choose {', '.join(choices)})")
         if isinstance(value, bool) or not isinstance(value, int | float):
             continue
-        if not math.isfinite(value) or value < 0:
-            raise LayerfuseError(f"{name} must be a finite number >= 0, not {value}")
+        check_number(name, value)
         if spec.metadata["positive"] and value == 0:
             raise LayerfuseError(f"{name} must be positive")
+
+
+def check_number(name: str, value: float) -> None:
+    """The rule every numeric option obeys, on the command line and in settings alike:
+    finite and not negative (``--threads -1``, ``--lr nan``)."""
+    if not math.isfinite(value) or value < 0:
+        raise LayerfuseError(f"{name} must be a finite number >= 0, not {value}")

@@ -26,6 +26,7 @@ import sys
 from pathlib import Path
 
 from layerfuse.errors import LayerfuseError
+from layerfuse.options import check_number
 from layerfuse.passes.planner import DataSettings
 
 DATA_HELP = (
@@ -56,9 +57,7 @@ def refuse_bad_numbers(args: argparse.Namespace) -> None:
     for name, value in vars(args).items():
         if isinstance(value, bool) or not isinstance(value, int | float):
             continue
-        if not math.isfinite(value) or value < 0:
-            option = "--" + name.replace("_", "-")
-            raise LayerfuseError(f"{option} must be a finite number >= 0, not {value}")
+        check_number("--" + name.replace("_", "-"), value)
 
 
 def model_file(text: str) -> Path:
