@@ -22,9 +22,15 @@ Variants (the FF window 16-26 is the one local reconstruction repaired best):
 FFN Fusion is not run: its best configuration (``ffn_fusion_cpu.md``) removes 4% of the
 parameters (attention of 6 blocks), not a fifth.
 
+``--model minilm-l6`` runs the encoder arm: half of MiniLM-L6's FFs merged (FFs 2-5 tied,
+15.7% removed) against pruning as many parameters by block influence (2 of 6 blocks), with
+topic accuracy (ridge probe on the embeddings) as the quality; budgets 0, 1, 5 and 15, since
+a step costs about a tenth of SmolLM2's. It writes ``quality_compute_minilm.*``.
+
     python benchmarks/quality_compute.py                      # budgets 0, 5, 15 for all
     python benchmarks/quality_compute.py --budgets 30 --variants prune,permute
-    python benchmarks/quality_compute.py --write-only         # results of the arms run
+    python benchmarks/quality_compute.py --model minilm-l6
+    python benchmarks/quality_compute.py [--model M] --write-only   # results of the arms run
 
 Each budget of each variant is saved as it finishes; the same command continues.
 """
@@ -37,12 +43,11 @@ import os
 import re
 import shutil
 import time
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import merge_quality
 from common import RESULTS, WORK, exported_model, log, write_results
-from local_reconstruction import merged_model
 
 from layerfuse.model.io import load_model, parameter_count, save_model
 from layerfuse.model.manifest import carry_manifest
@@ -54,26 +59,46 @@ from layerfuse.recover.local import LocalSettings
 from layerfuse.recover.run import RecoverRequest, recover
 from layerfuse.recover.trainer import TrainSettings
 
-MODEL = "smollm2-135m"
 TEST_TOKENS = 4096
-WINDOW = (16, 26)
 HYBRID_PRUNED, HYBRID_WINDOW = 4, (18, 23)
-# Distillation as local_reconstruction.py runs it; the schedule is laid out over 200 steps
-# (more than 30 CPU-minutes hold), so the budget, not the step count, ends every segment.
+# Distillation as local_reconstruction.py runs it; the schedule is laid out over more steps
+# than the largest budget holds, so the budget, not the step count, ends every segment.
 KD = TrainSettings(
     steps=200, batch_size=4, grad_accum=1, seq_len=128, lr=2e-4, warmup=2,
     eval_every=0, patience=0, valid_tokens=512, seed=0,
 )  # fmt: skip
-VARIANTS = [
-    "permute",
-    "prune",
-    "permute + relax 8",
-    "permute + relax 32",
-    "vanilla",
-    "hybrid",
-    "permute (KD only)",
-]
-FOLDER = WORK / "quality_compute"
+# MiniLM as recovery.py distils it (16 x 64 tokens; a step costs about a tenth of SmolLM's).
+KD_ENCODER = replace(KD, steps=2000, batch_size=16, seq_len=64)
+
+
+@dataclass(frozen=True)
+class Study:
+    """One model's arm of the study: what is compressed, how it is distilled and measured."""
+
+    model: str
+    window: tuple[int, int]  # the FF window merged (merge_quality's best at this ratio)
+    kd: TrainSettings
+    folder: Path
+    results: str  # benchmarks/results/<results>.json|md|png
+    variants: tuple[str, ...]
+    budgets: str  # the default budgets, CPU-minutes
+    metric: str  # the row key of the test quality: perplexity or topic_accuracy
+
+
+STUDIES = {
+    "smollm2-135m": Study(
+        "smollm2-135m", (16, 26), KD, WORK / "quality_compute", "quality_compute",
+        ("permute", "prune", "permute + relax 8", "permute + relax 32", "vanilla", "hybrid",
+         "permute (KD only)"),
+        "0,5,15", "perplexity",
+    ),
+    # 1/2 of MiniLM's FFs merged: FFs 2-5 tied (3 of 6 removed, 15.7% of the parameters).
+    "minilm-l6": Study(
+        "minilm-l6", (2, 5), KD_ENCODER, WORK / "quality_compute" / "minilm-l6",
+        "quality_compute_minilm", ("permute", "prune", "permute (KD only)", "vanilla"),
+        "0,1,5,15", "topic_accuracy",
+    ),
+}  # fmt: skip
 
 
 def _save(model, source: Path, path: Path) -> Path:
@@ -82,16 +107,18 @@ def _save(model, source: Path, path: Path) -> Path:
     return path
 
 
-def _merged(original: Path, name: str, request: MergeRequest) -> Path:
-    path = FOLDER / "models" / name / "model.onnx"
+def _merged(study: Study, original: Path, name: str, request: MergeRequest) -> Path:
+    path = study.folder / "models" / name / "model.onnx"
     if not path.exists():
         log(f"building {name}")
         _save(apply_plan(original, plan_merge(original, request)), original, path)
     return path
 
 
-def _pruned(original: Path, name: str, request: PruneRequest) -> tuple[Path, list[int]]:
-    path = FOLDER / "models" / name / "model.onnx"
+def _pruned(
+    study: Study, original: Path, name: str, request: PruneRequest
+) -> tuple[Path, list[int]]:
+    path = study.folder / "models" / name / "model.onnx"
     record = path.parent / "blocks.json"
     if not path.exists():
         log(f"building {name}")
@@ -101,30 +128,33 @@ def _pruned(original: Path, name: str, request: PruneRequest) -> tuple[Path, lis
     return path, json.loads(record.read_text())
 
 
-def compressed(original: Path, variant: str) -> Path:
-    """The variant's graph, built once into the work folder."""
+def compressed(study: Study, original: Path, variant: str) -> Path:
+    """The variant's graph, built once into the study's work folder."""
+    window = [study.window]
     if variant in ("permute", "permute (KD only)"):
-        return merged_model(original, WINDOW)
+        return _merged(study, original, "permute", MergeRequest(ranges=window, method="permute"))
     if variant.startswith("permute + relax"):
         rank = int(variant.split()[-1])
-        request = MergeRequest(ranges=[WINDOW], method="permute", relax_rank=rank)
-        return _merged(original, f"relax{rank}", request)
+        request = MergeRequest(ranges=window, method="permute", relax_rank=rank)
+        return _merged(study, original, f"relax{rank}", request)
     if variant == "vanilla":
-        return _merged(original, "vanilla", MergeRequest(ranges=[WINDOW], method="vanilla"))
+        request = MergeRequest(ranges=window, method="vanilla")
+        return _merged(study, original, "vanilla", request)
     if variant == "prune":
-        merged = parameter_count(load_model(merged_model(original, WINDOW)))
+        merged = parameter_count(load_model(compressed(study, original, "permute")))
         removed = parameter_count(load_model(original)) - merged
-        return _pruned(original, "prune", PruneRequest(parameters=removed))[0]
+        return _pruned(study, original, "prune", PruneRequest(parameters=removed))[0]
     if variant == "hybrid":
-        return _hybrid(original)
+        return _hybrid(study, original)
     raise SystemExit(f"unknown variant {variant}")
 
 
-def _hybrid(original: Path) -> Path:
-    path = FOLDER / "models" / "hybrid" / "model.onnx"
+def _hybrid(study: Study, original: Path) -> Path:
+    path = study.folder / "models" / "hybrid" / "model.onnx"
     if path.exists():
         return path
-    pruned, blocks = _pruned(original, "hybrid-pruned", PruneRequest(count=HYBRID_PRUNED))
+    request = PruneRequest(count=HYBRID_PRUNED)
+    pruned, blocks = _pruned(study, original, "hybrid-pruned", request)
     first, last = HYBRID_WINDOW
     if any(first <= b <= last for b in blocks):
         raise SystemExit(f"hybrid: pruned blocks {blocks} overlap the FF window {first}-{last}")
@@ -135,16 +165,22 @@ def _hybrid(original: Path) -> Path:
     return _save(apply_plan(pruned, plan), original, path)
 
 
-def segment(original: Path, model: Path, variant: str, budget: float, first: bool) -> dict:
-    """Recover ``model`` up to ``budget`` CPU-minutes (resuming the variant's run), measure."""
-    folder = FOLDER / "runs" / re.sub(r"[^A-Za-z0-9]+", "-", variant.replace(" ", ""))
+def _run_folder(study: Study, variant: str) -> Path:
+    return study.folder / "runs" / re.sub(r"[^A-Za-z0-9]+", "-", variant.replace(" ", ""))
+
+
+def segment(study: Study, original: Path, model: Path, variant: str, budget: float) -> dict:
+    """Recover ``model`` up to ``budget`` CPU-minutes (resuming the variant's run), measure.
+
+    A variant whose checkpoint is gone starts again: a fresh run to this budget is the same
+    run (the schedule counts steps, not budgets)."""
+    folder = _run_folder(study, variant)
     out = folder / f"budget-{budget:g}" / "model.onnx"
     local = LocalSettings(steps=0) if "KD only" in variant else LocalSettings()
-    if first and (folder / "checkpoints").exists():
-        shutil.rmtree(folder / "checkpoints")  # an unfinished first segment: start again
+    resume = (folder / "checkpoints" / "state.pt").exists()
     request = RecoverRequest(
-        original, model, out, settings=replace(KD, budget_minutes=budget), local=local,
-        checkpoint_dir=folder / "checkpoints", resume=not first,
+        original, model, out, settings=replace(study.kd, budget_minutes=budget), local=local,
+        checkpoint_dir=folder / "checkpoints", resume=resume,
     )  # fmt: skip
     load, wall = os.getloadavg(), time.perf_counter()
     summary = recover(request, ConsoleReporter())
@@ -161,7 +197,7 @@ def segment(original: Path, model: Path, variant: str, budget: float, first: boo
         "setup_cpu_minutes": summary["setup_cpu_minutes"],
         "tokens": summary["tokens_seen"],
         "kd_steps": summary["steps_done"],
-        "perplexity": value,
+        study.metric: value,
         "wall_minutes_segment": wall / 60,
         "load_before": list(load),
         "load_after": list(os.getloadavg()),
@@ -171,68 +207,72 @@ def segment(original: Path, model: Path, variant: str, budget: float, first: boo
     }
 
 
-def run_variant(original: Path, variant: str, budgets: list[float], state: dict, save) -> None:
-    rows = state["rows"]
-    model = compressed(original, variant)
+def run_variant(study: Study, original: Path, variant: str, budgets: list[float], state, save):
+    rows, metric = state["rows"], study.metric
+    model = compressed(study, original, variant)
     params = parameter_count(load_model(model))
     base = {
-        "model": MODEL,
+        "model": study.model,
         "variant": variant,
         "params_removed": 1 - params / state["original_parameters"],
         "parameters": params,
-        "original_perplexity": state["original_perplexity"],
+        f"original_{metric}": state[f"original_{metric}"],
     }
     done = {r["budget"] for r in rows if r["variant"] == variant}
     if 0 not in done:
         value = merge_quality.quality(model, TEST_TOKENS)[1]
         zero = {"cpu_minutes": 0.0, "local_cpu_minutes": 0.0, "kd_cpu_minutes": 0.0}
-        rows.append({**base, "budget": 0, **zero, "tokens": 0, "perplexity": value})
+        rows.append({**base, "budget": 0, **zero, "tokens": 0, metric: value})
         save()
     for budget in sorted(b for b in budgets if b > 0 and b not in done):
         if any(r["variant"] == variant and r["budget"] > budget for r in rows):
             continue  # a run cannot go back to a smaller budget
-        first = not any(r["variant"] == variant and r["budget"] > 0 for r in rows)
         log(f"{variant}: recovering to {budget:g} CPU-minutes")
-        row = {**base, "budget": budget, **segment(original, model, variant, budget, first)}
-        log(
-            f"{variant} at {row['cpu_minutes']:.1f} CPU-minutes: perplexity {row['perplexity']:.4g}"
-        )
+        row = {**base, "budget": budget, **segment(study, original, model, variant, budget)}
+        log(f"{variant} at {row['cpu_minutes']:.1f} CPU-minutes: {metric} {row[metric]:.4g}")
         rows.append(row)
         save()
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--budgets", default="0,5,15", help="comma-separated CPU-minutes")
-    parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated")
+    parser.add_argument("--model", choices=sorted(STUDIES), default="smollm2-135m")
+    parser.add_argument("--budgets", help="comma-separated CPU-minutes (default: the model's)")
+    parser.add_argument("--variants", help="comma-separated (default: all of the model's)")
     parser.add_argument("--notes", type=Path, help="a Markdown file appended to the results")
     parser.add_argument(
         "--write-only", action="store_true", help="write the results of the arms already run"
     )
     args = parser.parse_args()
-    original = exported_model(MODEL)
-    FOLDER.mkdir(parents=True, exist_ok=True)
-    partial = FOLDER / "partial.json"
+    study = STUDIES[args.model]
+    original = exported_model(study.model)
+    study.folder.mkdir(parents=True, exist_ok=True)
+    partial = study.folder / "partial.json"
     state = json.loads(partial.read_text()) if partial.exists() else {"rows": []}
-    if "original_perplexity" not in state:
-        state["original_perplexity"] = merge_quality.quality(original, TEST_TOKENS)[1]
+    if "original_parameters" not in state:
+        state[f"original_{study.metric}"] = merge_quality.quality(original, TEST_TOKENS)[1]
         state["original_parameters"] = parameter_count(load_model(original))
-    budgets = [float(b) for b in args.budgets.split(",")]
-    for variant in [] if args.write_only else args.variants.split(","):
+    budgets = [float(b) for b in (args.budgets or study.budgets).split(",")]
+    variants = args.variants.split(",") if args.variants else study.variants
+    for variant in [] if args.write_only else variants:
         try:
-            run_variant(original, variant, budgets, state, lambda: _keep(partial, state))
+            run_variant(study, original, variant, budgets, state, lambda: _keep(partial, state))
         except Exception as exc:  # one variant's failure is a result too; the others run
             log(f"{variant} failed: {type(exc).__name__}: {exc}")
             state.setdefault("failed", {})[variant] = f"{type(exc).__name__}: {exc}"
             _keep(partial, state)
     if args.write_only:
-        from quality_compute_report import report
+        _write(study, state, args.notes)
 
-        payload = {"model": MODEL, "test_tokens": TEST_TOKENS, "kd": asdict(KD), **state}
-        payload["local"] = asdict(LocalSettings())
-        notes = "" if args.notes is None else "\n" + args.notes.read_text()
-        text = report(state, RESULTS / "quality_compute.png") + notes
-        write_results("quality_compute", payload, text)
+
+def _write(study: Study, state: dict, notes: Path | None) -> None:
+    from quality_compute_report import report
+
+    payload = {"model": study.model, "test_tokens": TEST_TOKENS, "kd": asdict(study.kd), **state}
+    payload["local"] = asdict(LocalSettings())
+    text = report(study.model, state, RESULTS / f"{study.results}.png")
+    text += "" if notes is None else "\n" + notes.read_text()
+    write_results(study.results, payload, text)
 
 
 def _keep(partial: Path, state: dict) -> None:

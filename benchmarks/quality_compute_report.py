@@ -13,7 +13,7 @@ def _row(rows: list[dict], variant: str, budget: float) -> dict | None:
     return next((r for r in rows if r["variant"] == variant and r["budget"] == budget), None)
 
 
-def plot(rows: list[dict], path: Path) -> None:
+def plot(rows: list[dict], path: Path, metric: str, title: str) -> None:
     from layerfuse.reports.plots import pyplot, save_figure
 
     plt = pyplot()
@@ -23,24 +23,33 @@ def plot(rows: list[dict], path: Path) -> None:
         removed = 100 * line[0]["params_removed"]
         axis.plot(
             [r["cpu_minutes"] for r in line],
-            [r["perplexity"] for r in line],
+            [r[metric] for r in line],
             marker="o",
             linestyle="--" if variant in ("prune", "hybrid") else "-",
             label=f"{variant} ({removed:.1f}% removed)",
         )
-    original = rows[0]["original_perplexity"]
+    original = rows[0][f"original_{metric}"]
     axis.axhline(original, color="black", linewidth=0.8, label="original")
-    axis.axhline(1.3 * original, color="grey", linewidth=0.8, linestyle=":", label="1.3x (P1)")
-    axis.set_yscale("log")
+    if metric == "perplexity":
+        axis.axhline(1.3 * original, color="grey", linewidth=0.8, linestyle=":", label="1.3x (P1)")
+        axis.set_yscale("log")
     axis.set_xlabel("CPU-minutes of recovery (user+system, local stage included)")
-    axis.set_ylabel("test perplexity")
-    axis.set_title("SmolLM2-135M, about a fifth of the parameters removed")
+    axis.set_ylabel(f"test {metric.replace('_', ' ')}")
+    axis.set_title(title)
     axis.grid(alpha=0.3)
     axis.legend(fontsize=8)
     save_figure(figure, path)
 
 
-def table(rows: list[dict]) -> str:
+def _against_original(row: dict, metric: str) -> str:
+    """Perplexity as a ratio to the original, accuracy as points from it."""
+    original = row[f"original_{metric}"]
+    if metric == "perplexity":
+        return f"{row[metric] / original:.2f}x"
+    return f"{100 * (row[metric] - original):+.1f} pt"
+
+
+def table(rows: list[dict], metric: str) -> str:
     headers = [
         "variant",
         "net params removed",
@@ -48,7 +57,7 @@ def table(rows: list[dict]) -> str:
         "CPU min (local + KD; setup the rest)",
         "KD steps",
     ]
-    headers += ["KD tokens", "test ppl", "vs original", "load 1-min"]
+    headers += ["KD tokens", f"test {metric.replace('_', ' ')}", "vs original", "load 1-min"]
     cells = []
     order = list(dict.fromkeys(r["variant"] for r in rows))
     for r in sorted(rows, key=lambda r: (order.index(r["variant"]), r["budget"])):
@@ -56,8 +65,8 @@ def table(rows: list[dict]) -> str:
         cells.append([
             r["variant"], f"{100 * r['params_removed']:.1f}%", f"{r['budget']:g}",
             f"{r['cpu_minutes']:.1f} ({r['local_cpu_minutes']:.1f} + {r['kd_cpu_minutes']:.1f})",
-            r.get("kd_steps", 0), f"{r['tokens']:,}", f"{r['perplexity']:.4g}",
-            f"{r['perplexity'] / r['original_perplexity']:.2f}x", load,
+            r.get("kd_steps", 0), f"{r['tokens']:,}", f"{r[metric]:.4g}",
+            _against_original(r, metric), load,
         ])  # fmt: skip
     return markdown_table(headers, cells)
 
@@ -118,31 +127,73 @@ def targets(rows: list[dict]) -> list[str]:
     return out
 
 
-def report(state: dict, png: Path) -> str:
+def encoder_targets(rows: list[dict]) -> list[str]:
+    """P2 on the encoder: the best merge against pruning at equal parameters and CPU."""
+    out = []
+    for budget in sorted({r["budget"] for r in rows}):
+        prune = _row(rows, "prune", budget)
+        merges = [r for v in MERGES if (r := _row(rows, v, budget)) is not None]
+        if prune is None or not merges:
+            continue
+        merge = max(merges, key=lambda r: r["topic_accuracy"])
+        gap = 100 * (merge["topic_accuracy"] - prune["topic_accuracy"])
+        verdict = "merging wins" if gap > 0 else "pruning wins" if gap < 0 else "a tie"
+        out.append(
+            f"- **{budget:g} CPU-minutes ({verdict})**: best merge {merge['variant']} "
+            f"{merge['topic_accuracy']:.4f} ({100 * merge['params_removed']:.1f}% removed, "
+            f"{merge['cpu_minutes']:.1f} CPU-min) against whole-block pruning "
+            f"{prune['topic_accuracy']:.4f} ({100 * prune['params_removed']:.1f}% removed, "
+            f"{prune['cpu_minutes']:.1f} CPU-min): {gap:+.1f} points."
+        )
+    return out
+
+
+TITLES = {
+    "smollm2-135m": "SmolLM2-135M, about a fifth of the parameters removed",
+    "minilm-l6": "MiniLM-L6, half of the FFs merged or as many parameters pruned",
+}
+
+
+def report(model: str, state: dict, png: Path) -> str:
     rows = state["rows"]
-    plot(rows, png)
-    original = state["original_perplexity"]
-    out = ["# Quality per CPU-minute at a fifth of SmolLM2-135M removed (issue 25)\n\n"]
-    out.append(
-        f"Original test perplexity {original:.4g} ({state['original_parameters'] / 1e6:.2f}M "
-        "parameters; 4096 test tokens of fortunes). One recovery run per variant (local "
-        "stage with default settings, then distillation with batch 4 x 128 tokens, lr 2e-4), "
-        "stopped by its CPU budget and resumed; the budget counts the run's user+system "
-        "CPU time (setup, local stage, distillation), not the test evaluations. A row's CPU "
-        "minutes are what the run had really spent when it stopped (the step that crosses the "
-        "budget finishes, and the local stage runs whole). 2 cores shared with other jobs: "
-        "see the load column.\n\n![perplexity against CPU-minutes](quality_compute.png)\n\n"
-    )
-    out.append(table(rows))
+    metric = "perplexity" if model == "smollm2-135m" else "topic_accuracy"
+    plot(rows, png, metric, TITLES[model])
+    out = [_introduction(model, state, png.name), table(rows, metric)]
     failed = state.get("failed", {})
     if failed:
         out.append("\nVariants that failed: ")
         out.append("; ".join(f"{k}: {v}" for k, v in failed.items()) + "\n")
-    out.append("\n## Targets\n\n" + "\n".join(targets(rows)) + "\n")
+    found = targets(rows) if metric == "perplexity" else encoder_targets(rows)
+    out.append("\n## Targets\n\n" + "\n".join(found) + "\n")
+    option = "" if model == "smollm2-135m" else f" --model {model}"
     out.append(
-        "\n## Regenerate\n\n    python benchmarks/quality_compute.py        "
-        "# budgets 0, 5, 15 for every variant\n    python benchmarks/quality_compute.py "
-        "--budgets 30 --variants VARIANT,...\n    python benchmarks/quality_compute.py "
-        "--write-only --notes NOTES.md\n"
+        f"\n## Regenerate\n\n    python benchmarks/quality_compute.py{option}        "
+        f"# the default budgets for every variant\n    python benchmarks/quality_compute.py"
+        f"{option} --budgets 30 --variants VARIANT,...\n    python "
+        f"benchmarks/quality_compute.py{option} --write-only --notes NOTES.md\n"
     )
     return "".join(out)
+
+
+def _introduction(model: str, state: dict, png: str) -> str:
+    common = (
+        "One recovery run per variant (local stage with default settings, then distillation), "
+        "stopped by its CPU budget and resumed; the budget counts the run's user+system "
+        "CPU time (setup, local stage, distillation), not the test evaluations. A row's CPU "
+        "minutes are what the run had really spent when it stopped (the step that crosses the "
+        "budget finishes, and the local stage runs whole). 2 cores shared with other jobs: "
+        f"see the load column.\n\n![quality against CPU-minutes]({png})\n\n"
+    )
+    params = f"{state['original_parameters'] / 1e6:.2f}M parameters"
+    if model == "smollm2-135m":
+        return (
+            "# Quality per CPU-minute at a fifth of SmolLM2-135M removed (issue 25)\n\n"
+            f"Original test perplexity {state['original_perplexity']:.4g} ({params}; 4096 "
+            "test tokens of fortunes). Distillation with batch 4 x 128 tokens, lr 2e-4. " + common
+        )
+    return (
+        "# Quality per CPU-minute on the encoder: MiniLM-L6, half of its FFs merged (issue 25)"
+        f"\n\nOriginal topic accuracy {state['original_topic_accuracy']:.4f} ({params}; a "
+        "ridge probe on the sentence embeddings of the fortunes topic data, test split). "
+        "Distillation of last_hidden_state with batch 16 x 64 tokens, lr 2e-4. " + common
+    )
