@@ -24,6 +24,7 @@ from layerfuse.optimize import (
     parse_target,
 )
 from layerfuse.optimize.finalists import load_plan
+from layerfuse.optimize.report import time_spent
 from layerfuse.optimize.space import load_space, space_document
 from layerfuse.passes.plan import apply_plan
 from layerfuse.progress import Reporter
@@ -108,6 +109,7 @@ def test_the_reports_claims_hold_on_the_written_winner(search):
     assert written == row["parameters"]
     assert report["original"]["parameters"] == original
     assert written <= 0.8 * original and row["meets_target"]
+    assert row["memory_bytes"] > 0 and row["decode_tokens_per_second"] is None  # no KV cache
     # The winner's plan replays on the original into the same structure.
     plan = load_plan(output / "winner" / "plan.json")
     assert parameter_count(apply_plan(model, plan)) == written
@@ -141,6 +143,25 @@ def test_plans_are_the_same_for_a_seed(tiny, tmp_path):
     assert plans[0] and plans[0] == plans[1]
 
 
+def test_quantized_finalists_are_judged_on_their_sources_parameters(tiny, tmp_path):
+    """With no recovery budget and --quantize int8, each finalist is measured as written and
+    quantized; the quantized row keeps its source's parameters and plan, with fewer bytes."""
+    model = tiny.model("llama")
+    changes = {"budget": parse_budget("0"), "quantize": "int8"}
+    report = optimize(_request(model, tmp_path / "out", **changes))
+    rows = {r["name"]: r for r in report["finalists"]}
+    plain = [name for name in rows if "+" not in name]
+    assert len(plain) == SPACE["finalists"] and len(rows) == 2 * len(plain)
+    for name in plain:
+        quantized = rows[f"{name}+int8"]
+        written = tmp_path / "out" / "finalists" / name / "int8" / "model.onnx"
+        assert quantized["path"] == str(written) and written.is_file()
+        assert quantized["parameters"] == rows[name]["parameters"]
+        assert quantized["weight_bytes"] < 0.6 * rows[name]["weight_bytes"]
+        assert quantized["plan"] == rows[name]["plan"]
+    assert sorted(time_spent(report)["recovery"]) == sorted(plain)
+
+
 def test_a_rerun_with_other_settings_is_refused(search):
     model, output, _, _ = search
     with pytest.raises(LayerfuseError, match="other settings"):
@@ -154,6 +175,7 @@ def test_a_rerun_with_other_settings_is_refused(search):
         (["--target", "speed=2"], "is not a target"),
         (["--max-quality-loss", "1pt"], "judged by perplexity"),
         (["--recover-budget", "soon"], "is not a budget"),
+        (["--quantize", "int3"], "unknown --quantize 'int3'"),
     ],
 )
 def test_bad_options_are_one_line_errors(tiny, tmp_path, capsys, options, message):

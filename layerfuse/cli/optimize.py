@@ -54,6 +54,7 @@ def _request(args: argparse.Namespace):
         seed=args.seed,
         device=args.device,
         stop_after=args.stop_after,
+        quantize=args.quantize,
     )
 
 
@@ -119,6 +120,12 @@ def register(commands) -> None:
         default="cpu",
         choices=["cpu", "cuda"],
         help="torch device of recovery (with cuda, a token budget says more than CPU time)",
+    )
+    add(
+        "--quantize",
+        metavar="int4|int8",
+        help="also measure every recovered finalist quantized (MatMulNBits int4 or dynamic "
+        "int8) as a finalist of its own; a memory target can then be met by quantizing",
     )
     add("--json", action="store_true", help="print the report as JSON")
     add_provider_option(parser)

@@ -23,8 +23,16 @@ SCHEMA = "layerfuse.optimize-report/1"
 
 
 def _row(name: str, candidate, measured: dict, original: dict, request, metric: str) -> dict:
+    """A finalist's judged row. A quantized finalist (``NAME+int4``) keeps its source's
+    parameter count (packing four-bit weights into bytes removes no parameter; its weight
+    bytes are what shrink) and its source's plan and recovery."""
     row = dict(measured)
     row["name"] = name
+    base, _, scheme = name.partition("+")
+    if scheme:
+        row["quantized"] = scheme
+        row["packed_parameters"] = measured["parameters"]
+        row["parameters"] = candidate.results["screen"]["parameters"]
     row["params_ratio"] = measured["parameters"] / original["parameters"]
     row["meets_target"] = request.target.met(
         row["params_ratio"], measured["speedup"], measured["weight_bytes"]
@@ -33,7 +41,7 @@ def _row(name: str, candidate, measured: dict, original: dict, request, metric: 
     row["quality_loss"] = request.limit.loss(original["quality"], measured["quality"])
     if candidate is not None:
         row.update(kind=candidate.kind, options=candidate.options)
-        row["plan"] = str(request.output / "finalists" / name / "plan.json")
+        row["plan"] = str(request.output / "finalists" / base / "plan.json")
         row["screen"] = candidate.results["screen"]
         row["recover"] = candidate.results["recover"]
     return row
@@ -95,7 +103,11 @@ def write_outcome(request, candidates, finalists, measured, context, reporter) -
     metric, state = context["metric"], context["state"]
     original = {"name": "original", **measured["original"], "params_ratio": 1.0}
     by_name = {c.name: c for c in finalists}
-    rows = [_row(n, by_name[n], measured[n], original, request, metric) for n in by_name]
+    rows = [
+        _row(n, by_name[n.partition("+")[0]], measured[n], original, request, metric)
+        for n in measured
+        if n != "original"
+    ]
     winner, closest = judge(rows, metric)
     report = {
         "schema": SCHEMA,

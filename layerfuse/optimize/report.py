@@ -11,14 +11,26 @@ def _quality(value: float, metric: str) -> str:
     return f"{value:.4g}" if metric == "perplexity" else f"{100 * value:.2f}%"
 
 
+def _speed_cells(row: dict, decoding: bool) -> list[str]:
+    memory = row.get("memory_bytes")
+    cells = [
+        f"{row['latency_ms']:.1f} ms ({row['speedup']:.2f}x)",
+        "" if memory is None else human_bytes(memory),
+    ]
+    if decoding:
+        speed = row.get("decode_tokens_per_second")
+        cells.append("" if speed is None else f"{speed:.1f}")
+    return cells
+
+
 def _finalist_rows(report: dict) -> list[str]:
     metric, original = report["metric"], report["original"]
-    lines = [
-        "| model | params | file | latency (speed-up) | screen (valid) | test quality | "
-        "recovery CPU-min (steps) | target | limit |",
-        "|---|---|---|---|---|---|---|---|---|",
-    ]
     rows = [original, *report["finalists"]]
+    decoding = original.get("decode_tokens_per_second") is not None
+    headers = ["model", "params", "file", "latency (speed-up)", "memory (RSS)"]
+    headers += ["decode tok/s"] if decoding else []
+    headers += ["screen (valid)", "test quality", "recovery CPU-min (steps)", "target", "limit"]
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     for row in rows:
         recover = row.get("recover") or {}
         screen = row.get("screen") or {}
@@ -27,7 +39,7 @@ def _finalist_rows(report: dict) -> list[str]:
             name,
             f"{human_count(row['parameters'])} ({row['params_ratio']:.3f})",
             human_bytes(row["file_bytes"]),
-            f"{row['latency_ms']:.1f} ms ({row['speedup']:.2f}x)",
+            *_speed_cells(row, decoding),
             f"{screen['score']:.4g}" if screen else "",
             _quality(row["quality"], metric)
             + ("" if row is original else f" ({_loss(row, report)})"),
@@ -78,6 +90,7 @@ def time_spent(report: dict) -> dict:
             "tokens": row["recover"].get("tokens", 0),
         }
         for row in report["finalists"]
+        if "quantized" not in row  # a quantized finalist shares its source's recovery
     }
     return {"stages": stages, "recovery": per_finalist}
 

@@ -54,6 +54,8 @@ class OptimizeRequest:
     device: str = "cpu"
     # Stop after this stage (as an interrupted run would), to continue by running again.
     stop_after: str | None = None
+    # Also measure each recovered finalist quantized (int4 or int8) as a finalist of its own.
+    quantize: str | None = None
 
     def key(self, fingerprint: str) -> dict:
         return {
@@ -66,6 +68,7 @@ class OptimizeRequest:
             "seed": self.seed,
             # Only a non-default device enters the key (older states stay resumable).
             **({"device": self.device} if self.device != "cpu" else {}),
+            **({"quantize": self.quantize} if self.quantize else {}),
         }
 
 
@@ -162,13 +165,30 @@ def _recover(request, state, finalists, reporter) -> dict[str, Path]:
             reporter.step(f"recovering {candidate.name}: done earlier")
         candidate.results["recover"] = record
         models[candidate.name] = Path(record["model"])
+        if request.quantize:
+            models[f"{candidate.name}+{request.quantize}"] = _quantized(request, state, candidate)
     return models
+
+
+def _quantized(request: OptimizeRequest, state: SearchState, candidate: Candidate) -> Path:
+    """The recovered finalist quantized with ``request.quantize``, made once."""
+    record = candidate.results["recover"]
+    if "quantized" not in record:
+        from layerfuse.toolchain.quantize import quantize_model
+
+        path = request.output / "finalists" / candidate.name / request.quantize / "model.onnx"
+        quantize_model(record["model"], path, request.quantize)
+        record["quantized"] = str(path)
+        state.put("recover", record, candidate.name)
+    return Path(record["quantized"])
 
 
 def _check(request: OptimizeRequest) -> str:
     task = require_manifest(request.model).task
     metric = quality_metric(task, request.data)
     request.limit.check_metric(metric)
+    if request.quantize not in (None, "int4", "int8"):
+        raise LayerfuseError(f"unknown --quantize '{request.quantize}' (choose int4 or int8)")
     if request.stop_after not in (None, *STAGES):
         raise LayerfuseError(f"unknown stage '{request.stop_after}' (one of {', '.join(STAGES)})")
     if request.output.exists() and not request.output.is_dir():

@@ -45,7 +45,15 @@ DEFAULT_SPACE: dict = {
         "max_steps": 2000,
     },
     # Side-by-side measurement of the original and every finalist.
-    "measure": {"test_tokens": 8192, "shape": "1x128", "latency_runs": 10},
+    # memory: resident bytes of a session after one run, each graph in a fresh process;
+    # decode: tokens/s of step-by-step generation (graphs exported with a KV cache only).
+    "measure": {
+        "test_tokens": 8192,
+        "shape": "1x128",
+        "latency_runs": 10,
+        "memory": True,
+        "decode": {"batch": 1, "context": 64, "new_tokens": 32, "repeats": 3},
+    },
 }
 
 _TYPES = {bool: "true/false", int: "a whole number", float: "a number", str: "a string"}
