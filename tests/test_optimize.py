@@ -157,9 +157,27 @@ def test_quantized_finalists_are_judged_on_their_sources_parameters(tiny, tmp_pa
         written = tmp_path / "out" / "finalists" / name / "int8" / "model.onnx"
         assert quantized["path"] == str(written) and written.is_file()
         assert quantized["parameters"] == rows[name]["parameters"]
+        assert quantized["params_ratio"] == rows[name]["params_ratio"]
         assert quantized["weight_bytes"] < 0.6 * rows[name]["weight_bytes"]
         assert quantized["plan"] == rows[name]["plan"]
     assert sorted(time_spent(report)["recovery"]) == sorted(plain)
+
+
+def test_a_hybrid_prunes_then_ties_and_its_plans_replay_in_order(tiny, tmp_path):
+    """Only hybrids in the space: the finalist is blocks pruned and FFs tied in what is left;
+    its two plans, applied in order to the original, give the finalist's parameter count."""
+    model = tiny.model("llama")
+    space = {**SPACE, "finalists": 1, "merge": {"enabled": False}}
+    space |= {"prune": {"enabled": False}, "attention": {"enabled": False}}
+    changes = {"budget": parse_budget("0"), "space": space_document(space)}
+    changes["target"] = parse_target("params=0.9")
+    report = optimize(_request(model, tmp_path / "out", **changes))
+    (row,) = report["finalists"]
+    assert row["kind"] == "hybrid" and len(row["plans"]) == 2
+    prune, merge = (load_plan(path) for path in row["plans"])
+    assert len(prune.blocks) == row["options"]["count"]
+    assert parameter_count(merge.apply(prune.apply(load_model(model)))) == row["parameters"]
+    assert row["parameters"] < report["original"]["parameters"]
 
 
 def test_a_rerun_with_other_settings_is_refused(search):

@@ -24,7 +24,7 @@ from layerfuse.passes.merge.relax import delta_parameters
 
 @dataclass
 class Candidate:
-    """One compression to screen: ``kind`` merge/prune/attention and its options."""
+    """One compression to screen: ``kind`` merge/prune/attention/hybrid and its options."""
 
     name: str
     kind: str
@@ -109,6 +109,23 @@ def _merges(size: SizeModel, space: SearchSpace, need: int) -> tuple[list[Candid
     return found, notes
 
 
+def _hybrids(size: SizeModel, space: SearchSpace, need: int) -> tuple[list[Candidate], list]:
+    """Whole blocks pruned for each share of the removal, FFs tied in one window for the rest."""
+    block = size.ff + size.attention
+    found, notes = [], []
+    for share in sorted(set(space.hybrid["prune_shares"])):
+        count = max(1, math.floor(need * share / block))
+        removed = max(1, math.ceil((need - count * block) / size.ff))
+        if removed + 1 > size.num_blocks - count:
+            notes.append(f"hybrid at prune share {share:g}: too few blocks left to tie")
+            continue
+        options = {"count": count, "removed": removed, "windows": 1, "relax_rank": 0}
+        options |= {"method": space.merge["method"], "select": space.prune["select"]}
+        name = f"hybrid-{count}block-{removed}ff"
+        found.append(Candidate(name, "hybrid", options, count * block + removed * size.ff))
+    return found, notes
+
+
 def _counted(
     kind: str, unit: int, size: SizeModel, extra: list[int], need: int, options: dict
 ) -> tuple[list[Candidate], list[str]]:
@@ -139,6 +156,10 @@ def propose(size: SizeModel, space: SearchSpace, target: Target) -> tuple[list[C
             found, why = _merges(size, space, need)
             candidates += found
             notes += why
+    if space.hybrid["enabled"] and target.kind != "latency":
+        found, why = _hybrids(size, space, need)
+        candidates += found
+        notes += why
     if space.prune["enabled"]:
         for unit_kind in space.prune["targets"]:
             unit = size.ff + size.attention if unit_kind == "block" else size.ff

@@ -15,7 +15,7 @@ from pathlib import Path
 from layerfuse.files import write_json_atomic, write_text_atomic
 from layerfuse.model.io import load_model, save_model
 from layerfuse.model.manifest import carry_manifest
-from layerfuse.optimize.finalists import load_plan
+from layerfuse.optimize.finalists import load_plan, plan_file, screened_plans
 from layerfuse.optimize.report import report_markdown
 from layerfuse.optimize.report_figure import pareto_figure
 
@@ -33,7 +33,7 @@ def _row(name: str, candidate, measured: dict, original: dict, request, metric: 
         row["quantized"] = scheme
         row["packed_parameters"] = measured["parameters"]
         row["parameters"] = candidate.results["screen"]["parameters"]
-    row["params_ratio"] = measured["parameters"] / original["parameters"]
+    row["params_ratio"] = row["parameters"] / original["parameters"]
     row["meets_target"] = request.target.met(
         row["params_ratio"], measured["speedup"], measured["weight_bytes"]
     )
@@ -41,7 +41,11 @@ def _row(name: str, candidate, measured: dict, original: dict, request, metric: 
     row["quality_loss"] = request.limit.loss(original["quality"], measured["quality"])
     if candidate is not None:
         row.update(kind=candidate.kind, options=candidate.options)
-        row["plan"] = str(request.output / "finalists" / base / "plan.json")
+        folder = request.output / "finalists" / base
+        plans = [str(plan_file(folder, i)) for i in range(len(screened_plans(candidate)))]
+        row["plan"] = plans[0]
+        if len(plans) > 1:
+            row["plans"] = plans
         row["screen"] = candidate.results["screen"]
         row["recover"] = candidate.results["recover"]
     return row
@@ -94,7 +98,8 @@ def _write_winner(request, winner: dict) -> Path:
     source = Path(winner["path"])
     save_model(load_model(source), target)
     carry_manifest(source, target)
-    load_plan(winner["plan"]).save(target.parent / "plan.json")
+    for index, plan in enumerate(winner.get("plans", [winner["plan"]])):
+        load_plan(plan).save(plan_file(target.parent, index))
     return target
 
 

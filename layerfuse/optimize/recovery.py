@@ -95,7 +95,7 @@ def _run(original, optimized, output, share, settings, local_steps, plan, report
         output=Path(output),
         data=share.data,
         train=share.space["train"],
-        plan=Path(plan),
+        plan=None if plan is None else Path(plan),
         settings=settings,
         local=LocalSettings(steps=local_steps, seed=share.seed),
         device=share.device,
@@ -130,9 +130,10 @@ def _phase_b_steps(share: RecoverShare, probe: dict) -> int:
 
 
 def recover_finalist(
-    original: Path, compressed: Path, plan: Path, folder: Path, share: RecoverShare, reporter
+    original: Path, compressed: Path, plan: Path | None, folder: Path, share: RecoverShare, reporter
 ) -> dict:
-    """Recover ``compressed`` into ``folder/model.onnx``; the record of what it spent."""
+    """Recover ``compressed`` into ``folder/model.onnx``; the record of what it spent.
+    ``plan`` None: recovery finds the tied sets in the graph itself."""
     local_steps = share.space["local_steps"]
     output = folder / "model.onnx"
     if share.tokens is not None:

@@ -11,12 +11,15 @@ from __future__ import annotations
 
 __all__ = ["ScreenContext", "plan_candidate", "screen_candidate", "screen_original"]
 
+import shutil
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from layerfuse.model.io import load_model, parameter_count, weight_bytes
+from layerfuse.model.io import load_model, parameter_count, save_model, weight_bytes
+from layerfuse.model.manifest import carry_manifest
 from layerfuse.optimize.candidates import Candidate
+from layerfuse.optimize.finalists import apply_plans
 from layerfuse.optimize.targets import Target
 from layerfuse.passes.merge import MergePlan, MergeRequest, plan_merge
 from layerfuse.passes.plan import Plan, apply_plan
@@ -103,14 +106,39 @@ def screen_original(context: ScreenContext) -> dict:
     return {**_measure(load_model(context.model_path), context), "metric": context.scorer.metric}
 
 
+def _hybrid_plans(
+    candidate: Candidate, context: ScreenContext, folder: Path, reporter: Reporter
+) -> list[Path]:
+    """Prune first, then plan the merge on the pruned model as ``merge`` would plan it there."""
+    options = candidate.options
+    prune = plan_prune(
+        context.model_path,
+        PruneRequest(count=options["count"], select=options["select"], data=context.data),
+        reporter,
+    )
+    pruned = folder / "pruned" / "model.onnx"
+    save_model(apply_plan(context.model_path, prune), pruned)
+    carry_manifest(context.model_path, pruned)
+    left = context.num_blocks - options["count"]
+    request = MergeRequest(
+        ratio=f"{options['removed']}/{left}", windows=1, method=options["method"],
+        data=context.data,
+    )  # fmt: skip
+    merge = plan_merge(pruned, request, reporter)
+    shutil.rmtree(pruned.parent)
+    return [prune.save(folder / "plan.json"), merge.save(folder / "plan-2.json")]
+
+
 def screen_candidate(
     candidate: Candidate, context: ScreenContext, original: dict, folder: Path, reporter: Reporter
 ) -> dict:
-    """Plan, save the plan in ``folder``, score the rewrite; the candidate's screening record."""
+    """Plan, save the plans in ``folder``, score the rewrite; the candidate's screening record."""
     started = time.perf_counter()
-    plan = plan_candidate(candidate, context, reporter)
-    plan_path = plan.save(folder / "plan.json")
-    result = _measure(apply_plan(context.model_path, plan), context)
+    if candidate.kind == "hybrid":
+        plans = _hybrid_plans(candidate, context, folder, reporter)
+    else:
+        plans = [plan_candidate(candidate, context, reporter).save(folder / "plan.json")]
+    result = _measure(apply_plans(context.model_path, plans), context)
     result["params_ratio"] = result["parameters"] / original["parameters"]
     result["score_ratio"] = result["score"] / original["score"] if original["score"] else None
     speedup = None
@@ -120,6 +148,8 @@ def screen_candidate(
     result["meets_target"] = context.target.met(
         result["params_ratio"], speedup, result["weight_bytes"]
     )
-    result["plan"] = str(plan_path)
+    result["plan"] = str(plans[0])
+    if len(plans) > 1:
+        result["plans"] = [str(path) for path in plans]
     result["seconds"] = time.perf_counter() - started
     return result

@@ -28,6 +28,10 @@ DEFAULT_SPACE: dict = {
     # Drop whole blocks (ShortGPT block influence) or sublayers; extra: counts beyond the
     # smallest that meets the target.
     "prune": {"enabled": True, "targets": ["block"], "select": "influence", "extra": [0]},
+    # Prune the blocks of lowest influence AND tie FFs in one window of the rest (one plan of
+    # each kind, the merge planned on the pruned model); prune_shares: the part of the
+    # removal pruning takes.
+    "hybrid": {"enabled": True, "prune_shares": [0.5]},
     # Remove attention sublayers (least important on validation): mainly a latency lever.
     "attention": {"enabled": True, "extra": [0]},
     # Training-free screening on the valid split (perplexity; output cosine for encoders).
@@ -91,6 +95,7 @@ class SearchSpace:
 
     merge: dict
     prune: dict
+    hybrid: dict
     attention: dict
     screen: dict
     finalists: int
@@ -111,6 +116,8 @@ def space_document(data: dict) -> SearchSpace:
         raise LayerfuseError("search space: merge.method must be permute or vanilla")
     if checked["recover"]["train"] not in ("all", "touched"):
         raise LayerfuseError("search space: recover.train must be all or touched")
+    if any(not 0 < share < 1 for share in checked["hybrid"]["prune_shares"]):
+        raise LayerfuseError("search space: hybrid.prune_shares must lie between 0 and 1")
     for target in checked["prune"]["targets"]:
         if target not in ("block", "ff"):
             raise LayerfuseError(f"search space: prune.targets: '{target}' is not block or ff")
