@@ -276,6 +276,12 @@ def _write(study: Study, state: dict, notes: Path | None) -> None:
 
 
 def _keep(partial: Path, state: dict) -> None:
+    """Save ``state``, keeping rows another run of the script saved meanwhile (two variants
+    may run side by side, each holding the file's state as it was when it started)."""
+    if partial.exists():
+        mine = {(r["variant"], r["budget"]) for r in state["rows"]}
+        theirs = json.loads(partial.read_text())["rows"]
+        state["rows"] += [r for r in theirs if (r["variant"], r["budget"]) not in mine]
     tmp = partial.with_suffix(".tmp")
     tmp.write_text(json.dumps(state, indent=1))
     os.replace(tmp, partial)
