@@ -6,8 +6,8 @@ distillation trains the whole graph from there.
 The defaults (100 steps of 4 x 2 x 128 tokens, validation every 25 steps) finish
 SmolLM2-135M on 2 CPU cores in tens of minutes. Under ``torchrun --nproc_per_node N -m
 layerfuse recover ...`` or ``accelerate launch -m layerfuse recover ...`` the same command
-trains with DistributedDataParallel; the global batch (``--batch-size`` x ``--grad-accum``)
-and so the result stay the same.
+trains with DistributedDataParallel, or with ``--parallel fsdp`` sharded over the processes
+(FSDP); the global batch (``--batch-size`` x ``--grad-accum``) and so the result stay the same.
 """
 
 from __future__ import annotations
@@ -54,6 +54,7 @@ def _run(args: argparse.Namespace) -> int:
         resume=args.resume,
         stop_after=args.stop_after,
         device=args.device,
+        parallel=args.parallel,
     )
     summary = recover(request, ConsoleReporter())
     if summary["finished"] and default_checkpoints:
@@ -148,6 +149,14 @@ def _run_options(parser: argparse.ArgumentParser) -> None:
         help="stop at this step with a checkpoint, to --resume later",
     )
     add("--device", default="cpu", choices=["cpu", "cuda"], help="torch device of the student")
+    add(
+        "--parallel",
+        default="ddp",
+        choices=["ddp", "fsdp"],
+        help="under torchrun or accelerate launch: ddp replicates the student in every process "
+        "(the default); fsdp shards its weights, gradients and AdamW state over them, one "
+        "transformer block at a time",
+    )
     add("--json", action="store_true", help="print the summary as JSON")
 
 

@@ -8,9 +8,8 @@ FFN reading the run's input, in parallel, as onnxruntime runs it. Write-back is 
 each parameter into the initializer of the same name.
 
 Functions (``layerfuse.Fused*``) are inlined on a copy of the graph first; the copy keeps
-weights lazy, so nothing is read twice. Nodes run in graph (topological) order through the
-registry of torch implementations in :mod:`layerfuse.recover.ops_math` and
-:mod:`layerfuse.recover.ops_shape`; each intermediate tensor is dropped after its last reader
+weights lazy, so nothing is read twice. Nodes run in graph (topological) order as torch steps
+(:mod:`layerfuse.recover.steps`); each intermediate tensor is dropped after its last reader
 unless asked for (``taps``, for hidden-state distillation). Which initializers become
 parameters is decided by :mod:`layerfuse.recover.weights`; the rest are buffers.
 """
@@ -19,8 +18,8 @@ from __future__ import annotations
 
 __all__ = ["GraphModule", "inlined_copy"]
 
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Collection, Mapping, Sequence
+from itertools import pairwise
 
 import numpy as np
 import onnx_ir as ir
@@ -29,15 +28,11 @@ from onnx_ir.passes.common import InlinePass
 from torch import nn
 
 from layerfuse.errors import LayerfuseError
-from layerfuse.recover.ops_math import MATH_OPS
-from layerfuse.recover.ops_shape import SHAPE_OPS
+from layerfuse.recover.steps import Step, Unit, compile_graph, plan_releases, run_steps
 from layerfuse.recover.weights import trainable_initializers
 
-OPS = {**MATH_OPS, **SHAPE_OPS}
 # Ops that read only the shape of their input: a region may take a graph input's shape.
 _SHAPE_ONLY = frozenset({"Shape", "Size"})
-# Contrib ops onnxruntime registers in the default domain and this registry implements.
-_DOMAINS = ("", "ai.onnx", "com.microsoft")
 
 
 def inlined_copy(model: ir.Model) -> ir.Model:
@@ -54,83 +49,13 @@ def inlined_copy(model: ir.Model) -> ir.Model:
     return copy
 
 
-def _attribute(attr: ir.Attr):
-    kind = attr.type
-    if kind == ir.AttributeType.TENSOR:
-        return torch.from_numpy(np.array(attr.as_tensor().numpy()))
-    if kind in (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS):
-        raise NotImplementedError("subgraph attributes (If, Loop, Scan)")
-    value = attr.value
-    return list(value) if kind in (ir.AttributeType.INTS, ir.AttributeType.FLOATS) else value
-
-
-def _constant_value(node: ir.Node) -> torch.Tensor:
-    attrs = node.attributes
-    if "value" in attrs:
-        return _attribute(attrs["value"])
-    for name, dtype in (("value_float", torch.float32), ("value_int", torch.int64)):
-        if name in attrs:
-            return torch.tensor(attrs[name].value, dtype=dtype)
-    for name, dtype in (("value_floats", torch.float32), ("value_ints", torch.int64)):
-        if name in attrs:
-            return torch.tensor(list(attrs[name].value), dtype=dtype)
-    raise NotImplementedError("a Constant without a numeric value")
-
-
-@dataclass
-class _Step:
-    op: object
-    inputs: list[str | None]
-    outputs: list[str]
-    attrs: dict
-    label: str
-    op_type: str
-    release: list[str] = field(default_factory=list)
-
-
-def _compile(graph: ir.Graph) -> tuple[list[_Step], dict[str, torch.Tensor]]:
-    """The nodes as steps to run, and Constant node outputs as tensors."""
-    steps, constants = [], {}
-    for node in graph:
-        label = f"node '{node.name}' ({node.op_type})"
-        if node.domain not in _DOMAINS or (node.op_type not in OPS and node.op_type != "Constant"):
-            domain = f"{node.domain}." if node.domain else ""
-            raise LayerfuseError(
-                f"{label}: the recovery interpreter has no implementation of {domain}{node.op_type}"
-            )
-        try:
-            if node.op_type == "Constant":
-                constants[node.outputs[0].name] = _constant_value(node)
-                continue
-            attrs = {name: _attribute(attr) for name, attr in node.attributes.items()}
-        except NotImplementedError as exc:
-            raise LayerfuseError(f"{label}: not supported ({exc})") from None
-        steps.append(
-            _Step(
-                OPS[node.op_type],
-                [None if v is None or not v.name else v.name for v in node.inputs],
-                [v.name for v in node.outputs],
-                attrs,
-                label,
-                node.op_type,
-            )
-        )
-    return steps, constants
-
-
-def _plan_releases(steps: list[_Step], keep: set[str]) -> None:
-    last_use: dict[str, int] = {}
-    for index, step in enumerate(steps):
-        for name in step.inputs:
-            if name is not None:
-                last_use[name] = index
-    for name, index in last_use.items():
-        if name not in keep:
-            steps[index].release.append(name)
-
-
 class GraphModule(nn.Module):
-    """Runs ``model``'s main graph in torch; its weights (see :mod:`.weights`) train."""
+    """Runs ``model``'s main graph in torch; its weights (see :mod:`.weights`) train.
+
+    The steps run as :class:`~layerfuse.recover.steps.Unit` modules: one holding every step
+    until :meth:`partition` splits them for sharding. Weights a single unit reads live in
+    that unit; the rest (tied weights read in several units) live in ``shared``.
+    """
 
     def __init__(self, model: ir.Model, *, trainable: set[str] | None = None) -> None:
         super().__init__()
@@ -140,32 +65,65 @@ class GraphModule(nn.Module):
         self.graph_inputs = set(self.input_names)
         self.output_names = [v.name for v in graph.outputs]
         self.tensor_names = {v.name for node in graph for v in node.outputs}
-        self._steps, constants = _compile(graph)
+        self._steps, constants = compile_graph(graph)
         chosen = trainable_initializers(graph) if trainable is None else trainable
-        self.weights = nn.ParameterList()
+        self.shared = nn.ParameterList()
         self.weight_names: list[str] = []
         self._buffer_names: dict[str, str] = {}
         for name, value in graph.initializers.items():
             tensor = torch.from_numpy(np.array(value.const_value.numpy()))
             if name in chosen:
-                self.weights.append(nn.Parameter(tensor))
+                self.shared.append(nn.Parameter(tensor))
                 self.weight_names.append(name)
             else:
                 constants[name] = tensor
+        self._shared_names = list(self.weight_names)
+        self.units = nn.ModuleList([Unit(self._steps, [], [])])
         for index, (name, tensor) in enumerate(constants.items()):
             attribute = f"const_{index}"
             self.register_buffer(attribute, tensor, persistent=False)
             self._buffer_names[name] = attribute
         self._released_for: tuple[str, ...] | None = None
-        self._regions: dict[tuple[tuple[str, ...], tuple[str, ...]], list[_Step]] = {}
+        self._regions: dict[tuple[tuple[str, ...], tuple[str, ...]], list[Step]] = {}
 
     def named_weights(self) -> dict[str, nn.Parameter]:
-        """Trainable parameters by initializer name (a tied initializer appears once)."""
-        return dict(zip(self.weight_names, self.weights, strict=True))
+        """Trainable parameters by initializer name (a tied initializer appears once), in
+        graph order wherever they live."""
+        found = dict(zip(self._shared_names, self.shared, strict=True))
+        for unit in self.units:
+            found.update(zip(unit.names, unit.weights, strict=True))
+        return {name: found[name] for name in self.weight_names}
+
+    @property
+    def weights(self) -> list[nn.Parameter]:
+        return list(self.named_weights().values())
 
     @property
     def device(self) -> torch.device:
         return next(iter(self.buffers()), torch.empty(0)).device
+
+    def partition(self, boundaries: Collection[str]) -> list[Unit]:
+        """Split the steps into units after each step that writes a tensor in ``boundaries``
+        (the residual stream after each block: a unit is then a transformer block). Each
+        weight moves into the one unit that reads it; one read in several stays shared."""
+        cuts = {i + 1 for i, step in enumerate(self._steps) if set(step.outputs) & set(boundaries)}
+        edges = sorted(cuts | {0, len(self._steps)})
+        spans = list(pairwise(edges))
+        weights = self.named_weights()
+        readers: dict[str, set[int]] = {name: set() for name in weights}
+        for index, (start, end) in enumerate(spans):
+            for step in self._steps[start:end]:
+                for name in step.inputs:
+                    if name in readers:
+                        readers[name].add(index)
+        units = []
+        for index, (start, end) in enumerate(spans):
+            names = [name for name in self.weight_names if readers[name] == {index}]
+            units.append(Unit(self._steps[start:end], names, [weights[n] for n in names]))
+        self._shared_names = [name for name in self.weight_names if len(readers[name]) != 1]
+        self.shared = nn.ParameterList([weights[name] for name in self._shared_names])
+        self.units = nn.ModuleList(units)
+        return units
 
     def _prepare(self, taps: tuple[str, ...]) -> None:
         if self._released_for == taps:
@@ -173,10 +131,11 @@ class GraphModule(nn.Module):
         missing = [name for name in taps if name not in self.tensor_names]
         if missing:
             raise LayerfuseError(f"the graph has no tensor named '{missing[0]}' to read")
-        for step in self._steps:
-            step.release.clear()
-        _plan_releases(self._steps, set(self.output_names) | set(taps))
+        plan_releases(self._steps, set(self.output_names) | set(taps))
         self._released_for = taps
+
+    def _constants(self) -> dict[str, torch.Tensor]:
+        return {name: getattr(self, attribute) for name, attribute in self._buffer_names.items()}
 
     def forward(
         self, feeds: Mapping[str, np.ndarray | torch.Tensor], taps: Sequence[str] = ()
@@ -185,10 +144,8 @@ class GraphModule(nn.Module):
         taps = tuple(taps)
         self._prepare(taps)
         device = self.device
-        values: dict[str, torch.Tensor] = {
-            name: getattr(self, attribute) for name, attribute in self._buffer_names.items()
-        }
-        values.update(self.named_weights())
+        values = self._constants()
+        values.update(zip(self._shared_names, self.shared, strict=True))
         for name in self.input_names:
             if name not in feeds:
                 raise LayerfuseError(f"the graph needs input '{name}'")
@@ -196,22 +153,11 @@ class GraphModule(nn.Module):
             values[name] = (torch.from_numpy(feed) if isinstance(feed, np.ndarray) else feed).to(
                 device
             )
-        for step in self._steps:
-            args = [None if name is None else values[name] for name in step.inputs]
-            try:
-                result = step.op(args, step.attrs)
-            except NotImplementedError as exc:
-                raise LayerfuseError(f"{step.label}: not supported ({exc})") from None
-            if isinstance(result, torch.Tensor):
-                result = (result,)
-            for name, tensor in zip(step.outputs, result, strict=False):
-                if name:
-                    values[name] = tensor
-            for name in step.release:
-                values.pop(name, None)
+        for unit in self.units:
+            values = unit(values)
         return [values[name] for name in self.output_names], {name: values[name] for name in taps}
 
-    def _region(self, inputs: tuple[str, ...], outputs: tuple[str, ...]) -> list[_Step]:
+    def _region(self, inputs: tuple[str, ...], outputs: tuple[str, ...]) -> list[Step]:
         """The steps that compute ``outputs`` from ``inputs``, weights, constants and the
         shapes (never the values) of the graph inputs."""
         key = (inputs, outputs)
@@ -250,19 +196,10 @@ class GraphModule(nn.Module):
         feeds' leading axes: the feeds are ``[batch, seq, width]``.
         """
         steps = self._region(tuple(feeds), tuple(outputs))
-        values: dict[str, torch.Tensor] = {
-            name: getattr(self, attribute) for name, attribute in self._buffer_names.items()
-        }
+        values = self._constants()
         values.update(self.named_weights())
         leading = next(iter(feeds.values())).shape[:-1]
         values.update({name: torch.zeros(leading, dtype=torch.int64) for name in self.graph_inputs})
         values.update(feeds)
-        for step in steps:
-            args = [None if name is None else values[name] for name in step.inputs]
-            result = step.op(args, step.attrs)
-            if isinstance(result, torch.Tensor):
-                result = (result,)
-            for name, tensor in zip(step.outputs, result, strict=False):
-                if name:
-                    values[name] = tensor
+        run_steps(steps, values, release=False)
         return [values[name] for name in outputs]

@@ -5,7 +5,8 @@ plan, data, output folder, device), so a mistake costs seconds, not an hour of t
 Training has two stages: local reconstruction (:mod:`layerfuse.recover.local`: each tied FF
 set fitted to its blocks' original FF outputs, cheap, where the damage is), whose result is
 the student's starting weights, then global distillation (:mod:`layerfuse.recover.trainer`),
-which a CPU-time budget can end (:mod:`layerfuse.recover.budget`).
+which a CPU-time budget can end (:mod:`layerfuse.recover.budget`), data parallel over the
+processes of a launcher, replicated (DDP) or sharded (FSDP, :mod:`layerfuse.recover.sharding`).
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from layerfuse.recover.local import LocalSettings, reconstruct
 from layerfuse.recover.mapping import map_blocks
 from layerfuse.recover.objectives import Objective
 from layerfuse.recover.provenance import check_derived, load_any_plan
+from layerfuse.recover.sharding import block_boundaries, full_params, load_params
 from layerfuse.recover.teacher import Teacher
 from layerfuse.recover.trainer import Trainer, TrainSettings
 from layerfuse.recover.validation import Validator
@@ -60,6 +62,7 @@ class RecoverRequest:
     resume: bool = False
     stop_after: int | None = None
     device: str = "cpu"
+    parallel: str = "ddp"
 
 
 def _check_output(request: RecoverRequest) -> None:
@@ -81,8 +84,17 @@ def _device(name: str, local_rank: int) -> torch.device:
     return torch.device("cpu")
 
 
-def _student(request: RecoverRequest, original, optimized, plan) -> tuple[GraphModule, list]:
-    """The student, with only the chosen parameters trainable, and hidden-state pairs."""
+def _distributed(request: RecoverRequest, reporter: Reporter) -> Distributed:
+    """The launcher's processes; ``fsdp`` in one process is plain training, said so."""
+    dist = from_environment(request.device, request.parallel)
+    if request.parallel == "fsdp" and not dist.active:
+        reporter.step("--parallel fsdp in one process: nothing to shard, training unsharded")
+    return dist
+
+
+def _student(request: RecoverRequest, original, optimized, plan, dist) -> tuple[GraphModule, list]:
+    """The student, with only the chosen parameters trainable, split into one unit per block
+    when it is to be sharded, and hidden-state pairs."""
     needs_map = request.train == "touched" or request.objective == "kd+hidden"
     block_map = map_blocks(original, optimized, plan) if needs_map else None
     student = GraphModule(optimized)
@@ -91,6 +103,8 @@ def _student(request: RecoverRequest, original, optimized, plan) -> tuple[GraphM
             parameter.requires_grad_(name in block_map.touched_initializers)
     if not any(p.requires_grad for p in student.weights):
         raise LayerfuseError("no trainable weights: the graph has no linear, norm or embedding")
+    if dist.sharded:
+        student.partition(block_boundaries(optimized))
     return student, [] if block_map is None else block_map.hidden_pairs
 
 
@@ -112,9 +126,10 @@ def _data(request: RecoverRequest, reporter: Reporter) -> tuple[TrainingData, li
 
 
 def _teacher(request: RecoverRequest, objective: Objective, dist: Distributed) -> Teacher:
-    """The original in onnxruntime; a distributed run shares the cores among its processes."""
+    """The original in onnxruntime; a distributed run shares each machine's cores among the
+    processes on it."""
     provider = "cpu" if request.device == "cpu" else "auto"
-    threads = max(1, (os.cpu_count() or 1) // dist.world_size) if dist.active else None
+    threads = max(1, (os.cpu_count() or 1) // dist.local_world_size) if dist.active else None
     return Teacher(request.original, objective.teacher_taps, provider=provider, threads=threads)
 
 
@@ -137,7 +152,22 @@ def _local(request: RecoverRequest, models, student, data, dist, reporter: Repor
     return summary
 
 
-def _finish(request: RecoverRequest, trainer: Trainer, result, data, valid, dist, local) -> dict:
+def _trained_student(trainer: Trainer, optimized, dist: Distributed) -> GraphModule | None:
+    """Process 0's student with the trained weights whole, for write-back (None elsewhere):
+    the trainer's own, or under FSDP an unsharded copy built on process 0, since a forward
+    of the sharded one is collective. Every process calls this (the gathering is collective).
+    """
+    if not dist.sharded:
+        return trainer.student
+    weights = full_params(trainer.student, dist.is_main)
+    if not dist.is_main:
+        return None
+    student = GraphModule(optimized, trainable=set(weights))
+    load_params(student, weights)
+    return student
+
+
+def _finish(request: RecoverRequest, optimized, trainer: Trainer, result, data, valid, dist, local):
     """The summary; process 0 writes the trained weights into the optimized graph."""
     summary = {
         **result.to_json(),
@@ -149,11 +179,12 @@ def _finish(request: RecoverRequest, trainer: Trainer, result, data, valid, dist
         "training_tokens_available": data.tokens,
         "output": str(request.output),
     }
-    if result.finished and dist.is_main:
+    student = _trained_student(trainer, optimized, dist) if result.finished else None
+    if student is not None and dist.is_main:
         verify = {k: v[:2] for k, v in valid[0].feeds.items()}
         record = {k: summary[k] for k in ("objective", "train", "steps_done", "tokens_seen")}
         summary["verified_max_abs_diff"] = write_back(
-            request.optimized, trainer.student, request.output, verify_feeds=verify, summary=record
+            request.optimized, student, request.output, verify_feeds=verify, summary=record
         )
     dist.barrier()
     dist.close()
@@ -167,7 +198,7 @@ def recover(request: RecoverRequest, reporter: Reporter = SILENT) -> dict:
         raise LayerfuseError(f"unknown --train '{request.train}' (choose all or touched)")
     _check_output(request)
     request.local.check()
-    dist = from_environment(request.device)
+    dist = _distributed(request, reporter)
     settings.check(dist.world_size)
     original, optimized = load_model(request.original), load_model(request.optimized)
     source = check_derived(original, optimized)
@@ -175,7 +206,7 @@ def recover(request: RecoverRequest, reporter: Reporter = SILENT) -> dict:
     task = require_manifest(request.original).task
     device = _device(request.device, dist.local_rank)
     torch.manual_seed(settings.seed)
-    student, pairs = _student(request, original, optimized, plan)
+    student, pairs = _student(request, original, optimized, plan, dist)
     objective = Objective(
         request.objective, task, request.temperature, request.hidden_weight, pairs
     )
@@ -210,4 +241,4 @@ def recover(request: RecoverRequest, reporter: Reporter = SILENT) -> dict:
     else:
         CpuClock.start(trainer.result, local_started - started, local_seconds)
     result = trainer.run(stop_after=request.stop_after)
-    return _finish(request, trainer, result, data, valid, dist, local)
+    return _finish(request, optimized, trainer, result, data, valid, dist, local)

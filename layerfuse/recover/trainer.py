@@ -11,14 +11,14 @@ on the valid split for causal LMs, the relative error of the output against the 
 encoders. The best score's parameters are kept (in memory and in ``best.pt``) and are the
 result; ``patience`` evaluations without improvement stop the run early. A checkpoint is
 written after each validation, so ``--resume`` continues from the last one and reaches the
-same weights as an uninterrupted run.
+same weights as an uninterrupted run. Parameters and optimizer state are read and written
+through :mod:`layerfuse.recover.sharding`, whole on disk whatever the parallelism.
 """
 
 from __future__ import annotations
 
 __all__ = ["TrainResult", "TrainSettings", "Trainer"]
 
-import contextlib
 import math
 import time
 from dataclasses import asdict, dataclass, field
@@ -36,6 +36,14 @@ from layerfuse.recover.data import TrainingData
 from layerfuse.recover.distributed import Distributed
 from layerfuse.recover.graph_module import GraphModule
 from layerfuse.recover.objectives import Objective
+from layerfuse.recover.sharding import (
+    full_params,
+    gather_optimizer,
+    load_params,
+    local_params,
+    restore_local,
+    shard_optimizer,
+)
 from layerfuse.recover.teacher import Teacher
 from layerfuse.recover.validation import Validator
 
@@ -131,8 +139,8 @@ class Trainer:
         kept = {k: v for k, v in asdict(settings).items() if k != "budget_minutes"}
         self.run_key = {**run_key, "settings": kept, "objective": asdict(objective)}
         settings.check(dist.world_size)
+        self.model = dist.wrap(student, student.device)
         self.device = student.device
-        self.model = dist.wrap(student, self.device)
         self.trained = [p for p in student.weights if p.requires_grad]
         self.optimizer = torch.optim.AdamW(
             self.trained, lr=settings.lr, weight_decay=settings.weight_decay
@@ -141,7 +149,7 @@ class Trainer:
             self.optimizer, settings.learning_rate_factor
         )
         self.result = TrainResult(metric=validator.metric)
-        self.best: dict[str, torch.Tensor] | None = None
+        self.best: dict[str, torch.Tensor] | None = None  # this process's part of each
         self.bad_evaluations = 0
 
     # state -------------------------------------------------------------------------------
@@ -149,10 +157,8 @@ class Trainer:
     def _state(self) -> dict:
         return {
             "run_key": self.run_key,
-            "params": {
-                n: p.detach().cpu().clone() for n, p in self.student.named_weights().items()
-            },
-            "optimizer": self.optimizer.state_dict(),
+            "params": full_params(self.student, self.dist.is_main),
+            "optimizer": gather_optimizer(self.optimizer, self.dist.is_main),
             "scheduler": self.scheduler.state_dict(),
             "random": snapshot_random(),
             "result": self.result.to_json(),
@@ -178,19 +184,15 @@ class Trainer:
                 f"{self.checkpoint_dir}: the checkpoint was made by a run with other "
                 f"{', '.join(changed)}; resume with the same models and options"
             )
-        self._load_params(state["params"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        load_params(self.student, state["params"])
+        self.optimizer.load_state_dict(shard_optimizer(state["optimizer"], self.trained))
         self.scheduler.load_state_dict(state["scheduler"])
         restore_random(state["random"])
         self.result = TrainResult(**state["result"])
         self.bad_evaluations = state["bad_evaluations"]
         if self.result.best_step is not None:
-            self.best = load_state(self.checkpoint_dir / "best.pt")["params"]
-
-    def _load_params(self, params: dict[str, torch.Tensor]) -> None:
-        with torch.no_grad():
-            for name, parameter in self.student.named_weights().items():
-                parameter.copy_(params[name].to(parameter.device))
+            best = load_state(self.checkpoint_dir / "best.pt")["params"]
+            self.best = local_params(self.student, best)
 
     # loop --------------------------------------------------------------------------------
 
@@ -209,8 +211,7 @@ class Trainer:
             teacher_taps = {k: torch.from_numpy(v).to(self.device) for k, v in tapped.items()}
         inputs = {n: torch.from_numpy(feeds[n]).to(self.device) for n in self.student.input_names}
         mask = torch.from_numpy(batch.mask).to(self.device)
-        skip = self.model.no_sync() if self.dist.active and not sync else contextlib.nullcontext()
-        with skip:
+        with self.dist.accumulating(self.model, sync):
             outputs, taps = self.model(inputs, self.objective.student_taps)
             loss = self.objective.loss_sum(
                 outputs[0], taps, teacher_out, teacher_taps, inputs["input_ids"], mask
@@ -228,7 +229,7 @@ class Trainer:
         loss = sum(
             self._micro_step(rows, terms, sync=i == len(micro) - 1) for i, rows in enumerate(micro)
         )
-        if self.settings.clip > 0:
+        if self.settings.clip > 0:  # of the global norm, sharded gradients (DTensors) included
             torch.nn.utils.clip_grad_norm_(self.trained, self.settings.clip)
         self.optimizer.step()
         self.scheduler.step()
@@ -236,15 +237,15 @@ class Trainer:
 
     def _evaluate(self, step: int, train_loss: float | None) -> bool:
         """Validate, keep the best parameters, checkpoint; True when patience ran out."""
-        score = self.validator.score(self.student, self.dist)
+        score = self.dist.from_main(self.validator.score(self.student, self.dist.scoring))
+        self.dist.after_forward(self.model)
         self.result.history.append({"step": step, "train_loss": train_loss, "valid": score})
         if self.result.best_score is None or score < self.result.best_score:
             self.result.best_score, self.result.best_step = score, step
             self.bad_evaluations = 0
-            self.best = {
-                n: p.detach().cpu().clone() for n, p in self.student.named_weights().items()
-            }
-            self._save("best.pt", {"step": step, "params": self.best})
+            self.best = local_params(self.student)
+            params = full_params(self.student, self.dist.is_main)
+            self._save("best.pt", {"step": step, "params": params})
         else:
             self.bad_evaluations += 1
         self.reporter.step(f"step {step}: valid {self.validator.metric} {score:.4g}")
@@ -294,5 +295,5 @@ class Trainer:
                     break
         result.finished = True
         if self.best is not None:
-            self._load_params(self.best)
+            restore_local(self.student, self.best)
         return result
