@@ -58,8 +58,8 @@ def _write(lm, plan, folder):
     return target
 
 
-def _plan(lm, pairs) -> ShareKVPlan:
-    return plan_share_kv(lm.export, ShareKVRequest(layers=pairs))
+def _plan(lm, pairs, align: bool = False) -> ShareKVPlan:
+    return plan_share_kv(lm.export, ShareKVRequest(layers=pairs, align=align, data=SMALL_DATA))
 
 
 def test_layers_are_found_by_dataflow(lm):
@@ -92,10 +92,12 @@ def test_shared_kv_generates_what_torch_does_and_halves_the_cache(lm, tmp_path):
 
 def test_plan_round_trip_and_cli(lm, tmp_path, capsys):
     out = tmp_path / "cli" / "model.onnx"
-    assert main(["share-kv", str(lm.export), "-o", str(out), "--layers", "1<-0,3<-2"]) == 0
+    argv = ["share-kv", str(lm.export), "-o", str(out), "--layers", "1<-0,3<-2"]
+    assert main([*argv, "--calib-tokens", "256", "--seq-len", "32"]) == 0
     saved = json.loads(out.with_suffix(".plan.json").read_text())
     assert saved["schema"] == "layerfuse.share-kv-plan/1"
     assert saved["pairs"] == [[1, 0], [3, 2]]
+    assert [entry["pair"] for entry in saved["alignment"]["pairs"]] == [[1, 0], [3, 2]]
     again = tmp_path / "again" / "model.onnx"
     plan_file = str(out.with_suffix(".plan.json"))
     assert main(["share-kv", str(lm.export), "-o", str(again), "--plan", plan_file]) == 0

@@ -44,15 +44,24 @@ def _options(parser: argparse.ArgumentParser) -> None:
         default=0.1,
         help="with --layers auto: allowed relative worsening of validation (default 0.1)",
     )
+    parser.add_argument(
+        "--no-align",
+        dest="align",
+        action="store_false",
+        help="share the keys and values as they are, without fitting each pair's alignment "
+        "(folded into the reading layer's query and output projections) on calibration text",
+    )
 
 
 def _request(args: argparse.Namespace):
     from layerfuse.passes.share_kv import ShareKVRequest
 
-    request = ShareKVRequest(
-        layers=_layers(args.layers), tolerance=args.tolerance, data=data_settings(args)
+    return ShareKVRequest(
+        layers=_layers(args.layers),
+        tolerance=args.tolerance,
+        align=args.align,
+        data=data_settings(args),
     )
-    return request
 
 
 def _summary(plan) -> str:

@@ -9,14 +9,16 @@ through ``save_sidecars``/``load_sidecars``.
 
 from __future__ import annotations
 
-__all__ = ["HoldsModel", "Plan", "apply_plan"]
+__all__ = ["HoldsModel", "Plan", "apply_plan", "read_sidecar", "write_sidecar"]
 
+import hashlib
 import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar, Protocol, Self, TypeVar
 
+import numpy as np
 import onnx_ir as ir
 
 from layerfuse.errors import PlanError
@@ -123,6 +125,27 @@ class Plan:
                 f"the plan expects {self.num_blocks} blocks, found {len(structure.blocks)}"
             )
         return structure
+
+
+def write_sidecar(plan_path: Path, arrays: dict[str, np.ndarray]) -> dict:
+    """Write ``arrays`` beside the plan at ``plan_path`` (``.npz``, atomically); the record
+    (file name, hash) the plan's JSON keeps to find and check them."""
+    sidecar = plan_path.with_suffix(".npz")
+    tmp = sidecar.with_name(f".{sidecar.stem}.tmp.npz")
+    np.savez(tmp, **arrays)
+    os.replace(tmp, sidecar)
+    return {"file": sidecar.name, "sha256": hashlib.sha256(sidecar.read_bytes()).hexdigest()}
+
+
+def read_sidecar(plan_path: Path, record: dict, what: str) -> dict[str, np.ndarray]:
+    """The arrays :func:`write_sidecar` wrote, checked against the plan's hash."""
+    sidecar = plan_path.parent / record["file"]
+    if not sidecar.is_file():
+        raise PlanError(f"{plan_path}: {what} {sidecar.name} are missing")
+    if hashlib.sha256(sidecar.read_bytes()).hexdigest() != record.get("sha256"):
+        raise PlanError(f"{sidecar}: {what} do not match the plan's hash")
+    with np.load(sidecar) as arrays:
+        return {key: arrays[key] for key in arrays.files}
 
 
 def apply_plan(model_path: str | os.PathLike, plan: Plan) -> ir.Model:

@@ -18,8 +18,6 @@ __all__ = [
     "window_sizes",
 ]
 
-import hashlib
-import os
 from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
@@ -29,7 +27,7 @@ import numpy as np
 from layerfuse.errors import PlanError
 from layerfuse.passes.blocks import check_ranges
 from layerfuse.passes.merge.window import MergeWindow
-from layerfuse.passes.plan import Plan
+from layerfuse.passes.plan import Plan, read_sidecar, write_sidecar
 
 METHODS = ("permute", "vanilla")
 ANCHORS = ("first", "middle", "last")
@@ -134,34 +132,20 @@ class MergePlan(Plan):
     def save_sidecars(self, path: Path, data: dict) -> None:
         if not self.refit_weights:
             return
-        sidecar = path.with_suffix(".npz")
         arrays = {
             f"{index}/{name}": array
             for index, weights in self.refit_weights.items()
             for name, array in weights.items()
         }
-        tmp = sidecar.with_name(f".{sidecar.stem}.tmp.npz")
-        np.savez(tmp, **arrays)
-        os.replace(tmp, sidecar)
-        data["refit"] = {
-            **(self.refit or {}),
-            "file": sidecar.name,
-            "sha256": hashlib.sha256(sidecar.read_bytes()).hexdigest(),
-        }
+        data["refit"] = {**(self.refit or {}), **write_sidecar(path, arrays)}
 
     def load_sidecars(self, path: Path, data: dict) -> None:
         refit = data.get("refit")
         if not refit or not refit.get("file"):
             return
-        sidecar = path.parent / refit["file"]
-        if not sidecar.is_file():
-            raise PlanError(f"{path}: refit weights {sidecar.name} are missing")
-        if hashlib.sha256(sidecar.read_bytes()).hexdigest() != refit.get("sha256"):
-            raise PlanError(f"{sidecar}: refit weights do not match the plan's hash")
-        with np.load(sidecar) as arrays:
-            for key in arrays.files:
-                index, name = key.split("/", 1)
-                self.refit_weights.setdefault(int(index), {})[name] = arrays[key]
+        for key, array in read_sidecar(path, refit, "refit weights").items():
+            index, name = key.split("/", 1)
+            self.refit_weights.setdefault(int(index), {})[name] = array
 
 
 def parse_ratio(text: str, num_blocks: int) -> int:

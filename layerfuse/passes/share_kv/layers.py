@@ -11,7 +11,7 @@ node, which is the layer.
 
 from __future__ import annotations
 
-__all__ = ["KVLayer", "kv_layers"]
+__all__ = ["KVLayer", "attention_nodes", "kv_layers"]
 
 from collections import deque
 from dataclasses import dataclass
@@ -122,3 +122,12 @@ def _producers(node: ir.Node, limit: int) -> list[ir.Node]:
         frontier = [p for p in upstream if p is not None]
         found.extend(frontier)
     return found
+
+
+def attention_nodes(layer: KVLayer) -> tuple[ir.Node, ir.Node]:
+    """(the MatMul of queries and keys, the Softmax of its scores) of an unfused layer."""
+    scores = _first_reached(layer.key.consumer.outputs[0], {"MatMul"}, _TO_MATMUL)
+    role, softmax = _attention_softmax(layer.key)
+    if scores is None or role != "key" or softmax is None:
+        raise PlanError(f"no attention scores read cache input {layer.key.past.name}")
+    return scores, softmax

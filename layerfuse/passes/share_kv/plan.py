@@ -13,9 +13,11 @@ from __future__ import annotations
 __all__ = ["ShareKVPlan"]
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from layerfuse.errors import PlanError
-from layerfuse.passes.plan import Plan
+from layerfuse.passes.plan import Plan, read_sidecar, write_sidecar
+from layerfuse.passes.share_kv.align import Alignment
 
 
 @dataclass
@@ -29,6 +31,9 @@ class ShareKVPlan(Plan):
     similarity: list[list[float]] | None = None
     # Validation scores: {"metric", "original", "candidates": [{"pair", "score"}], "shared"}.
     validation: dict | None = None
+    # Aligned sharing (see align.py): each pair's fitted maps, folded into the target's query
+    # and output projections; kept in a sidecar, their conventions and residuals in the JSON.
+    alignments: dict[tuple[int, int], Alignment] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.pairs = [(int(t), int(s)) for t, s in self.pairs]
@@ -54,6 +59,40 @@ class ShareKVPlan(Plan):
     @property
     def shared_layers(self) -> int:
         return len(self.pairs)
+
+    def alignment_record(self) -> list[dict] | None:
+        if not self.alignments:
+            return None
+        return [
+            {
+                "pair": list(pair),
+                "convention": a.convention,
+                "key_residual": round(a.key_residual, 5),
+                "value_residual": round(a.value_residual, 5),
+            }
+            for pair, a in self.alignments.items()
+        ]
+
+    def save_sidecars(self, path: Path, data: dict) -> None:
+        if not self.alignments:
+            return
+        arrays = {}
+        for (target, source), alignment in self.alignments.items():
+            arrays[f"{target}-{source}/key_scale"] = alignment.key_scale
+            arrays[f"{target}-{source}/value_map"] = alignment.value_map
+        data["alignment"] = {"pairs": self.alignment_record(), **write_sidecar(path, arrays)}
+
+    def load_sidecars(self, path: Path, data: dict) -> None:
+        record = data.get("alignment")
+        if not record:
+            return
+        arrays = read_sidecar(path, record, "alignment maps")
+        for entry in record["pairs"]:
+            key = "-".join(map(str, entry["pair"]))
+            self.alignments[tuple(entry["pair"])] = Alignment(
+                entry["convention"], arrays[f"{key}/key_scale"], arrays[f"{key}/value_map"],
+                entry["key_residual"], entry["value_residual"],
+            )  # fmt: skip
 
     def rewrite_pass(self):
         from layerfuse.passes.share_kv.rewrite import ShareKVPass

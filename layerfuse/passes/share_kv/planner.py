@@ -4,7 +4,9 @@ sharing costs validation quality least.
 1. Similarity (as MiniCache and KVSharer measure it): one prefill of calibration text with an
    empty cache; for every pair of layers, the mean cosine similarity of their keys per token
    and head, and likewise of their values; the plan records the average of the two.
-2. Candidates: each layer paired with its most similar earlier layer.
+2. Candidates: each layer paired with its most similar earlier layer; with ``align`` (the
+   default), each candidate's key and value alignment is fitted on the same calibration text
+   (:mod:`.align`) and every score below is of the aligned sharing.
 3. Choice: every candidate alone is applied in memory and scored on validation data (as the
    other planners choose); ``layers=N`` takes the N best that do not chain (a layer that lends
    its cache keeps its own), ``"auto"`` adds them in that order while the combined plan stays
@@ -26,6 +28,7 @@ from layerfuse.model.io import load_model
 from layerfuse.passes.detect import detect_structure
 from layerfuse.passes.plan import apply_plan
 from layerfuse.passes.planner import DataSettings
+from layerfuse.passes.share_kv.align import fit_alignments
 from layerfuse.passes.share_kv.layers import KVLayer, kv_layers
 from layerfuse.passes.share_kv.plan import ShareKVPlan
 from layerfuse.progress import SILENT, Reporter
@@ -39,6 +42,8 @@ class ShareKVRequest:
 
     layers: str | int | list[tuple[int, int]] = "auto"
     tolerance: float = 0.1
+    # Fit each pair's key/value alignment on calibration text and fold it in (align.py).
+    align: bool = True
     data: DataSettings = field(
         default_factory=lambda: DataSettings(calib_tokens=1024, valid_tokens=2048)
     )
@@ -93,49 +98,66 @@ def plan_share_kv(
         "num_blocks": len(structure.blocks),
         "num_kv_layers": len(layers),
     }
+    settings = request.data
     if isinstance(request.layers, list):
-        plan = ShareKVPlan(**base, pairs=request.layers)
-        plan.rewrite_pass().requires(model)
-        return plan
+        return _given_pairs(model_path, model, layers, base, request, reporter)
     if isinstance(request.layers, int) and not 0 < request.layers < len(layers):
         raise PlanError(f"--layers {request.layers}: choose 1 to {len(layers) - 1} layers")
-    settings = request.data
     reporter.step("measuring how alike the layers' keys and values are")
-    similarity = kv_similarity(
-        model_path, layers, settings.batches(model_path, "calib"), settings.provider
-    )
+    calibration = settings.batches(model_path, "calib")
+    similarity = kv_similarity(model_path, layers, calibration, settings.provider)
     candidates = [(t, int(np.argmax(similarity[t, :t]))) for t in range(1, len(layers))]
+    fitted = {}
+    if request.align:
+        reporter.step("fitting each candidate pair's key and value alignment")
+        fitted = fit_alignments(model_path, layers, candidates, calibration, settings.provider)
+
+    def make(pairs: list[tuple[int, int]]) -> ShareKVPlan:
+        plan = ShareKVPlan(**base, pairs=pairs)
+        plan.alignments = {pair: fitted[pair] for pair in pairs if pair in fitted}
+        return plan
+
     scorer = settings.scorer(model_path)
     original = scorer(load_model(model_path))
     scores = []
     for pair in reporter.track(candidates, len(candidates), "scoring shared layers"):
-        scores.append(scorer(apply_plan(model_path, ShareKVPlan(**base, pairs=[pair]))))
+        scores.append(scorer(apply_plan(model_path, make([pair]))))
     ranked = [candidates[i] for i in np.argsort(scores)]
     if isinstance(request.layers, int):
         pairs = _non_chaining(ranked, request.layers)
     else:
-        pairs = _auto(model_path, base, ranked, scorer, original * (1 + request.tolerance))
-    plan = ShareKVPlan(
-        **base,
-        pairs=pairs,
-        similarity=similarity.round(4).tolist(),
-        validation={
-            "metric": scorer.metric,
-            "original": original,
-            "candidates": [
-                {"pair": list(p), "score": s} for p, s in zip(candidates, scores, strict=True)
-            ],
-        },
-    )
+        pairs = _auto(model_path, make, ranked, scorer, original * (1 + request.tolerance))
+    plan = make(pairs)
+    plan.similarity = similarity.round(4).tolist()
+    plan.validation = {
+        "metric": scorer.metric,
+        "original": original,
+        "candidates": [
+            {"pair": list(p), "score": s} for p, s in zip(candidates, scores, strict=True)
+        ],
+    }
     plan.validation["shared"] = scorer(apply_plan(model_path, plan))
     return plan
 
 
-def _auto(model_path: Path, base: dict, ranked, scorer, limit: float) -> list[tuple[int, int]]:
+def _given_pairs(model_path: Path, model, layers, base: dict, request, reporter) -> ShareKVPlan:
+    """The pairs as given, checked, with their alignments fitted when asked."""
+    plan = ShareKVPlan(**base, pairs=request.layers)
+    plan.rewrite_pass().requires(model)
+    if request.align:
+        reporter.step("fitting each pair's key and value alignment")
+        calibration = request.data.batches(model_path, "calib")
+        plan.alignments = fit_alignments(
+            model_path, layers, plan.pairs, calibration, request.data.provider
+        )
+    return plan
+
+
+def _auto(model_path: Path, make, ranked, scorer, limit: float) -> list[tuple[int, int]]:
     """The longest prefix of the non-chaining ranking whose combined score stays in limit."""
     chosen: list[tuple[int, int]] = []
     for pair in _non_chaining(ranked, None):
-        trial = ShareKVPlan(**base, pairs=[*chosen, pair])
+        trial = make([*chosen, pair])
         if scorer(apply_plan(model_path, trial)) > limit:
             break
         chosen.append(pair)

@@ -19,7 +19,8 @@ import onnx_ir.passes.common as common_passes
 from layerfuse.errors import PlanError
 from layerfuse.model.cache import CacheEntry
 from layerfuse.passes.base import PlanPass
-from layerfuse.passes.detect import ModelStructure
+from layerfuse.passes.detect import ModelStructure, detect_structure
+from layerfuse.passes.share_kv.fold import fold_alignment
 from layerfuse.passes.share_kv.layers import KVLayer, kv_layers
 
 
@@ -69,10 +70,16 @@ class ShareKVPass(PlanPass):
             )
         for target, source in self.plan.pairs:
             _check_pair(layers[target], layers[source])
+        if self.plan.alignments and set(self.plan.alignments) != set(self.plan.pairs):
+            raise PlanError("the share-kv plan's alignment maps do not cover its pairs")
 
     def rewrite(self, model: ir.Model) -> bool:
         layers = kv_layers(model)
         graph = model.graph
+        if self.plan.alignments:
+            structure = detect_structure(model)
+            for (target, _), alignment in self.plan.alignments.items():
+                fold_alignment(graph, structure, layers[target], alignment)
         for target, source in self.plan.pairs:
             for mine, theirs in zip(layers[target].entries, layers[source].entries, strict=True):
                 _share(graph, mine, theirs)
