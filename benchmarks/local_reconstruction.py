@@ -47,7 +47,7 @@ from layerfuse.recover.data import load_training_data
 from layerfuse.recover.graph_module import GraphModule
 from layerfuse.recover.local import LocalSettings, reconstruct
 from layerfuse.recover.run import RecoverRequest, recover
-from layerfuse.recover.trainer import TrainSettings
+from layerfuse.recover.settings import TrainSettings
 from layerfuse.recover.writeback import write_back
 
 MODEL = "smollm2-135m"

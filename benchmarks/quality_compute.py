@@ -57,7 +57,7 @@ from layerfuse.passes.prune import PruneRequest, plan_prune
 from layerfuse.progress import ConsoleReporter
 from layerfuse.recover.local import LocalSettings
 from layerfuse.recover.run import RecoverRequest, recover
-from layerfuse.recover.trainer import TrainSettings
+from layerfuse.recover.settings import TrainSettings
 
 TEST_TOKENS = 4096
 HYBRID_PRUNED, HYBRID_WINDOW = 4, (18, 23)

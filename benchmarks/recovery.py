@@ -46,7 +46,7 @@ from layerfuse.passes.prune import PrunePlan
 from layerfuse.passes.scoring import CandidateScorer
 from layerfuse.progress import ConsoleReporter
 from layerfuse.recover.run import RecoverRequest, recover
-from layerfuse.recover.trainer import TrainSettings
+from layerfuse.recover.settings import TrainSettings
 from layerfuse.runtime.quality import perplexity
 from layerfuse.runtime.session import create_session
 

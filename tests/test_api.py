@@ -23,7 +23,7 @@ from layerfuse.model.manifest import carry_manifest
 from layerfuse.passes.merge import MergeRequest, plan_merge
 from layerfuse.passes.plan import apply_plan
 from layerfuse.passes.prune import PruneRequest, plan_prune
-from layerfuse.recover.trainer import TrainSettings
+from layerfuse.recover.settings import TrainSettings
 from layerfuse.runtime.session import create_session
 from tests.test_recover import _write_text
 

@@ -29,9 +29,10 @@ from layerfuse.recover.graph_module import GraphModule
 from layerfuse.recover.local import NOTHING, LocalSettings, reconstruct
 from layerfuse.recover.objectives import Objective
 from layerfuse.recover.run import RecoverRequest, recover
+from layerfuse.recover.settings import TrainSettings
 from layerfuse.recover.teacher import Teacher
 from layerfuse.recover.tied_sets import find_tied_sets
-from layerfuse.recover.trainer import Trainer, TrainSettings
+from layerfuse.recover.trainer import Trainer
 from layerfuse.recover.validation import Validator
 from layerfuse.runtime.calibration import ActivationTap, token_rows
 from tests.test_recover import _write_text

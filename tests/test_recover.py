@@ -29,8 +29,8 @@ from layerfuse.recover.checkpoint import load_state
 from layerfuse.recover.graph_module import GraphModule
 from layerfuse.recover.objectives import Objective
 from layerfuse.recover.run import RecoverRequest, recover
+from layerfuse.recover.settings import TrainSettings
 from layerfuse.recover.teacher import Teacher
-from layerfuse.recover.trainer import TrainSettings
 from layerfuse.recover.writeback import graph_invariants
 from layerfuse.runtime.session import create_session
 from tests.tiny_models import WORDS

@@ -17,7 +17,7 @@ import pytest
 
 from layerfuse.errors import LayerfuseError
 from layerfuse.recover.run import RecoverRequest, recover
-from layerfuse.recover.trainer import TrainSettings
+from layerfuse.recover.settings import TrainSettings
 from tests.test_local_reconstruction import LOCAL, SETTINGS, _weights, llama, text  # noqa: F401
 
 STEPS = replace(SETTINGS, steps=4)

@@ -17,7 +17,7 @@ from layerfuse.deploy.triton_config import TritonOptions
 from layerfuse.errors import LayerfuseError
 from layerfuse.options import check_options, option_name, options_of
 from layerfuse.recover.local import LocalSettings
-from layerfuse.recover.trainer import TrainSettings
+from layerfuse.recover.settings import TrainSettings
 
 SETTINGS = (TrainSettings, LocalSettings, TritonOptions)
 

@@ -33,7 +33,7 @@ from layerfuse.progress import SILENT, Reporter
 from layerfuse.recover.local import LocalSettings
 from layerfuse.recover.run import RecoverRequest
 from layerfuse.recover.run import recover as run_recovery
-from layerfuse.recover.trainer import TrainSettings
+from layerfuse.recover.settings import TrainSettings
 from layerfuse.runtime.bench import BenchConfig, run_bench
 from layerfuse.runtime.evaluate import evaluate_model
 from layerfuse.toolchain.quantize import quantize_model

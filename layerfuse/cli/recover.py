@@ -33,7 +33,7 @@ DATA_HELP = (
 def _run(args: argparse.Namespace) -> int:
     from layerfuse.recover.local import LocalSettings
     from layerfuse.recover.run import RecoverRequest, recover
-    from layerfuse.recover.trainer import TrainSettings
+    from layerfuse.recover.settings import TrainSettings
 
     output = Path(args.output)
     default_checkpoints = args.checkpoint_dir is None
@@ -105,7 +105,7 @@ def _describe(summary: dict, checkpoints: Path) -> None:
 
 def _options(parser: argparse.ArgumentParser) -> None:
     from layerfuse.recover.local import LocalSettings
-    from layerfuse.recover.trainer import TrainSettings
+    from layerfuse.recover.settings import TrainSettings
 
     parser.add_argument("--data", default="fortunes", help=DATA_HELP)
     add_settings_options(parser, TrainSettings)

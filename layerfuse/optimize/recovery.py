@@ -26,7 +26,7 @@ from pathlib import Path
 from layerfuse.progress import Reporter
 from layerfuse.recover.local import LocalSettings
 from layerfuse.recover.run import RecoverRequest, recover
-from layerfuse.recover.trainer import TrainSettings
+from layerfuse.recover.settings import TrainSettings
 
 PROBE_STEPS = 2
 

@@ -36,9 +36,10 @@ from layerfuse.recover.local import LocalSettings, reconstruct
 from layerfuse.recover.mapping import map_blocks
 from layerfuse.recover.objectives import Objective
 from layerfuse.recover.provenance import check_derived, load_any_plan
+from layerfuse.recover.settings import TrainSettings
 from layerfuse.recover.sharding import block_boundaries, full_params, load_params
 from layerfuse.recover.teacher import Teacher
-from layerfuse.recover.trainer import Trainer, TrainSettings
+from layerfuse.recover.trainer import Trainer
 from layerfuse.recover.validation import Validator
 from layerfuse.recover.writeback import write_back
 

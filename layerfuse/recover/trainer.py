@@ -17,9 +17,8 @@ through :mod:`layerfuse.recover.sharding`, whole on disk whatever the parallelis
 
 from __future__ import annotations
 
-__all__ = ["TrainResult", "TrainSettings", "Trainer"]
+__all__ = ["TrainResult", "Trainer"]
 
-import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -28,7 +27,6 @@ import numpy as np
 import torch
 
 from layerfuse.errors import LayerfuseError
-from layerfuse.options import check_options, option
 from layerfuse.progress import SILENT, Reporter
 from layerfuse.recover.budget import CpuClock
 from layerfuse.recover.checkpoint import load_state, restore_random, save_state, snapshot_random
@@ -36,6 +34,7 @@ from layerfuse.recover.data import TrainingData
 from layerfuse.recover.distributed import Distributed
 from layerfuse.recover.graph_module import GraphModule
 from layerfuse.recover.objectives import Objective
+from layerfuse.recover.settings import TrainSettings
 from layerfuse.recover.sharding import (
     full_params,
     gather_optimizer,
@@ -46,53 +45,6 @@ from layerfuse.recover.sharding import (
 )
 from layerfuse.recover.teacher import Teacher
 from layerfuse.recover.validation import Validator
-
-
-@dataclass
-class TrainSettings:
-    """Defaults: 100 steps of 4 x 2 x 128 tokens, in tens of minutes for SmolLM2-135M on 2
-    CPU cores (the command line shows these defaults)."""
-
-    steps: int = option(100, "optimizer steps", positive=True)
-    batch_size: int = option(
-        4, "sequences per micro-batch, shared out over processes", positive=True
-    )
-    grad_accum: int = option(2, "micro-batches accumulated per optimizer step", positive=True)
-    seq_len: int = option(128, "tokens per sequence", positive=True)
-    lr: float = option(1e-4, "peak AdamW learning rate", positive=True)
-    warmup: int = option(10, "linear warm-up steps, then cosine decay to --min-lr-ratio")
-    min_lr_ratio: float = option(0.1, "learning rate at the last step, as a share of --lr")
-    weight_decay: float = option(0.0, "AdamW weight decay")
-    clip: float = option(1.0, "gradient norm clip (0: none)")
-    eval_every: int = option(25, "validate every N steps, 0 never; the best is kept")
-    patience: int = option(3, "stop after N validations without improvement, 0 never")
-    valid_tokens: int = option(4096, "tokens of the valid split to validate on")
-    seed: int = option(0, "seed of the data order and of the local stage")
-    budget_minutes: float = option(
-        0.0,
-        "CPU-minutes (user+system, local stage included; 0: none): distillation stops after "
-        "the step during which the run's CPU time passed it",
-    )
-
-    @property
-    def global_batch(self) -> int:
-        return self.batch_size * self.grad_accum
-
-    def check(self, world_size: int) -> None:
-        check_options(self)
-        if self.batch_size % world_size:
-            raise LayerfuseError(
-                f"--batch-size {self.batch_size} must be a multiple of the {world_size} processes"
-            )
-
-    def learning_rate_factor(self, step: int) -> float:
-        """Linear warm-up to 1, then cosine decay to ``min_lr_ratio`` at the last step."""
-        if step < self.warmup:
-            return (step + 1) / self.warmup
-        span = max(1, self.steps - self.warmup)
-        progress = min(1.0, (step - self.warmup) / span)
-        cosine = 0.5 * (1 + math.cos(math.pi * progress))
-        return self.min_lr_ratio + (1 - self.min_lr_ratio) * cosine
 
 
 @dataclass
@@ -211,11 +163,16 @@ class Trainer:
             teacher_taps = {k: torch.from_numpy(v).to(self.device) for k, v in tapped.items()}
         inputs = {n: torch.from_numpy(feeds[n]).to(self.device) for n in self.student.input_names}
         mask = torch.from_numpy(batch.mask).to(self.device)
+        autocast = torch.autocast(
+            self.device.type, torch.bfloat16, enabled=self.settings.precision == "bf16"
+        )
         with self.dist.accumulating(self.model, sync):
-            outputs, taps = self.model(inputs, self.objective.student_taps)
+            with autocast:
+                outputs, taps = self.model(inputs, self.objective.student_taps)
             loss = self.objective.loss_sum(
-                outputs[0], taps, teacher_out, teacher_taps, inputs["input_ids"], mask
-            )
+                outputs[0].float(), {k: v.float() for k, v in taps.items()}, teacher_out,
+                teacher_taps, inputs["input_ids"], mask,
+            )  # fmt: skip
             loss = loss * self.dist.world_size / terms
             loss.backward()
         return float(loss.detach()) / self.dist.world_size
