@@ -67,8 +67,8 @@ def build(original: Path, name: str, make_plan) -> Path:
 
 
 def variants(original: Path) -> dict[str, Path]:
-    """Per fraction: adjacent pairs as they are, aligned, and (1/3) the planner's pairs with
-    and without alignment, then attention removal at the same KV bytes."""
+    """Per fraction: adjacent pairs and the planner's pairs, each as they are and aligned,
+    then attention removal at the same KV bytes."""
     paths = {"original": original}
     data = DataSettings(calib_tokens=2048, valid_tokens=2048)
     for fraction, pairs in SHARES.items():
@@ -79,12 +79,14 @@ def variants(original: Path) -> dict[str, Path]:
             paths[f"KV {name}"] = build(
                 original, name, lambda r=request: plan_share_kv(original, r)
             )
-        if fraction == "1/3":
-            for name, align in (("shared planned 1/3", False), ("aligned planned 1/3", True)):
-                request = ShareKVRequest(layers=len(pairs), align=align, data=data)
-                paths[f"KV {name}"] = build(
-                    original, name, lambda r=request: plan_share_kv(original, r)
-                )
+        for name, align in (
+            (f"shared planned {fraction}", False),
+            (f"aligned planned {fraction}", True),
+        ):
+            request = ShareKVRequest(layers=len(pairs), align=align, data=data)
+            paths[f"KV {name}"] = build(
+                original, name, lambda r=request: plan_share_kv(original, r)
+            )
         removal = PruneRequest(target="attention", count=len(pairs), data=data)
         removed = build(original, f"removed {fraction}", lambda r=removal: plan_prune(original, r))
         paths[f"attention removed {fraction}"] = removed
