@@ -6,7 +6,7 @@ from pathlib import Path
 
 from common import markdown_table
 
-MERGES = ("permute", "permute + relax 8", "permute + relax 32", "vanilla")
+MERGES = ("permute", "permute + relax 8", "permute + relax 32", "vanilla", "permute (KD only)")
 
 
 def _row(rows: list[dict], variant: str, budget: float) -> dict | None:
