@@ -117,7 +117,9 @@ def measure(steps: int, timed: bool) -> dict:
     original = exported()
     paths = variants(original)
     rows = []
-    for name, path in paths.items():
+    first = [name for name in paths if "aligned planned" in name]  # the likeliest best first
+    for name in [*first, *(name for name in paths if name not in first)]:
+        path = paths[name]
         model = load_model(path)
         row = {
             "variant": name,
@@ -130,6 +132,7 @@ def measure(steps: int, timed: bool) -> dict:
             row["perplexity_recovered"] = perplexity(recovered)
         rows.append(row)
         log(f"{name}: {row}")
+    rows.sort(key=lambda row: list(paths).index(row["variant"]))
     if not timed:
         committed = json.loads((RESULTS / "kv_sharing.json").read_text())
         kept = {k: committed[k] for k in ("decode", "load_average_1m")}
