@@ -87,8 +87,13 @@ class Trainer:
         self.student, self.teacher, self.objective = student, teacher, objective
         self.data, self.validator, self.settings = data, validator, settings
         self.checkpoint_dir, self.dist, self.reporter = checkpoint_dir, dist, reporter
-        # The budget only says where to stop, like stop_after: a resume may raise it.
-        kept = {k: v for k, v in asdict(settings).items() if k != "budget_minutes"}
+        # The budget only says where to stop, like stop_after: a resume may raise it. float32
+        # precision (the default) is left out so that older checkpoints still resume.
+        kept = {
+            k: v
+            for k, v in asdict(settings).items()
+            if k != "budget_minutes" and (k, v) != ("precision", "fp32")
+        }
         self.run_key = {**run_key, "settings": kept, "objective": asdict(objective)}
         settings.check(dist.world_size)
         self.model = dist.wrap(student, student.device)
