@@ -138,8 +138,10 @@ def encoder_targets(rows: list[dict]) -> list[str]:
         merge = max(merges, key=lambda r: r["topic_accuracy"])
         gap = 100 * (merge["topic_accuracy"] - prune["topic_accuracy"])
         verdict = "merging wins" if gap > 0 else "pruning wins" if gap < 0 else "a tie"
+        missing = [v for v in MERGES if _row(rows, v, 0) and not _row(rows, v, budget)]
+        unrun = f"; not run to this budget: {', '.join(missing)}" if missing else ""
         out.append(
-            f"- **{budget:g} CPU-minutes ({verdict})**: best merge {merge['variant']} "
+            f"- **{budget:g} CPU-minutes ({verdict}{unrun})**: best merge {merge['variant']} "
             f"{merge['topic_accuracy']:.4f} ({100 * merge['params_removed']:.1f}% removed, "
             f"{merge['cpu_minutes']:.1f} CPU-min) against whole-block pruning "
             f"{prune['topic_accuracy']:.4f} ({100 * prune['params_removed']:.1f}% removed, "
