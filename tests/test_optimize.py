@@ -23,10 +23,10 @@ from layerfuse.optimize import (
     parse_limit,
     parse_target,
 )
-from layerfuse.optimize.finalists import load_plan
 from layerfuse.optimize.report import time_spent
 from layerfuse.optimize.space import load_space, space_document
 from layerfuse.passes.plan import apply_plan
+from layerfuse.passes.registry import load_plan
 from layerfuse.progress import Reporter
 from layerfuse.runtime.evaluate import evaluate_model
 

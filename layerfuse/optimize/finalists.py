@@ -2,28 +2,16 @@
 
 from __future__ import annotations
 
-__all__ = ["apply_plans", "load_plan", "plan_file", "prepare_finalist", "screened_plans"]
+__all__ = ["apply_plans", "plan_file", "prepare_finalist", "save_plans", "screened_plans"]
 
-import json
 from pathlib import Path
 
 import onnx_ir as ir
 
-from layerfuse.errors import PlanError
 from layerfuse.model.io import load_model, save_model
 from layerfuse.model.manifest import carry_manifest
 from layerfuse.optimize.candidates import Candidate
-from layerfuse.passes.plan import Plan
-from layerfuse.passes.registry import plan_class_for
-
-
-def load_plan(path: str | Path) -> Plan:
-    """A saved plan of any kind, by the schema its file names."""
-    schema = json.loads(Path(path).read_text()).get("schema")
-    plan_class = plan_class_for(schema)
-    if plan_class is None:
-        raise PlanError(f"{path}: not a plan layerfuse knows (schema {schema!r})")
-    return plan_class.load(path)
+from layerfuse.passes.registry import load_plan
 
 
 def apply_plans(model_path: Path, plans: list) -> ir.Model:
@@ -40,6 +28,11 @@ def plan_file(folder: Path, index: int) -> Path:
     return folder / ("plan.json" if index == 0 else f"plan-{index + 1}.json")
 
 
+def save_plans(sources: list, folder: Path) -> list[Path]:
+    """Each saved plan copied into ``folder`` in chain order (:func:`plan_file`)."""
+    return [load_plan(source).save(plan_file(folder, i)) for i, source in enumerate(sources)]
+
+
 def screened_plans(candidate: Candidate) -> list[str]:
     """The candidate's saved plans in the order they apply."""
     screen = candidate.results["screen"]
@@ -52,7 +45,7 @@ def prepare_finalist(model: Path, candidate: Candidate, folder: Path) -> tuple[P
     tokenizer beside it). The plan recovery reads, or None for a chain: its later plans fit
     the model the earlier ones made, not the original."""
     sources = screened_plans(candidate)
-    saved = [load_plan(source).save(plan_file(folder, i)) for i, source in enumerate(sources)]
+    saved = save_plans(sources, folder)
     compressed = folder / "compressed" / "model.onnx"
     save_model(apply_plans(model, saved), compressed)
     carry_manifest(model, compressed)

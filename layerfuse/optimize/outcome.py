@@ -15,7 +15,7 @@ from pathlib import Path
 from layerfuse.files import write_json_atomic, write_text_atomic
 from layerfuse.model.io import load_model, save_model
 from layerfuse.model.manifest import carry_manifest
-from layerfuse.optimize.finalists import load_plan, plan_file, screened_plans
+from layerfuse.optimize.finalists import plan_file, save_plans, screened_plans
 from layerfuse.optimize.report import report_markdown
 from layerfuse.optimize.report_figure import pareto_figure
 
@@ -98,8 +98,7 @@ def _write_winner(request, winner: dict) -> Path:
     source = Path(winner["path"])
     save_model(load_model(source), target)
     carry_manifest(source, target)
-    for index, plan in enumerate(winner.get("plans", [winner["plan"]])):
-        load_plan(plan).save(plan_file(target.parent, index))
+    save_plans(winner.get("plans", [winner["plan"]]), target.parent)
     return target
 
 
