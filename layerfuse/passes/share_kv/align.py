@@ -23,7 +23,7 @@ fits of all pairs together leave the smaller residual (the phases cancel only in
 
 from __future__ import annotations
 
-__all__ = ["Alignment", "AlignmentSums", "fit_alignments", "rotary_pairs"]
+__all__ = ["Alignment", "AlignmentSums", "fit_alignments", "rotary_pairs", "token_rows"]
 
 from dataclasses import dataclass
 
@@ -101,9 +101,9 @@ class AlignmentSums:
         return Alignment(convention, key_scale, value_map, key_residual, float(value_residual))
 
 
-def _rows(array: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    """[batch, heads, seq, dim] -> the real tokens' rows, [tokens, heads, dim], float64."""
-    return array.transpose(0, 2, 1, 3)[mask.astype(bool)].astype(np.float64)
+def token_rows(array: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """A cache tensor [batch, heads, seq, dim] -> its real tokens' rows, [tokens, heads, dim]."""
+    return array.transpose(0, 2, 1, 3)[mask.astype(bool)]
 
 
 def fit_alignments(
@@ -119,7 +119,8 @@ def fit_alignments(
     for batch in batches:
         outputs = session.run(wanted, adapt_feeds(session, batch.feeds))
         mask = batch.mask if batch.mask is not None else np.ones(outputs[0].shape[::2][:2])
-        rows = dict(zip(wanted, (_rows(a, mask) for a in outputs), strict=True))
+        arrays = (token_rows(a, mask).astype(np.float64) for a in outputs)
+        rows = dict(zip(wanted, arrays, strict=True))
         for (target, source), pair_sums in sums.items():
             keys = tuple(rows[layers[i].key.present.name] for i in (source, target))
             values = tuple(rows[layers[i].value.present.name] for i in (source, target))

@@ -28,7 +28,7 @@ from layerfuse.model.io import load_model
 from layerfuse.passes.detect import detect_structure
 from layerfuse.passes.plan import apply_plan
 from layerfuse.passes.planner import DataSettings
-from layerfuse.passes.share_kv.align import fit_alignments
+from layerfuse.passes.share_kv.align import fit_alignments, token_rows
 from layerfuse.passes.share_kv.layers import KVLayer, kv_layers
 from layerfuse.passes.share_kv.plan import ShareKVPlan
 from layerfuse.progress import SILENT, Reporter
@@ -51,7 +51,7 @@ class ShareKVRequest:
 
 def _unit_rows(array: np.ndarray, mask: np.ndarray) -> np.ndarray:
     """[batch, heads, seq, dim] -> unit vectors of real tokens, [tokens, heads, dim]."""
-    rows = array.transpose(0, 2, 1, 3)[mask.astype(bool)]
+    rows = token_rows(array, mask)
     return rows / np.maximum(np.linalg.norm(rows, axis=-1, keepdims=True), 1e-12)
 
 
