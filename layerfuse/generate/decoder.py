@@ -171,6 +171,19 @@ class Decoder:
             feeds[self.position_ids] = self._last.reshape(batch, 1)
         return self._run(feeds)[:, -1]
 
+    def repeat_rows(self, copies: int) -> None:
+        """Make every row of the state (cache, mask, positions) ``copies`` consecutive rows:
+        the state a prefill of each prompt ``copies`` times would leave, for one prefill. A
+        decode step's cost depends only on the shapes, so benchmarks decode a big batch at a
+        long context this way without a prefill of batch x context tokens. On CUDA the cache
+        passes through host memory once."""
+        self._cache = {
+            name: self._value(np.repeat(value.numpy(), copies, axis=0))
+            for name, value in self._cache.items()
+        }
+        self._mask = np.repeat(self._mask, copies, axis=0)
+        self._last = np.repeat(self._last, copies)
+
     @property
     def cache(self) -> dict[str, ort.OrtValue]:
         return dict(self._cache)

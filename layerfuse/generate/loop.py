@@ -76,14 +76,20 @@ def generate_ids(
     eos_token_ids: Sequence[int] = (),
     suppress_eos: bool = False,
     on_token: Callable[[np.ndarray], None] | None = None,
+    copies: int = 1,
 ) -> Generation:
     """Continue every prompt by up to ``max_new_tokens`` tokens.
 
     A row stops at an EOS token (later tokens of a finished row are EOS again and dropped);
     with ``suppress_eos`` EOS is never chosen, so every row gets exactly ``max_new_tokens``
     (Hugging Face's ``min_new_tokens``; what benchmarks need). ``on_token`` sees each step's
-    tokens as they are chosen.
+    tokens as they are chosen. With ``copies`` each prompt is prefilled once and its cache
+    repeated into ``copies`` consecutive rows (:meth:`Decoder.repeat_rows`), which decode as
+    that many rows holding the same prompt would, at the cost of one prefill; the time to
+    the first token is then that of the one-row prefill.
     """
+    if copies < 1:
+        raise LayerfuseError(f"copies must be at least 1, got {copies}")
     check_context(prompts, max_new_tokens, decoder.context_length)
     eos = list(eos_token_ids)
     pad = eos[0] if eos else 0
@@ -97,10 +103,15 @@ def generate_ids(
         return sampler(logits)
 
     started = time.perf_counter()
-    tokens = choose(decoder.start(ids, mask))
-    result = Generation([[] for _ in prompts], [len(p) for p in prompts], 0.0)
+    logits = decoder.start(ids, mask)
+    if copies > 1:
+        decoder.repeat_rows(copies)
+        logits = np.repeat(logits, copies, axis=0)
+    tokens = choose(logits)
+    lengths = [len(p) for p in prompts for _ in range(copies)]
+    result = Generation([[] for _ in lengths], lengths, 0.0)
     result.time_to_first_token = time.perf_counter() - started
-    finished = np.zeros(len(prompts), dtype=bool)
+    finished = np.zeros(len(lengths), dtype=bool)
     for step in range(max_new_tokens):
         if step:
             began = time.perf_counter()

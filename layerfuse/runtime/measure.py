@@ -26,7 +26,9 @@ __all__ = [
     "measure_latency",
     "measure_memory",
     "peak_rss_bytes",
+    "reset_peak_rss",
     "rss_bytes",
+    "run_probe",
 ]
 
 import json
@@ -53,6 +55,17 @@ def peak_rss_bytes() -> int | None:
     except OSError:
         pass
     return None
+
+
+def reset_peak_rss() -> bool:
+    """Reset this process's peak RSS to its RSS now (Linux ``clear_refs``), so a later
+    :func:`peak_rss_bytes` is the peak of what ran since; False where that is unsupported."""
+    try:
+        with open("/proc/self/clear_refs", "w") as handle:
+            handle.write("5")
+    except OSError:
+        return False
+    return True
 
 
 def rss_bytes() -> int:
@@ -202,26 +215,29 @@ def measure_memory(
     with tempfile.TemporaryDirectory() as tmp:
         feeds_path = Path(tmp) / "feeds.npz"
         np.savez(feeds_path, **feeds)
-        result = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "layerfuse.runtime.measure",
-                str(model_path),
-                str(feeds_path),
-                provider,
-                mode,
-                "1" if release_memory else "0",
-            ],
-            capture_output=True,
-            text=True,
-            check=False,
-            env=None if env is None else {**os.environ, **env},
-        )
+        arguments = [str(model_path), str(feeds_path), provider, mode]
+        arguments.append("1" if release_memory else "0")
+        result = run_probe("layerfuse.runtime.measure", arguments, str(model_path), env)
+    return MemoryStats(**result)
+
+
+def run_probe(
+    module: str, arguments: list[str], what: str, env: dict[str, str] | None = None
+) -> dict:
+    """Run ``python -m module arguments`` in a fresh process and return the JSON object its
+    last line of output prints: a process of its own, so that its memory figures hold only
+    what the probe did. ``env`` adds variables to the child's environment."""
+    result = subprocess.run(
+        [sys.executable, "-m", module, *arguments],
+        capture_output=True,
+        text=True,
+        check=False,
+        env=None if env is None else {**os.environ, **env},
+    )
     if result.returncode != 0:
         last = (result.stderr.strip() or "no output").splitlines()[-1]
-        raise RuntimeError(f"memory measurement of {model_path} failed: {last}")
-    return MemoryStats(**json.loads(result.stdout.strip().splitlines()[-1]))
+        raise RuntimeError(f"memory measurement of {what} failed: {last}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
 
 
 if __name__ == "__main__":
