@@ -36,3 +36,6 @@ if [ "$(cat "$STUB_SITE/.layerfuse-stub" 2> /dev/null)" != "numpy<2 onnxruntime=
 fi
 # Real English text for calibration and evaluation (Debian's fortunes, fetched into the cache).
 .venv/bin/python -c "from layerfuse.data.corpus import fortunes_dir; print('text corpus:', fortunes_dir())"
+# More training text for long recoveries (--data fortunes+gcide+pydocs), also into the cache.
+.venv/bin/python -c "from layerfuse.data.extra_text import EXTRA_CORPORA, extra_texts
+for name in EXTRA_CORPORA: print(f'training text {name}: {len(extra_texts(name))} texts')"

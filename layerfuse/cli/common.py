@@ -31,7 +31,9 @@ from layerfuse.passes.planner import DataSettings
 
 DATA_HELP = (
     "text to calibrate and validate on: fortunes (Debian's fortunes, the default), random "
-    "(random token ids or pixels, for smoke tests only), or a .txt/.jsonl file"
+    "(random token ids or pixels, for smoke tests only), or a .txt/.jsonl file; "
+    "+gcide/+pydocs (e.g. fortunes+gcide) add Debian's dictionary and Python docs to the "
+    "training split only"
 )
 
 

@@ -7,6 +7,8 @@ A spec names where inputs come from:
   (one ``{"text": ...}`` object a line) or a Hugging Face ``datasets`` folder written by
   ``save_to_disk`` (its ``text`` column; needs the ``datasets`` package): each text goes to a
   split by a hash of its content, 1/8 ``calib``, 3/8 ``train``, 1/4 ``valid``, 1/4 ``test``;
+- either of the text specs followed by ``+gcide``, ``+pydocs`` (or both): more *training* text
+  from Debian packages (:mod:`layerfuse.data.extra_text`), added to the ``train`` split only;
 - ``random``: seeded random token ids or pixels, for smoke tests and output-fidelity checks
   only (never for quality claims).
 
@@ -30,12 +32,13 @@ __all__ = [
 import hashlib
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 
 from layerfuse.data import corpus
+from layerfuse.data.extra_text import EXTRA_CORPORA, extra_texts
 from layerfuse.data.tokens import adds_bos, load_tokenizer, packed_rows, sentence_batches
 from layerfuse.errors import DataError
 from layerfuse.model.manifest import Manifest, require_manifest
@@ -64,12 +67,19 @@ class InputBatch:
 class DataSpec:
     kind: str
     path: Path | None = None
+    extras: tuple[str, ...] = ()
 
     def __str__(self) -> str:
-        return str(self.path) if self.kind == "text" else self.kind
+        base = str(self.path) if self.kind == "text" else self.kind
+        return "+".join((base, *self.extras))
 
 
 def parse_spec(spec: str) -> DataSpec:
+    base, *extras = spec.split("+")
+    if extras and all(name in EXTRA_CORPORA for name in extras):
+        if base == "random":
+            raise DataError("random data takes no extra corpus; use fortunes+NAME or FILE+NAME")
+        return replace(parse_spec(base), extras=tuple(dict.fromkeys(extras)))
     if spec in ("fortunes", "random"):
         return DataSpec(spec)
     path = Path(spec.removeprefix("text:"))
@@ -81,7 +91,8 @@ def parse_spec(spec: str) -> DataSpec:
         return DataSpec("text", path)
     raise DataError(
         f"unknown data '{spec}' (use fortunes, random, a .txt or .jsonl file, or a folder "
-        f"written by datasets' save_to_disk)"
+        f"written by datasets' save_to_disk; add +{'/+'.join(EXTRA_CORPORA)} for more "
+        f"training text)"
     )
 
 
@@ -141,15 +152,16 @@ def _hash_split(text: str) -> str:
 
 
 def texts_for(spec: DataSpec, split: str) -> list[str]:
+    extra = [text for name in spec.extras for text in extra_texts(name)] if split == "train" else []
     if spec.kind == "fortunes":
-        return corpus.split_texts(split)
+        return corpus.split_texts(split) + extra
     assert spec.path is not None
     if split not in corpus.SPLITS:
         raise DataError(f"unknown split '{split}' (choose {', '.join(corpus.SPLITS)})")
     chosen = [text for text in filter(None, _source_texts(spec.path)) if _hash_split(text) == split]
     if not chosen:
         raise DataError(f"{spec.path}: no texts fall into the '{split}' split")
-    return chosen
+    return chosen + extra
 
 
 def _random_batches(manifest: Manifest, tokens: int, seq_len: int, batch_size: int) -> list:

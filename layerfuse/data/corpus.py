@@ -4,7 +4,7 @@ No dataset hub is reachable, so calibration and evaluation text comes from a reg
 package: ``fortunes`` (and ``fortunes-min``) hold 14k quotations, poems, definitions and jokes
 in 40 topic files (about 2.7 MB, free licence). If the files are not installed system-wide,
 ``apt-get download`` fetches the two .deb files and they are unpacked into the layerfuse
-cache; no root and no system install is needed.
+cache (:mod:`layerfuse.data.debian`).
 
 Splits are assigned by a hash of each entry's text, so they are stable across machines and
 runs: the calib bucket (50%), ``valid`` (25%) for window selection, ``test`` (25%) for the
@@ -30,13 +30,11 @@ __all__ = [
 
 import hashlib
 import os
-import shutil
-import subprocess
-import tempfile
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
+from layerfuse.data.debian import unpacked_package
 from layerfuse.errors import DataError
 
 SPLITS = ("calib", "valid", "test", "train")
@@ -68,37 +66,6 @@ class Entry:
         return "calib" if bucket < 2 else ("valid" if bucket == 2 else "test")
 
 
-def _cache_dir() -> Path:
-    root = os.environ.get("LAYERFUSE_CACHE") or Path.home() / ".cache" / "layerfuse"
-    return Path(root) / "fortunes"
-
-
-def _download_debian_packages(target: Path) -> None:
-    if shutil.which("apt-get") is None or shutil.which("dpkg-deb") is None:
-        raise DataError(
-            "the fortunes text corpus is missing and apt-get/dpkg-deb are not available; "
-            "install Debian's 'fortunes' package or set LAYERFUSE_FORTUNES_DIR"
-        )
-    with tempfile.TemporaryDirectory() as tmp:
-        download = subprocess.run(
-            ["apt-get", "download", *_DEBIAN_PACKAGES],
-            cwd=tmp,
-            capture_output=True,
-            text=True,
-            check=False,
-        )
-        if download.returncode != 0:
-            reason = (download.stderr.strip() or "apt-get failed").splitlines()[-1]
-            raise DataError(
-                f"could not download Debian's fortunes packages ({reason}); "
-                "run 'apt-get update' or install the 'fortunes' package"
-            )
-        staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=".fortunes-"))
-        for deb in Path(tmp).glob("*.deb"):
-            subprocess.run(["dpkg-deb", "-x", str(deb), str(staging)], check=True)
-        os.replace(staging, target)
-
-
 def fortunes_dir() -> Path:
     """The folder of fortune topic files, downloading them into the cache if needed."""
     override = os.environ.get("LAYERFUSE_FORTUNES_DIR")
@@ -108,14 +75,10 @@ def fortunes_dir() -> Path:
         return Path(override)
     if (_SYSTEM_DIR / "computers").is_file():
         return _SYSTEM_DIR
-    cached = _cache_dir()
-    unpacked = cached / "usr/share/games/fortunes"
-    if not (unpacked / "computers").is_file():
-        cached.parent.mkdir(parents=True, exist_ok=True)
-        if cached.exists():
-            shutil.rmtree(cached)
-        _download_debian_packages(cached)
-    return unpacked
+    cached = unpacked_package(
+        "fortunes", _DEBIAN_PACKAGES, "usr/share/games/fortunes/computers", "the fortunes corpus"
+    )
+    return cached / "usr/share/games/fortunes"
 
 
 @lru_cache(maxsize=1)

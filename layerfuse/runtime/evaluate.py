@@ -38,7 +38,7 @@ def quality_metric(task: str, data: str) -> str:
     """The headline quality metric for a task and data spec."""
     if task == "causal-lm" and data != "random":
         return "perplexity"
-    if task == "encoder" and data == "fortunes":
+    if task == "encoder" and parse_spec(data).kind == "fortunes":
         return "topic_accuracy"
     return "mean_cosine"
 
