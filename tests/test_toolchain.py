@@ -8,6 +8,7 @@ import numpy as np
 import onnx
 import pytest
 from onnx import numpy_helper
+from onnxruntime.capi._pybind_state import quantize_matmul_4bits
 
 from layerfuse.cli import main
 from layerfuse.data.batches import make_batches
@@ -239,6 +240,19 @@ def _tied_embedding_model(path, vocab: int = 128, hidden: int = 64):
     return table
 
 
+def _onnxruntime_int4(table: np.ndarray, block: int = 32) -> np.ndarray:
+    """``table`` ([vocab, hidden]) through onnxruntime's int4 block quantizer and back."""
+    vocab, hidden = table.shape
+    count = hidden // block
+    packed = np.zeros((vocab, count, block // 2), np.uint8)
+    scales = np.zeros((vocab, count), np.float32)
+    zero_points = np.zeros((vocab, (count + 1) // 2), np.uint8)
+    weight = np.ascontiguousarray(table.T)
+    quantize_matmul_4bits(packed, weight, scales, zero_points, block, vocab, hidden, True)
+    q = np.stack([packed & 15, packed >> 4], axis=-1).reshape(vocab, count, block)
+    return ((q.astype(np.float32) - 8) * scales[..., None]).reshape(vocab, hidden)
+
+
 @pytest.mark.parametrize("scheme", ["int4", "int8"])
 def test_tied_word_embeddings_are_quantized_once_for_lookup_and_logits(tmp_path, scheme):
     source = tmp_path / "source.onnx"
@@ -254,7 +268,6 @@ def test_tied_word_embeddings_are_quantized_once_for_lookup_and_logits(tmp_path,
     bits = 4 if scheme == "int4" else 8
     assert plain.unique_bytes - shared.unique_bytes >= table.nbytes * (1 - bits / 32) * 0.85
 
-    # Every looked-up element within half a quantization step of the float table.
     model.graph.output.append(onnx.helper.make_empty_tensor_value_info("embedding"))
     onnx.save(model, tmp_path / "probe.onnx")
     ids = np.random.default_rng(1).integers(0, len(table), (3, 16))
@@ -262,11 +275,16 @@ def test_tied_word_embeddings_are_quantized_once_for_lookup_and_logits(tmp_path,
     rows, logits = session.run(["embedding", "logits"], {"input_ids": ids})
     expected = table[ids]
     if scheme == "int4":
+        # The lookup reads the blocks onnxruntime's quantizer makes of the head's [hidden,
+        # vocab] weight; each element within a step (|block extreme| / 8; half a step unless
+        # clipped at +7) of the float table.
+        assert np.allclose(rows, _onnxruntime_int4(table)[ids], rtol=0, atol=1e-6)
         blocks = expected.reshape(*ids.shape, -1, 32)
-        step = np.repeat(np.abs(blocks).max(axis=-1) / 7, 32, axis=-1)
-    else:
+        step = np.repeat(np.abs(blocks).max(axis=-1) / 8, 32, axis=-1)
+        assert np.all(np.abs(rows - expected) <= step + 1e-6)
+    else:  # every looked-up element within half a quantization step of the float table
         step = np.abs(expected).max(axis=-1, keepdims=True) / 127
-    assert np.all(np.abs(rows - expected) <= step / 2 + 1e-6)
+        assert np.all(np.abs(rows - expected) <= step / 2 + 1e-6)
     # ... and the logits read the same table: close to the float model's (three 4-bit matrices
     # in series lose about 16%, 8-bit ones 2%; a misread table would be off by ~100%).
     reference = create_session(source, provider="cpu").run(None, {"input_ids": ids})[0]

@@ -3,7 +3,10 @@
 The tool (quantizer, fp16 converter, transformers optimizer) gets the source model and a
 scratch folder and returns the converted proto. The driver then folds equal-content
 initializers into one (a converter that writes an identical copy per consumer loses nothing
-more than its duplicates), traces every tied set of the source into the result
+more than its duplicates). A transform may instead return an :class:`onnx_ir.Model` it built
+itself (the streaming int4 quantizer, whose weights stay lazy, some in the scratch folder,
+which lives until the output is written): it is taken as it is, since folding would read every
+weight. The driver then traces every tied set of the source into the result
 (:mod:`layerfuse.toolchain.ties`), and refuses to write a model in which a tie was undone:
 that would silently give back the bytes the tie removed.
 
@@ -39,7 +42,7 @@ from layerfuse.model.stats import ModelStats, model_stats
 from layerfuse.toolchain.quiet import quiet_onnxruntime
 from layerfuse.toolchain.ties import TieCheck, check_ties, deduplicate_initializers, tied_sets
 
-Transform = Callable[[Path, Path], onnx.ModelProto]
+Transform = Callable[[Path, Path], "onnx.ModelProto | ir.Model"]
 
 
 class ConversionError(LayerfuseError):
@@ -83,28 +86,29 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
-def _convert(source: Path, kind: str, transform: Transform) -> ir.Model:
-    """Run the tool quietly; its result with equal initializers folded and nodes sorted.
+def _convert(source: Path, kind: str, transform: Transform, scratch: Path) -> ir.Model:
+    """Run the tool quietly; its result with nodes sorted (and a proto's equal initializers
+    folded).
 
     onnxruntime's tools append the nodes they insert to the end of the graph: the fp16
     converter's Casts after float32 graph inputs (ViT's ``pixel_values``) and before
     blocked ops land after their readers. onnxruntime sorts on load, so the model runs, but
     it is not valid ONNX ("not topologically sorted"); a stable sort restores the order.
     """
-    with tempfile.TemporaryDirectory(prefix="layerfuse-convert-") as scratch:
-        try:
-            with quiet_onnxruntime():
-                proto = transform(source, Path(scratch))
-        except LayerfuseError:
-            raise
-        except Exception as exc:  # onnxruntime's tools raise anything; report one line
-            raise ConversionError(
-                f"{kind} conversion of {source} failed: {_first_line(exc)}"
-            ) from None
-        converted = ir.serde.deserialize_model(proto)
-        del proto
+    try:
+        with quiet_onnxruntime():
+            result = transform(source, scratch)
+    except LayerfuseError:
+        raise
+    except Exception as exc:  # onnxruntime's tools raise anything; report one line
+        raise ConversionError(f"{kind} conversion of {source} failed: {_first_line(exc)}") from None
+    if isinstance(result, ir.Model):
+        converted = result
+    else:
+        converted = deduplicate_initializers(ir.serde.deserialize_model(result))
+        del result
     converted.graph.sort()
-    return deduplicate_initializers(converted)
+    return converted
 
 
 def validate_staged(staged: Path) -> ModelStats:
@@ -161,18 +165,19 @@ def run_conversion(
     refuse_overwriting_inputs(model_files(source), [out])
     sets = tied_sets(model)
     source_unique_bytes = model_stats(source).unique_content_bytes
-    converted = _convert(source, kind, transform)
-    checks = check_ties(sets, converted)
-    broken = [check for check in checks if not check.kept]
-    if broken:
-        names = ", ".join(
-            f"{c.weight} ({c.readers} readers -> {c.reads or 'nothing'})" for c in broken[:3]
-        )
-        raise ConversionError(
-            f"{kind} conversion undid {len(broken)} of {len(checks)} ties of {source} "
-            f"({names}); no output written"
-        )
-    stats = _write_staged(converted, out, source, kind)
+    with tempfile.TemporaryDirectory(prefix="layerfuse-convert-") as scratch:
+        converted = _convert(source, kind, transform, Path(scratch))
+        checks = check_ties(sets, converted)
+        broken = [check for check in checks if not check.kept]
+        if broken:
+            names = ", ".join(
+                f"{c.weight} ({c.readers} readers -> {c.reads or 'nothing'})" for c in broken[:3]
+            )
+            raise ConversionError(
+                f"{kind} conversion undid {len(broken)} of {len(checks)} ties of {source} "
+                f"({names}); no output written"
+            )
+        stats = _write_staged(converted, out, source, kind)
     carry_manifest(source, out)
     return ConversionResult(
         path=out,

@@ -9,11 +9,14 @@ not a MatMul), so the largest tensor of a small model stays float32: 113 MB of S
 
 This rewrite quantizes the table once, in the layout the output projection's kernel reads,
 and dequantizes only the gathered rows for the lookup (a few kB per token), so both readers
-share one quantized initializer:
+share one quantized initializer. The rewrite works on a lazy :mod:`onnx_ir` model: only the
+table is read, and its quantized copy goes wherever the caller's ``store`` puts tensors (the
+streaming int4 path writes it to its scratch file).
 
-- ``int4``: ``MatMulNBits`` blocks (``[vocab, hidden/block, block/2]`` uint8, element 2i in
-  the low nibble, zero point 8, one float scale per block); the lookup gathers rows and
-  unpacks nibbles with ``BitwiseAnd``/``BitShift``.
+- ``int4``: ``MatMulNBits`` blocks made by :func:`~layerfuse.toolchain.int4.int4_blocks`, as
+  every other weight (``[vocab, hidden/block, block/2]`` uint8, element 2i in the low nibble,
+  zero point 8, one float scale per block); the lookup gathers rows and unpacks nibbles with
+  ``BitwiseAnd``/``BitShift``.
 - ``int8``: ``DynamicQuantizeMatMul`` with the table stored transposed (``[hidden, vocab]``
   int8, one scale per vocabulary row, symmetric); the lookup gathers columns.
 """
@@ -23,187 +26,174 @@ from __future__ import annotations
 __all__ = ["share_tied_embeddings"]
 
 import numpy as np
-import onnx
-from onnx import helper, numpy_helper
+import onnx_ir as ir
 
-_MS = "com.microsoft"
+from layerfuse.model.graph import consumers
+from layerfuse.toolchain.int4 import (
+    MS_DOMAIN,
+    Store,
+    add_initializer,
+    in_memory,
+    int4_blocks,
+    nbits_node,
+    replace_node,
+)
+
+Found = tuple[ir.Value, list[ir.Node], list[ir.Node], list[ir.Node]]
 
 
-def _tied_table(model: onnx.ModelProto):
-    """(table name, lookups, transposes, projections): a 2-D float initializer read only by
+def _perm(node: ir.Node) -> list[int]:
+    attribute = node.attributes.get("perm")
+    return [] if attribute is None else list(attribute.as_ints())
+
+
+def _is_tied(table: ir.Value, lookups, transposes, readers) -> bool:
+    return (
+        bool(lookups and transposes)
+        and len(lookups) + len(transposes) == len(readers)
+        and all(n.attributes.get_int("axis", 0) == 0 for n in lookups)
+        and all(_perm(t) == [1, 0] and not t.outputs[0].is_graph_output() for t in transposes)
+        and all(
+            m.op_type == "MatMul" and m.inputs[1] is t.outputs[0]
+            for t in transposes
+            for m in consumers(t.outputs[0])
+        )
+    )
+
+
+def _tied_table(graph: ir.Graph) -> Found | None:
+    """(table, lookups, transposes, projections): a 2-D float32 initializer read only by
     Gather (axis 0) and by Transpose(perm 1,0) whose outputs feed only MatMul weights (and are
     no graph output); else None."""
-    inits = {i.name: i for i in model.graph.initializer}
-    outputs = {o.name for o in model.graph.output}
-    consumers: dict[str, list[onnx.NodeProto]] = {}
-    for node in model.graph.node:
-        for name in node.input:
-            consumers.setdefault(name, []).append(node)
-    for name, init in inits.items():
-        readers = consumers.get(name, [])
-        if init.data_type != onnx.TensorProto.FLOAT or len(init.dims) != 2 or not readers:
+    for table in graph.initializers.values():
+        tensor, readers = table.const_value, consumers(table)
+        if tensor is None or tensor.dtype != ir.DataType.FLOAT or len(tensor.shape) != 2:
             continue
-        lookups = [n for n in readers if n.op_type == "Gather" and n.input[0] == name]
+        lookups = [n for n in readers if n.op_type == "Gather" and n.inputs[0] is table]
         transposes = [n for n in readers if n.op_type == "Transpose"]
-        projections = [m for t in transposes for m in consumers.get(t.output[0], [])]
-        if (
-            lookups
-            and transposes
-            and len(lookups) + len(transposes) == len(readers)
-            and all(helper.get_attribute_value(a) == 0 for n in lookups for a in n.attribute)
-            and all(_perm(t) == [1, 0] and t.output[0] not in outputs for t in transposes)
-            and all(
-                m.op_type == "MatMul" and m.input[1] == t.output[0]
-                for t in transposes
-                for m in consumers.get(t.output[0], [])
-            )
-        ):
-            return name, lookups, transposes, projections
+        if readers and _is_tied(table, lookups, transposes, readers):
+            projections = [m for t in transposes for m in consumers(t.outputs[0])]
+            return table, lookups, transposes, projections
     return None
 
 
-def _perm(node: onnx.NodeProto) -> list[int]:
-    return next((list(a.ints) for a in node.attribute if a.name == "perm"), [])
+def _op(nodes: list[ir.Node], name: str, op_type: str, inputs, **attributes) -> ir.Value:
+    """Append one node computing a value called ``name``; that value."""
+    output = ir.Value(name=name)
+    nodes.append(ir.node(op_type, inputs, attributes=attributes, outputs=[output], name=name))
+    return output
 
 
-def _int4_blocks(table: np.ndarray, block: int) -> tuple[np.ndarray, np.ndarray]:
-    rows, hidden = table.shape
-    blocks = table.reshape(rows, hidden // block, block)
-    scales = np.abs(blocks).max(axis=-1) / 7.0
-    scales[scales == 0] = 1.0
-    q = np.clip(np.rint(blocks / scales[..., None]) + 8, 0, 15).astype(np.uint8)
-    packed = q[..., 0::2] | (q[..., 1::2] << 4)
-    return packed, scales.astype(np.float32)
-
-
-def _int4_lookup(name: str, ids: str, out: str, block: int) -> list[onnx.NodeProto]:
+def _int4_lookup(ids: ir.Value, out: str, quantized, c: dict) -> list[ir.Node]:
     """Gathered rows -> nibbles -> (q - 8) * scale -> [..., hidden]."""
-    p = f"{out}/dq"
-    return [
-        helper.make_node("Gather", [f"{name}_Q4", ids], [f"{p}/rows"]),
-        helper.make_node("BitwiseAnd", [f"{p}/rows", f"{name}/15"], [f"{p}/lo"]),
-        helper.make_node("BitShift", [f"{p}/rows", f"{name}/4"], [f"{p}/hi"], direction="RIGHT"),
-        helper.make_node("Unsqueeze", [f"{p}/lo", f"{name}/-1"], [f"{p}/lo1"]),
-        helper.make_node("Unsqueeze", [f"{p}/hi", f"{name}/-1"], [f"{p}/hi1"]),
-        helper.make_node("Concat", [f"{p}/lo1", f"{p}/hi1"], [f"{p}/pairs"], axis=-1),
-        helper.make_node("Cast", [f"{p}/pairs"], [f"{p}/float"], to=onnx.TensorProto.FLOAT),
-        helper.make_node("Sub", [f"{p}/float", f"{name}/8"], [f"{p}/centred"]),
-        helper.make_node("Reshape", [f"{p}/centred", f"{name}/blocks"], [f"{p}/values"]),
-        helper.make_node("Gather", [f"{name}_scales", ids], [f"{p}/scales"]),
-        helper.make_node("Unsqueeze", [f"{p}/scales", f"{name}/-1"], [f"{p}/scales1"]),
-        helper.make_node("Mul", [f"{p}/values", f"{p}/scales1"], [f"{p}/scaled"]),
-        helper.make_node("Reshape", [f"{p}/scaled", f"{name}/rows"], [out]),
-    ]
+    p, nodes = f"{out}/dq", []
+    rows = _op(nodes, f"{p}/rows", "Gather", [quantized[0], ids])
+    lo = _op(nodes, f"{p}/lo", "BitwiseAnd", [rows, c["15"]])
+    hi = _op(nodes, f"{p}/hi", "BitShift", [rows, c["4"]], direction="RIGHT")
+    lo1 = _op(nodes, f"{p}/lo1", "Unsqueeze", [lo, c["-1"]])
+    hi1 = _op(nodes, f"{p}/hi1", "Unsqueeze", [hi, c["-1"]])
+    pairs = _op(nodes, f"{p}/pairs", "Concat", [lo1, hi1], axis=-1)
+    floats = _op(nodes, f"{p}/float", "Cast", [pairs], to=int(ir.DataType.FLOAT))
+    centred = _op(nodes, f"{p}/centred", "Sub", [floats, c["8"]])
+    values = _op(nodes, f"{p}/values", "Reshape", [centred, c["blocks"]])
+    scales = _op(nodes, f"{p}/scales", "Gather", [quantized[1], ids])
+    scales1 = _op(nodes, f"{p}/scales1", "Unsqueeze", [scales, c["-1"]])
+    scaled = _op(nodes, f"{p}/scaled", "Mul", [values, scales1])
+    _op(nodes, out, "Reshape", [scaled, c["rows"]])
+    return nodes
 
 
-def _int8_lookup(name: str, ids: str, out: str, rank: int) -> list[onnx.NodeProto]:
+def _int8_lookup(ids: ir.Value, out: str, quantized, c: dict, rank: int) -> list[ir.Node]:
     """Gathered columns of the transposed table -> rows -> q * scale."""
-    p = f"{out}/dq"
-    perm = [*range(1, rank + 1), 0]
-    return [
-        helper.make_node("Gather", [f"{name}_Q8", ids], [f"{p}/columns"], axis=1),
-        helper.make_node("Transpose", [f"{p}/columns"], [f"{p}/rows"], perm=perm),
-        helper.make_node("Cast", [f"{p}/rows"], [f"{p}/float"], to=onnx.TensorProto.FLOAT),
-        helper.make_node("Gather", [f"{name}_scales", ids], [f"{p}/scales"]),
-        helper.make_node("Unsqueeze", [f"{p}/scales", f"{name}/-1"], [f"{p}/scales1"]),
-        helper.make_node("Mul", [f"{p}/float", f"{p}/scales1"], [out]),
-    ]
+    p, nodes = f"{out}/dq", []
+    columns = _op(nodes, f"{p}/columns", "Gather", [quantized[0], ids], axis=1)
+    rows = _op(nodes, f"{p}/rows", "Transpose", [columns], perm=[*range(1, rank + 1), 0])
+    floats = _op(nodes, f"{p}/float", "Cast", [rows], to=int(ir.DataType.FLOAT))
+    scales = _op(nodes, f"{p}/scales", "Gather", [quantized[1], ids])
+    scales1 = _op(nodes, f"{p}/scales1", "Unsqueeze", [scales, c["-1"]])
+    _op(nodes, out, "Mul", [floats, scales1])
+    return nodes
 
 
-def _constants(name: str, rank: int, hidden: int, block: int) -> list[onnx.TensorProto]:
+def _constants(graph: ir.Graph, name: str, scheme: str, rank: int, hidden: int, block: int):
     keep = [0] * rank
-    return [
-        numpy_helper.from_array(np.array([-1], np.int64), f"{name}/-1"),
-        numpy_helper.from_array(np.array(15, np.uint8), f"{name}/15"),
-        numpy_helper.from_array(np.array(4, np.uint8), f"{name}/4"),
-        numpy_helper.from_array(np.array(8, np.float32), f"{name}/8"),
-        numpy_helper.from_array(
-            np.array([*keep, hidden // block, block], np.int64), f"{name}/blocks"
-        ),
-        numpy_helper.from_array(np.array([*keep, hidden], np.int64), f"{name}/rows"),
-    ]
-
-
-def _rank(model: onnx.ModelProto, ids: str) -> int | None:
-    infos = [*model.graph.input, *model.graph.value_info]
-    info = next((v for v in infos if v.name == ids), None)
-    return None if info is None else len(info.type.tensor_type.shape.dim)
-
-
-def _quantized_table(name: str, table: np.ndarray, scheme: str, block: int):
+    arrays = {"-1": np.array([-1], np.int64)}
     if scheme == "int4":
-        packed, scales = _int4_blocks(table, block)
-        return [
-            numpy_helper.from_array(packed, f"{name}_Q4"),
-            numpy_helper.from_array(scales, f"{name}_scales"),
-        ]
+        arrays |= {
+            "15": np.array(15, np.uint8),
+            "4": np.array(4, np.uint8),
+            "8": np.array(8, np.float32),
+            "blocks": np.array([*keep, hidden // block, block], np.int64),
+            "rows": np.array([*keep, hidden], np.int64),
+        }
+    return {
+        key: add_initializer(graph, f"{name}/{key}", ir.tensor(array, name=f"{name}/{key}"))
+        for key, array in arrays.items()
+    }
+
+
+def _quantized_table(table: np.ndarray, scheme: str, block: int) -> dict[str, np.ndarray]:
+    if scheme == "int4":
+        packed, scales = int4_blocks(table.T, block)
+        return {"_Q4": packed, "_scales": scales}
     scales = np.abs(table).max(axis=1) / 127.0
     scales[scales == 0] = 1.0
     q = np.clip(np.rint(table / scales[:, None]), -127, 127).astype(np.int8)
+    return {"_Q8": np.ascontiguousarray(q.T), "_scales": scales.astype(np.float32)}
+
+
+def _quantize(graph: ir.Graph, table: ir.Value, scheme: str, block: int, store: Store):
+    tensor = table.const_value
+    arrays = _quantized_table(tensor.numpy(), scheme, block)
+    if isinstance(tensor, ir.ExternalTensor):
+        tensor.release()
     return [
-        numpy_helper.from_array(np.ascontiguousarray(q.T), f"{name}_Q8"),
-        numpy_helper.from_array(scales.astype(np.float32), f"{name}_scales"),
+        add_initializer(graph, f"{table.name}{suffix}", store(f"{table.name}{suffix}", array))
+        for suffix, array in arrays.items()
     ]
 
 
-def _projection(name, scheme, activation, out, shape, block, accuracy_level):
+def _projection(node: ir.Node, scheme: str, quantized, shape, block, accuracy_level) -> ir.Node:
     if scheme == "int8":
-        inputs = [activation, f"{name}_Q8", f"{name}_scales"]
-        return helper.make_node("DynamicQuantizeMatMul", inputs, [out], domain=_MS)
+        inputs = [node.inputs[0], *quantized]
+        return ir.node("DynamicQuantizeMatMul", inputs, domain=MS_DOMAIN)
     rows, hidden = shape
-    extra = {"accuracy_level": accuracy_level} if accuracy_level else {}
-    inputs = [activation, f"{name}_Q4", f"{name}_scales"]
-    return helper.make_node(
-        "MatMulNBits",
-        inputs,
-        [out],
-        domain=_MS,
-        K=hidden,
-        N=rows,
-        bits=4,
-        block_size=block,
-        **extra,
-    )
+    return nbits_node(node.inputs[0], quantized, (hidden, rows), block, accuracy_level, None)
 
 
 def share_tied_embeddings(
-    model: onnx.ModelProto, scheme: str, block: int = 32, accuracy_level: int | None = None
+    model: ir.Model,
+    scheme: str,
+    block: int = 32,
+    accuracy_level: int | None = None,
+    store: Store = in_memory,
 ) -> str | None:
     """Rewrite ``model`` in place (see the module doc); the table's name, or None when the
     model has no tied word embeddings, their index rank is unknown or blocks do not fit."""
-    found = _tied_table(model)
+    graph = model.graph
+    found = _tied_table(graph)
     if found is None:
         return None
-    name, lookups, transposes, projections = found
-    ranks = {_rank(model, n.input[1]) for n in lookups}
-    init = next(i for i in model.graph.initializer if i.name == name)
-    shape = tuple(init.dims)
+    table, lookups, transposes, projections = found
+    ranks = {None if n.inputs[1].shape is None else len(n.inputs[1].shape) for n in lookups}
+    shape = tuple(table.const_value.shape)
     if None in ranks or len(ranks) != 1 or (scheme == "int4" and shape[1] % block):
         return None
-    rank = ranks.pop()
-    table = numpy_helper.to_array(init).astype(np.float32)
-    # Keyed by output name: protobuf gives no stable identity to repeated messages.
-    replaced: dict[str, list[onnx.NodeProto]] = {t.output[0]: [] for t in transposes}
-    for node in lookups:
-        ids, out = node.input[1], node.output[0]
-        replaced[out] = (
-            _int4_lookup(name, ids, out, block)
-            if scheme == "int4"
-            else _int8_lookup(name, ids, out, rank)
-        )
+    rank, name = ranks.pop(), table.name
+    constants = _constants(graph, name, scheme, rank, shape[1], block)
+    quantized = _quantize(graph, table, scheme, block, store)
     for node in projections:
-        args = (node.input[0], node.output[0], shape, block, accuracy_level)
-        replaced[node.output[0]] = [_projection(name, scheme, *args)]
-    nodes = [new for node in model.graph.node for new in replaced.get(node.output[0], [node])]
-    del model.graph.node[:]
-    model.graph.node.extend(nodes)
-    kept = [i for i in model.graph.initializer if i.name != name]
-    del model.graph.initializer[:]
-    model.graph.initializer.extend(
-        kept
-        + _constants(name, rank, shape[1], block)
-        + _quantized_table(name, table, scheme, block)
-    )
-    if not any(o.domain == _MS for o in model.opset_import):
-        model.opset_import.append(helper.make_opsetid(_MS, 1))
+        replace_node(
+            graph, node, [_projection(node, scheme, quantized, shape, block, accuracy_level)]
+        )
+    graph.remove(transposes, safe=True)
+    for node in lookups:
+        ids, out = node.inputs[1], node.outputs[0].name
+        if scheme == "int4":
+            replace_node(graph, node, _int4_lookup(ids, out, quantized, constants))
+        else:
+            replace_node(graph, node, _int8_lookup(ids, out, quantized, constants, rank))
+    graph.initializers.pop(name)
+    if MS_DOMAIN not in model.opset_imports:
+        model.opset_imports[MS_DOMAIN] = 1
     return name
