@@ -32,7 +32,14 @@ from layerfuse.runtime.evaluate import evaluate_model
 
 SPACE = {
     "screen": {"calib_tokens": 512, "valid_tokens": 256, "seq_len": 32},
-    "recover": {"local_steps": 10, "batch_size": 2, "grad_accum": 1, "seq_len": 32},
+    # An even split (no race) here: the race has its own test on a token budget.
+    "recover": {
+        "local_steps": 10,
+        "batch_size": 2,
+        "grad_accum": 1,
+        "seq_len": 32,
+        "scout_share": 1.0,
+    },
     "measure": {"test_tokens": 256, "shape": "1x32", "latency_runs": 3},
     "finalists": 2,
     # Hybrids have a test of their own; here the two finalists must fit the budget's
@@ -136,6 +143,33 @@ def test_the_budget_is_split_and_accounted(search):
     assert all(r["recover"]["steps"] >= 1 for r in report["finalists"])
 
 
+def test_the_race_scouts_every_finalist_and_gives_the_leader_the_rest(tiny, tmp_path):
+    """A token budget makes the shares exact: half scouts (2 x 512 tokens), half leads."""
+    recover = {**SPACE["recover"], "scout_share": 0.5}
+    space = space_document({**SPACE, "recover": recover})
+    model, output = tiny.model("llama"), tmp_path / "out"
+    request = _request(model, output, budget=parse_budget("2048-tokens"), space=space)
+    report = optimize(request)
+    records = {r["name"]: r["recover"] for r in report["finalists"]}
+    leader = min(records, key=lambda name: (records[name]["scout_score"], name))
+    per_step = recover["batch_size"] * recover["seq_len"]
+    for name, record in records.items():
+        scouted = record.get("scout", record)
+        assert scouted["tokens"] == 512 // per_step * per_step
+        assert ("lead" in record) == (name == leader)
+    lead = records[leader]["lead"]
+    assert lead["tokens"] == (2048 - 2 * 512) // per_step * per_step
+    assert records[leader]["steps"] == records[leader]["scout"]["steps"] + lead["steps"]
+    assert Path(lead["model"]) == output / "finalists" / leader / "lead" / "model.onnx"
+    row = next(r for r in report["finalists"] if r["name"] == leader)
+    again = evaluate_model(lead["model"], tokens=256, seq_len=32, latency_runs=1)["perplexity"]
+    assert again == pytest.approx(row["quality"], rel=1e-4)  # the leader measured is the lead
+    assert "(led: got the rest)" in (output / "report.md").read_text()
+    recorder = _Recorder()
+    assert optimize(request, recorder)["winner"] == report["winner"]
+    assert not any(m.endswith("gets the rest of the budget") for m in recorder.messages)
+
+
 def test_plans_are_the_same_for_a_seed(tiny, tmp_path):
     model = tiny.model("llama")
     plans = []
@@ -217,6 +251,9 @@ def test_the_space_file_is_checked(tmp_path):
         load_space(path)
     path.write_text(json.dumps({"finalists": "three"}))
     with pytest.raises(LayerfuseError, match="finalists must be a whole number"):
+        load_space(path)
+    path.write_text(json.dumps({"recover": {"scout_share": 1.5}}))
+    with pytest.raises(LayerfuseError, match=r"recover\.scout_share must lie in \(0, 1\]"):
         load_space(path)
 
 

@@ -88,6 +88,8 @@ def time_spent(report: dict) -> dict:
             "local_wall_seconds": row["recover"].get("local_seconds", 0.0),
             "steps": row["recover"].get("steps", 0),
             "tokens": row["recover"].get("tokens", 0),
+            "scout_score": row["recover"].get("scout_score"),
+            "led": "lead" in row["recover"],
         }
         for row in report["finalists"]
         if "quantized" not in row  # a quantized finalist shares its source's recovery
@@ -123,11 +125,17 @@ def report_markdown(report: dict) -> str:
     lines += ["## Where time went", "", "| stage | wall s | CPU s |", "|---|---|---|"]
     for stage, record in spent["stages"].items():
         lines.append(f"| {stage} | {record['wall_seconds']:.0f} | {record['cpu_seconds']:.0f} |")
-    lines += ["", "| finalist | recovery CPU s | wall s | local stage wall s | steps | tokens |"]
-    lines.append("|---|---|---|---|---|---|")
+    lines += [
+        "",
+        "| finalist | recovery CPU s | wall s | local stage wall s | steps | tokens | valid "
+        "after scouting |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for name, r in spent["recovery"].items():
+        scouted = "" if r["scout_score"] is None else f"{r['scout_score']:.4g}"
         lines.append(
             f"| {name} | {r['cpu_seconds']:.0f} | {r['wall_seconds']:.0f} | "
-            f"{r['local_wall_seconds']:.0f} | {r['steps']} | {r['tokens']} |"
+            f"{r['local_wall_seconds']:.0f} | {r['steps']} | {r['tokens']} | "
+            f"{scouted}{' (led: got the rest)' if r['led'] else ''} |"
         )
     return "\n".join(lines) + "\n"

@@ -4,19 +4,18 @@ Stages, each recorded in ``OUTDIR/state.json`` as it finishes (a rerun skips wha
 
 1. propose candidates that should meet the target (:mod:`~layerfuse.optimize.candidates`);
 2. screen them without training (:mod:`~layerfuse.optimize.screen`);
-3. recover the best ``finalists`` that meet the target within the budget
-   (:mod:`~layerfuse.optimize.recovery`);
+3. recover the best ``finalists`` that meet the target within the budget: scout each, then
+   train the leader (:mod:`~layerfuse.optimize.race`, :mod:`~layerfuse.optimize.recovery`);
 4. measure the original and the finalists side by side (:mod:`~layerfuse.optimize.measure`);
 5. pick the winner, write it and the report (:mod:`~layerfuse.optimize.outcome`).
 """
 
 from __future__ import annotations
 
-__all__ = ["STAGES", "OptimizeRequest", "optimize"]
+__all__ = ["STAGES", "optimize"]
 
 import math
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 from layerfuse.errors import LayerfuseError
@@ -24,52 +23,18 @@ from layerfuse.files import refuse_overwriting_inputs
 from layerfuse.model.manifest import require_manifest
 from layerfuse.model.publish import model_files
 from layerfuse.optimize.candidates import Candidate, SizeModel, propose
-from layerfuse.optimize.finalists import prepare_finalist
 from layerfuse.optimize.measure import measure_models
 from layerfuse.optimize.outcome import write_outcome
-from layerfuse.optimize.recovery import RecoverShare, cpu_seconds, recover_finalist
+from layerfuse.optimize.race import recover_finalists
+from layerfuse.optimize.recovery import cpu_seconds
+from layerfuse.optimize.request import OptimizeRequest
 from layerfuse.optimize.screen import ScreenContext, screen_candidate, screen_original
-from layerfuse.optimize.space import SearchSpace
 from layerfuse.optimize.state import SearchState
-from layerfuse.optimize.targets import QualityLimit, RecoverBudget, Target
 from layerfuse.passes.planner import DataSettings
 from layerfuse.progress import SILENT, Reporter
 from layerfuse.runtime.evaluate import quality_metric
 
 STAGES = ("screen", "recover", "measure", "report")
-
-
-@dataclass
-class OptimizeRequest:
-    model: Path
-    output: Path
-    target: Target
-    limit: QualityLimit
-    budget: RecoverBudget
-    space: SearchSpace
-    data: str = "fortunes"
-    provider: str = "auto"
-    seed: int = 0
-    # torch device of recovery (cpu or cuda); a time budget still counts CPU time.
-    device: str = "cpu"
-    # Stop after this stage (as an interrupted run would), to continue by running again.
-    stop_after: str | None = None
-    # Also measure each recovered finalist quantized (int4 or int8) as a finalist of its own.
-    quantize: str | None = None
-
-    def key(self, fingerprint: str) -> dict:
-        return {
-            "model": fingerprint,
-            "target": self.target.to_json(),
-            "limit": self.limit.to_json(),
-            "budget": self.budget.to_json(),
-            "space": self.space.to_json(),
-            "data": self.data,
-            "seed": self.seed,
-            # Only a non-default device enters the key (older states stay resumable).
-            **({"device": self.device} if self.device != "cpu" else {}),
-            **({"quantize": self.quantize} if self.quantize else {}),
-        }
 
 
 class _Timer:
@@ -131,56 +96,17 @@ def _finalists(candidates: list[Candidate], count: int) -> list[Candidate]:
     return sorted(meeting, key=lambda c: (score(c), c.name))[:count]
 
 
-def _recover(request, state, finalists, reporter) -> dict[str, Path]:
-    budget, models = request.budget, {}
-    for index, candidate in enumerate(finalists):
-        folder = request.output / "finalists" / candidate.name
-        record = state.get("recover", candidate.name)
-        if record is None:
-            compressed, plan = prepare_finalist(request.model, candidate, folder)
-            spent = sum(r["cpu_seconds"] for r in state.data["done"].get("recover", {}).values())
-            left = len(finalists) - index
-            no_time = budget.tokens is None and budget.seconds - spent <= 0
-            if no_time:  # no budget, or the earlier finalists spent it all
-                record = {"cpu_seconds": 0.0, "wall_seconds": 0.0, "steps": 0, "tokens": 0}
-                record["model"] = str(compressed)
-                if budget.seconds:
-                    reporter.step(f"{candidate.name}: no budget left; measured unrecovered")
-                    record["note"] = "no budget left"
-            else:
-                share = RecoverShare(
-                    seconds=None if budget.seconds is None else (budget.seconds - spent) / left,
-                    tokens=None if budget.tokens is None else budget.tokens // len(finalists),
-                    space=request.space.recover,
-                    data=request.data,
-                    valid_tokens=request.space.screen["valid_tokens"],
-                    seed=request.seed,
-                    device=request.device,
-                )
-                reporter.step(f"recovering {candidate.name} ({index + 1}/{len(finalists)})")
-                record = recover_finalist(request.model, compressed, plan, folder, share, reporter)
-                record["model"] = str(folder / "model.onnx")
-            state.put("recover", record, candidate.name)
-        else:
-            reporter.step(f"recovering {candidate.name}: done earlier")
-        candidate.results["recover"] = record
-        models[candidate.name] = Path(record["model"])
-        if request.quantize:
-            models[f"{candidate.name}+{request.quantize}"] = _quantized(request, state, candidate)
-    return models
-
-
 def _quantized(request: OptimizeRequest, state: SearchState, candidate: Candidate) -> Path:
     """The recovered finalist quantized with ``request.quantize``, made once."""
-    record = candidate.results["recover"]
-    if "quantized" not in record:
+    record = state.get("quantized", candidate.name)
+    if record is None:
         from layerfuse.toolchain.quantize import quantize_model
 
         path = request.output / "finalists" / candidate.name / request.quantize / "model.onnx"
-        quantize_model(record["model"], path, request.quantize)
-        record["quantized"] = str(path)
-        state.put("recover", record, candidate.name)
-    return Path(record["quantized"])
+        quantize_model(candidate.results["recover"]["model"], path, request.quantize)
+        record = {"model": str(path)}
+        state.put("quantized", record, candidate.name)
+    return Path(record["model"])
 
 
 def _check(request: OptimizeRequest) -> str:
@@ -228,7 +154,13 @@ def optimize(request: OptimizeRequest, reporter: Reporter = SILENT) -> dict | No
             _screen(request, state, size, candidates, reporter)
             finalists = _finalists(candidates, request.space.finalists)
         elif stage == "recover":
-            models = _recover(request, state, finalists, reporter)
+            models = recover_finalists(
+                request, state, finalists, _data_settings(request).scorer(request.model), reporter
+            )
+            if request.quantize:
+                models |= {
+                    f"{c.name}+{request.quantize}": _quantized(request, state, c) for c in finalists
+                }
         else:
             measured = _measure(request, state, models, metric, reporter)
         if state.get("stage", stage) is None:

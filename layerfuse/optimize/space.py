@@ -39,6 +39,8 @@ DEFAULT_SPACE: dict = {
     # How many of the best screened candidates get recovered (the budget is split among them).
     "finalists": 3,
     # Recovery of each finalist: local reconstruction steps (merges), then distillation.
+    # scout_share: the part of the budget split evenly among the finalists; the rest continues
+    # the one that scores best on validation after it (1: an even split, no race).
     "recover": {
         "local_steps": 150,
         "batch_size": 4,
@@ -47,6 +49,7 @@ DEFAULT_SPACE: dict = {
         "lr": 1e-4,
         "train": "all",
         "max_steps": 2000,
+        "scout_share": 0.4,
     },
     # Side-by-side measurement of the original and every finalist.
     # memory: resident bytes of a session after one run, each graph in a fresh process;
@@ -118,6 +121,8 @@ def space_document(data: dict) -> SearchSpace:
         raise LayerfuseError("search space: recover.train must be all or touched")
     if any(not 0 < share < 1 for share in checked["hybrid"]["prune_shares"]):
         raise LayerfuseError("search space: hybrid.prune_shares must lie between 0 and 1")
+    if not 0 < checked["recover"]["scout_share"] <= 1:
+        raise LayerfuseError("search space: recover.scout_share must lie in (0, 1]")
     for target in checked["prune"]["targets"]:
         if target not in ("block", "ff"):
             raise LayerfuseError(f"search space: prune.targets: '{target}' is not block or ff")
