@@ -7,9 +7,13 @@ pairs, Cross-Layer Attention's layout: layer 3k+1 reads layer 3k, or 2k+1 reads 
 attention of as many layers removed instead (chosen by block influence, ``prune --target
 attention``), which leaves the same KV bytes per token. Each is measured before and after the
 same recovery budget (``layerfuse recover``, KD on the fortunes train split): test perplexity,
-KV bytes per token read from the graph's cache inputs, and decode speed in layerfuse's loop at
-batch 1 (contexts 128 and 1024), all variants interleaved in one run. Writes
+KV bytes per token read from the graph's cache inputs, decode speed in layerfuse's loop at
+contexts 128, 1024 and 4096, batch 1 and 8 (batch 8 tiled: one real prompt prefilled, its
+cache repeated 8 times), all plain variants interleaved in one run, and the resident memory
+of decoding at 8 x 4096 in a fresh process per variant. Writes
 ``benchmarks/results/kv_sharing.{json,md}``.
+
+    python benchmarks/kv_sharing.py --decode-only   # time again, keep the committed quality
 """
 
 from __future__ import annotations
@@ -21,10 +25,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-from common import RESULTS, ROOT, WORK, log, markdown_table, write_results
+from common import RESULTS, ROOT, WORK, log, write_results
+from kv_sharing_report import EVAL_TOKENS, markdown
 
 from layerfuse.data import corpus
 from layerfuse.data.tokens import load_tokenizer
+from layerfuse.generate.memory import decode_memory
 from layerfuse.generate.timing import DecodeCase, DecodeTarget, decode_prompts, run_decode_bench
 from layerfuse.model.io import load_model, parameter_count, save_model
 from layerfuse.model.manifest import carry_manifest
@@ -36,13 +42,29 @@ from layerfuse.runtime.evaluate import evaluate_model
 
 MODEL = "smollm2-135m"
 FOLDER = WORK / "kv_sharing"
-LAYERS = 30
 SHARES = {
     "1/3": [(3 * k + 1, 3 * k) for k in range(10)],
     "1/2": [(2 * k + 1, 2 * k) for k in range(15)],
 }
-CASES = (DecodeCase(1, 128, 32, repeats=3), DecodeCase(1, 1024, 32, repeats=2))
-EVAL_TOKENS = 4096
+# Batch 8 is tiled: one real prompt prefilled, its cache repeated into 8 rows (a real prefill
+# of 8 x 4096 tokens takes minutes per variant on 2 cores and GBs of attention scores).
+CASES = (
+    DecodeCase(1, 128, 32, repeats=3),
+    DecodeCase(8, 128, 32, repeats=3, tiled=True),
+    DecodeCase(1, 1024, 32, repeats=2),
+    DecodeCase(8, 1024, 32, repeats=2, tiled=True),
+    DecodeCase(1, 4096, 16, repeats=2),
+    DecodeCase(8, 4096, 16, repeats=2, tiled=True),
+)
+MEMORY = CASES[-1]
+TIMED = (
+    "original",
+    "KV shared 1/3",
+    "attention removed 1/3",
+    "KV shared 1/2",
+    "attention removed 1/2",
+)
+THREADS = 2
 
 
 def exported() -> Path:
@@ -111,11 +133,8 @@ def perplexity(path: Path) -> float:
     return float(result["perplexity"])
 
 
-def measure(steps: int, timed: bool) -> dict:
-    """Quality of every variant before and after recovery; with ``timed``, decode speeds too
-    (else the committed results' are kept: an alignment changes weights, not the graph)."""
-    original = exported()
-    paths = variants(original)
+def quality(original: Path, paths: dict[str, Path], steps: int) -> list[dict]:
+    """Test perplexity of every variant before and after the same recovery."""
     rows = []
     first = [name for name in paths if "aligned planned" in name]  # the likeliest best first
     for name in [*first, *(name for name in paths if name not in first)]:
@@ -133,114 +152,67 @@ def measure(steps: int, timed: bool) -> dict:
         rows.append(row)
         log(f"{name}: {row}")
     rows.sort(key=lambda row: list(paths).index(row["variant"]))
-    if not timed:
-        committed = json.loads((RESULTS / "kv_sharing.json").read_text())
-        kept = {k: committed[k] for k in ("decode", "load_average_1m")}
-        return {"rows": rows, **kept, "recovery_steps": steps, "decode_from": "committed run"}
+    return rows
+
+
+def decode(original: Path, paths: dict[str, Path]) -> dict:
+    """Decode speed of the plain variants (an aligned or planned one has the graph of the plain
+    share at its fraction, only other weights), all interleaved in one run, then the memory
+    of decoding at the largest tiled case, one fresh process per variant."""
     tokenizer = load_tokenizer(original.parent / "tokenizer")
     texts = corpus.split_texts("test")
+    timed = {name: paths[name] for name in TIMED}
     loads = {"before": os.getloadavg()[0]}
-    decode = run_decode_bench(
-        [DecodeTarget(name, path) for name, path in paths.items()],
+    speeds = run_decode_bench(
+        [DecodeTarget(name, path) for name, path in timed.items()],
         CASES,
         lambda case: decode_prompts(tokenizer, texts, case.batch, case.context),
         provider="cpu",
-        threads=2,
+        threads=THREADS,
         log=log,
     )
     loads["after"] = os.getloadavg()[0]
-    return {"rows": rows, "decode": decode, "load_average_1m": loads, "recovery_steps": steps}
-
-
-def markdown(results: dict) -> str:
-    rows = results["rows"]
-    base = rows[0]
-    speeds = {(d["target"], d["case"]): d for d in results["decode"] if "case" in d}
-    table = []
-    for row in rows:
-        cells = [
-            row["variant"],
-            f"{row['layers_with_cache']}/{LAYERS}",
-            f"{row['parameters'] / 1e6:.2f}M",
-            f"{row['perplexity']:.1f}",
-            f"{row.get('perplexity_recovered', row['perplexity']):.1f}",
-        ]
-        for case in CASES:
-            found = speeds.get((row["variant"], case.label))
-            cells.append(f"{found['tokens_per_second']:.1f}" if found else "n/a")
-        table.append(cells)
-    headers = ["variant", "layers with a cache", "parameters", "test ppl", "after recovery"]
-    headers += [f"tok/s {case.label}" for case in CASES]
-    return (
-        "# Cross-layer KV sharing vs attention removal (SmolLM2-135M)\n\n"
-        f"Regenerate: `{results.get('command', 'python benchmarks/kv_sharing.py')}`. "
-        f"Original test perplexity {base['perplexity']:.1f} on {EVAL_TOKENS} fortunes tokens; "
-        f"recovery: {results['recovery_steps']} steps of 4 x 64 tokens each, same for every "
-        f"variant; decode in layerfuse's loop, 2 threads, load average "
-        f"{results['load_average_1m']['before']:.1f} -> {results['load_average_1m']['after']:.1f}."
-        + (
-            " Decode timings are the earlier run's (`--no-decode`): an aligned or planned variant "
-            "has the graph of the plain share at its fraction, only other weights (n/a: not timed)."
-            if results.get("decode_from")
-            else ""
+    prompt = decode_prompts(tokenizer, texts, 1, MEMORY.context)
+    memory = []
+    for name, path in timed.items():
+        log(f"memory of {name} at {MEMORY.label}")
+        found = decode_memory(
+            path, prompt, new_tokens=MEMORY.new_tokens, copies=MEMORY.batch, threads=THREADS
         )
-        + "\n\n"
-        + markdown_table(headers, table)
-        + "\n"
-        + _verdict(rows)
-    )
-
-
-def _verdict(rows: list[dict]) -> str:
-    """The issue's target, checked: at the same KV bytes and the same training, the best
-    shared variant has the lower perplexity after recovery."""
-    lines = ["\n## Target: shared KV beats attention removal at the same KV bytes\n"]
-    for fraction in SHARES:
-        shared = [r for r in rows if r["variant"].startswith("KV") and fraction in r["variant"]]
-        best = min(shared, key=lambda r: r["perplexity_recovered"])
-        removed = next(r for r in rows if r["variant"] == f"attention removed {fraction}")
-        verdict = (
-            "met"
-            if best["perplexity_recovered"] < removed["perplexity_recovered"]
-            else "**not met**"
-        )
-        lines.append(
-            f"- {fraction} of the layers: best shared ({best['variant']}) "
-            f"{best['perplexity_recovered']:.1f} vs removed {removed['perplexity_recovered']:.1f} "
-            f"after the same recovery: {verdict}."
-        )
-    lines.append(
-        "\nSharing is applied to a model trained without it. *Adjacent* pairs (Cross-Layer "
-        "Attention's layout) as they are make the target layers attend with keys in another "
-        "layer's basis: perplexity explodes. *Aligned* pairs fit, per KV head, the rotary-"
-        "commuting complex scale of the keys and a linear map of the values on calibration "
-        "text and fold them into the target's query and output projections "
-        "(`layerfuse/passes/share_kv/align.py`; same graph, same cache, no cost per token). "
-        "*Planned* pairs are the planner's: each layer with its most similar earlier one, "
-        "ranked by validation perplexity. Aligned planned pairs start below attention "
-        "removal at both fractions; the same short recovery then favours removal, which "
-        "leaves the residual stream intact and trains 7-10M fewer parameters.\n"
-    )
-    return "\n".join(lines)
+        memory.append({"target": name, "case": MEMORY.label, **found})
+        log(f"{name}: peak RSS {found['peak_rss_bytes'] / 2**30:.2f} GiB")
+    return {"decode": speeds, "memory": memory, "load_average_1m": loads}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=16, help="recovery steps per variant")
-    parser.add_argument(
-        "--no-decode", action="store_true", help="keep the committed decode timings"
-    )
-    parser.add_argument(
+    skip = parser.add_mutually_exclusive_group()
+    skip.add_argument("--no-decode", action="store_true", help="keep the committed decode rows")
+    skip.add_argument("--decode-only", action="store_true", help="keep the committed quality rows")
+    skip.add_argument(
         "--report-only", action="store_true", help="re-render the committed JSON's Markdown"
     )
     args = parser.parse_args()
+    committed = json.loads((RESULTS / "kv_sharing.json").read_text())
     if args.report_only:
         from layerfuse.files import write_text_atomic
 
-        results = json.loads((RESULTS / "kv_sharing.json").read_text())
-        write_text_atomic(RESULTS / "kv_sharing.md", markdown(results))
+        write_text_atomic(RESULTS / "kv_sharing.md", markdown(committed))
         return
-    results = measure(args.steps, timed=not args.no_decode)
+    original = exported()
+    paths = variants(original)
+    if args.decode_only:
+        results = {k: committed[k] for k in ("rows", "recovery_steps")}
+        results["quality_from"] = "committed run"
+    else:
+        results = {"rows": quality(original, paths, args.steps), "recovery_steps": args.steps}
+    if args.no_decode:
+        kept = ("decode", "memory", "load_average_1m")
+        results.update({k: committed[k] for k in kept if k in committed})
+        results["decode_from"] = "committed run"
+    else:
+        results.update(decode(original, paths))
     write_results("kv_sharing", results, markdown(results))
 
 
