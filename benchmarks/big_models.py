@@ -125,11 +125,6 @@ def commands(model: Path, out: Path, options: dict) -> list[tuple[str, list[str]
     return [(name, [LAYERFUSE, *argv], folder) for name, argv, folder in listed]
 
 
-def quantize_fits(model_bytes: int, guard: int) -> bool:
-    """int4 quantization peaked at 7x the model (SmolLM2: 3.9 GiB for 0.5 GiB; onnx.load)."""
-    return 8 * model_bytes < available_bytes() - guard
-
-
 def series(label: str, model: Path, out: Path, options: dict, guard: int) -> dict:
     model_bytes = file_bytes(model)
     rows, log_path = [], out / "commands.log"
@@ -137,9 +132,6 @@ def series(label: str, model: Path, out: Path, options: dict, guard: int) -> dic
     for name, argv, folder in commands(model, out, options):
         if name in previous:  # --reuse: the last run's measurement of this command
             rows.append(previous[name] | {"reused": True})
-            continue
-        if name.startswith("quantize") and not quantize_fits(model_bytes, guard):
-            rows.append({"command": name, "skipped": "peaks near 7x the model (onnx.load, copies)"})
             continue
         row = measured(name, argv, guard, log_path)
         written = Path(argv[argv.index("-o") + 1]) if "-o" in argv else None
@@ -163,10 +155,20 @@ def previous_runs() -> list[dict]:
     return json.loads(path.read_text())["runs"] if path.exists() else []
 
 
-def reused_rows(key: str, names: list[str]) -> list[dict]:
-    """The previous results' rows of ``names`` for the model ``key`` (not measured again)."""
-    runs = [run for run in previous_runs() if run.get("key") == key]
-    return [row for run in runs for row in run["commands"] if row["command"] in names]
+def reused(key: str, names: list[str]) -> dict:
+    """Options that keep the previous results' rows of ``names`` for the model ``key`` (not
+    measured again), with the rewritten bytes their plans recorded (the apply targets)."""
+    earlier = [run for run in previous_runs() if run.get("key") == key]
+    rows = [row for run in earlier for row in run["commands"] if row["command"] in names]
+    options: dict = {"previous": rows}
+    for command, field in (
+        ("merge plan+apply", "rewritten_bytes"),
+        ("fuse plan+apply", "fuse_rewritten_bytes"),
+    ):
+        recorded = [run[field] for run in earlier if field in run]
+        if command in names and recorded:
+            options[field] = recorded[-1]
+    return options
 
 
 def merged_with_previous(runs: list[dict]) -> list[dict]:
@@ -189,10 +191,7 @@ def synthetic_series(key: str, config: SyntheticConfig, args, reuse: list[str]) 
     folder.mkdir(parents=True)
     made = generate(config, folder / "model", guard, folder / "commands.log")
     options = {"config": asdict(config), "window": "3-4", "method": "vanilla"}
-    options["previous"] = reused_rows(key, reuse)
-    if "merge plan+apply" in reuse:
-        earlier = [run for run in previous_runs() if run.get("key") == key]
-        options |= {k: run[k] for run in earlier for k in ("rewritten_bytes",) if k in run}
+    options |= reused(key, reuse)
     label = f"synthetic {config.dtype} ({config.layers} layers, vocabulary {config.vocab})"
     try:
         result = series(label, folder / "model" / "model.onnx", folder, options, guard)
@@ -222,7 +221,7 @@ def main() -> None:
     if "smollm2" in wanted:
         out = WORK / "big_models" / "smollm2"
         out.mkdir(parents=True, exist_ok=True)
-        options = {"window": "10-14", "method": "permute"}
+        options = {"window": "10-14", "method": "permute"} | reused("smollm2", reuse)
         label, model = "SmolLM2-135M (fp32)", exported_model("smollm2-135m")
         runs.append(series(label, model, out, options, guard) | {"key": "smollm2"})
     if "fp16" in wanted:

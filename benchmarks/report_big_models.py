@@ -35,9 +35,14 @@ NOTES = """## How to read this
   inserts around fp16 ops it lacks on x86, folded into the weights): a 1.2 GB fp16 synthetic
   held 2.2 GB after session creation, its 2.4 GB fp32 twin also 2.2 GB (an ad-hoc check, not
   in this script). fp16 planning and bench therefore need ~2x the model on CPU, over target.
-- `quantize --int4` loads the whole model (`onnx.load`) and MatMulNBitsQuantizer keeps copies:
-  it peaked at 5-7x the model (SmolLM2, the Gemma-vocabulary model), so it is skipped where 8x
-  the model does not fit in the available memory (the 8-9 GiB models).
+- `quantize --int4` streams (`layerfuse/toolchain/int4.py`): each MatMul weight is mapped once,
+  converted to `MatMulNBits` blocks a slab of rows at a time, unmapped, and its blocks appended
+  to a scratch file; the output is then written file to file. Its peak is the process baseline
+  plus the largest weight's mapping (the untied LM head: 1 GiB in fp16, 2 GiB in fp32) and its
+  blocks. Before, `MatMulNBitsQuantizer` loaded the whole model (`onnx.load`) and kept copies:
+  3.39 GiB for SmolLM2 (now 0.52), 5.13 GiB for the Gemma-vocabulary model (now 1.13), and it
+  was skipped on the 8-9 GiB models, where it would have needed ~7x the model. The blocks are
+  byte-equal to the quantizer's (`tests/test_quantize_int4.py` runs it as the reference).
 - `bench` hashed every weight through `tobytes` (`model_stats`), which mapped and kept the whole
   model resident beside onnxruntime's copy: fixed by reading each weight from its file a chunk
   at a time (fp32 bench: 17.9 GiB before, 9.1 GiB after). The fp16 bench row predates the fix
