@@ -25,7 +25,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from common import RESULTS, ROOT, WORK, log, write_results
+from common import RESULTS, ROOT, WORK, command_line, log, write_results
 from kv_sharing_report import EVAL_TOKENS, markdown
 
 from layerfuse.data import corpus
@@ -213,6 +213,7 @@ def main() -> None:
         results["decode_from"] = "committed run"
     else:
         results.update(decode(original, paths))
+    results["command"] = command_line()
     write_results("kv_sharing", results, markdown(results))
 
 
