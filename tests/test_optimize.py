@@ -26,6 +26,7 @@ from layerfuse.optimize import (
 from layerfuse.optimize.report import time_spent
 from layerfuse.optimize.space import load_space, space_document
 from layerfuse.passes.plan import apply_plan
+from layerfuse.passes.planner import DataSettings
 from layerfuse.passes.registry import load_plan
 from layerfuse.progress import Reporter
 from layerfuse.runtime.evaluate import evaluate_model
@@ -165,6 +166,14 @@ def test_the_race_scouts_every_finalist_and_gives_the_leader_the_rest(tiny, tmp_
     again = evaluate_model(lead["model"], tokens=256, seq_len=32, latency_runs=1)["perplexity"]
     assert again == pytest.approx(row["quality"], rel=1e-4)  # the leader measured is the lead
     assert "(led: got the rest)" in (output / "report.md").read_text()
+    # Scouted models are scored from their own files: an unrecovered one scores what
+    # screening scored its in-memory rewrite of the original.
+    scorer = DataSettings(calib_tokens=512, valid_tokens=256, seq_len=32, provider="auto").scorer(
+        model
+    )
+    for row in report["finalists"]:
+        compressed = output / "finalists" / row["name"] / "compressed" / "model.onnx"
+        assert scorer.score_file(compressed) == pytest.approx(row["screen"]["score"], rel=1e-5)
     recorder = _Recorder()
     assert optimize(request, recorder)["winner"] == report["winner"]
     assert not any(m.endswith("gets the rest of the budget") for m in recorder.messages)

@@ -20,7 +20,6 @@ __all__ = ["recover_finalists"]
 
 from pathlib import Path
 
-from layerfuse.model.io import load_model
 from layerfuse.optimize.candidates import Candidate
 from layerfuse.optimize.finalists import prepare_finalist
 from layerfuse.optimize.recovery import RecoverShare, recover_finalist
@@ -73,7 +72,7 @@ def _scout(request, state, finalists, fraction, scorer, reporter) -> None:
                 record["model"] = str(folder / "model.onnx")
             record["plan"] = None if plan is None else str(plan)
             if scorer is not None:
-                record["scout_score"] = scorer(load_model(record["model"]))
+                record["scout_score"] = scorer.score_file(record["model"])
             state.put("recover", record, candidate.name)
         else:
             reporter.step(f"recovering {candidate.name}: done earlier")

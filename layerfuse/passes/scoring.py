@@ -40,7 +40,16 @@ class CandidateScorer:
         self._reference = None
 
     def __call__(self, model: ir.Model) -> float:
-        session = session_for_ir(model, self.model_path.parent, provider=self.provider)
+        """The score of an in-memory rewrite of *this* model (its untouched weights are read
+        from this model's folder)."""
+        return self._score(session_for_ir(model, self.model_path.parent, provider=self.provider))
+
+    def score_file(self, path: str | os.PathLike) -> float:
+        """The score of a model written elsewhere (a recovered finalist): its own folder's
+        external data, on the same batches."""
+        return self._score(create_session(path, provider=self.provider))
+
+    def _score(self, session) -> float:
         if self.metric == "perplexity":
             return perplexity(session, self.batches)
         if self._reference is None:
