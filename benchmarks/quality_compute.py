@@ -62,10 +62,11 @@ from layerfuse.recover.settings import TrainSettings
 TEST_TOKENS = 4096
 HYBRID_PRUNED, HYBRID_WINDOW = 4, (18, 23)
 # Distillation as local_reconstruction.py runs it; the schedule is laid out over more steps
-# than the largest budget holds, so the budget, not the step count, ends every segment.
+# than the largest budget holds (over steps, not fitted to the budget), so the budget ends
+# every segment and the 5/15/30 stops are points on one run.
 KD = TrainSettings(
     steps=200, batch_size=4, grad_accum=1, seq_len=128, lr=2e-4, warmup=2,
-    eval_every=0, patience=0, valid_tokens=512, seed=0,
+    eval_every=0, patience=0, valid_tokens=512, seed=0, schedule="steps",
 )  # fmt: skip
 # MiniLM as recovery.py distils it (16 x 64 tokens; a step costs about a tenth of SmolLM's).
 KD_ENCODER = replace(KD, steps=2000, batch_size=16, seq_len=64)
@@ -176,7 +177,8 @@ def segment(study: Study, original: Path, model: Path, variant: str, budget: flo
     run (the schedule counts steps, not budgets)."""
     folder = _run_folder(study, variant)
     out = folder / f"budget-{budget:g}" / "model.onnx"
-    local = LocalSettings(steps=0) if "KD only" in variant else LocalSettings()
+    # The encoder arm measures the local stage too (recover skips it on encoders by default).
+    local = LocalSettings(steps=0) if "KD only" in variant else LocalSettings(encoders="run")
     resume = (folder / "checkpoints" / "state.pt").exists()
     request = RecoverRequest(
         original, model, out, settings=replace(study.kd, budget_minutes=budget), local=local,

@@ -20,7 +20,8 @@ from layerfuse.recover.run import RecoverRequest, recover
 from layerfuse.recover.settings import TrainSettings
 from tests.test_local_reconstruction import LOCAL, SETTINGS, _weights, llama, text  # noqa: F401
 
-STEPS = replace(SETTINGS, steps=4)
+# The rate decays over the steps, so a budget only says where to stop and a resume may move it.
+STEPS = replace(SETTINGS, steps=4, schedule="steps")
 
 
 def _adds_up(summary: dict) -> None:
@@ -70,3 +71,45 @@ def test_a_budget_must_be_finite_and_not_negative(budget):
     with pytest.raises(LayerfuseError, match="budget-minutes"):
         TrainSettings(budget_minutes=budget).check(1)
     TrainSettings(budget_minutes=0.0).check(1)
+
+
+def test_a_fitted_schedule_anneals_by_the_end_of_the_budget():
+    fitted = TrainSettings(steps=1000, warmup=2, lr=1e-3, min_lr_ratio=0.1, budget_minutes=5.0)
+    assert fitted.fits_budget and not replace(fitted, schedule="steps").fits_budget
+    assert not replace(fitted, budget_minutes=0.0).fits_budget
+    assert fitted.learning_rate_factor(0) == 0.5  # warm-up is counted in steps either way
+    assert fitted.learning_rate_factor(10, budget_progress=0.0) == pytest.approx(1.0, abs=1e-3)
+    assert fitted.learning_rate_factor(10, budget_progress=0.5) == pytest.approx(0.55)
+    assert fitted.learning_rate_factor(10, budget_progress=1.0) == pytest.approx(0.1)
+    assert fitted.learning_rate_factor(10, budget_progress=3.0) == pytest.approx(0.1)
+    over_steps = replace(fitted, schedule="steps")
+    assert over_steps.learning_rate_factor(10, budget_progress=1.0) == pytest.approx(1.0, abs=1e-3)
+    # The step count still ends the cosine when it comes first.
+    assert fitted.learning_rate_factor(1000, budget_progress=0.2) == pytest.approx(0.1)
+
+
+def test_a_fitted_run_ends_annealed_and_resumes_only_under_its_own_budget(llama, text, tmp_path):  # noqa: F811
+    original, merged = llama
+    request = RecoverRequest(
+        original, merged, tmp_path / "probe.onnx", data=str(text), local=replace(LOCAL, steps=0),
+        settings=replace(SETTINGS, steps=10_000, warmup=1, budget_minutes=1e-9),
+    )  # fmt: skip
+    setup = recover(request)["cpu_minutes"]  # no step: what a run costs before its first
+    fitted = replace(request.settings, budget_minutes=setup + 0.1)
+    runs = {}
+    for schedule in ("auto", "steps"):
+        settings = replace(fitted, schedule=schedule)
+        runs[schedule] = recover(
+            replace(request, output=tmp_path / f"{schedule}.onnx", settings=settings,
+                    checkpoint_dir=tmp_path / schedule)
+        )  # fmt: skip
+        assert runs[schedule]["stopped_by_budget"] and runs[schedule]["steps_done"] >= 3
+    peak, floor = fitted.lr, fitted.lr * fitted.min_lr_ratio
+    assert runs["auto"]["last_lr"] <= floor + 0.1 * (peak - floor)  # annealed by the end
+    assert runs["steps"]["last_lr"] > 0.99 * peak  # over 10,000 steps: still at the peak
+    resumed = replace(request, output=tmp_path / "again.onnx", settings=fitted, resume=True,
+                      checkpoint_dir=tmp_path / "auto")  # fmt: skip
+    assert recover(resumed)["steps_done"] == runs["auto"]["steps_done"]  # the budget was spent
+    other = replace(fitted, budget_minutes=fitted.budget_minutes * 2)
+    with pytest.raises(LayerfuseError, match="checkpoint"):
+        recover(replace(resumed, settings=other))

@@ -59,6 +59,7 @@ class TrainResult:
     metric: str = ""
     stopped_by_budget: bool = False
     cpu_minutes: float = 0.0  # setup + local + KD, see layerfuse.recover.budget
+    last_lr: float | None = None  # the rate of the last step taken
     setup_cpu_minutes: float = 0.0
     local_cpu_minutes: float = 0.0
     kd_cpu_minutes: float = 0.0
@@ -87,12 +88,15 @@ class Trainer:
         self.student, self.teacher, self.objective = student, teacher, objective
         self.data, self.validator, self.settings = data, validator, settings
         self.checkpoint_dir, self.dist, self.reporter = checkpoint_dir, dist, reporter
-        # The budget only says where to stop, like stop_after: a resume may raise it. float32
-        # precision (the default) is left out so that older checkpoints still resume.
+        # A step-scheduled budget only says where to stop, like stop_after: a resume may raise
+        # it; a fitted one shapes the rate, so it is part of the run. Options added since
+        # checkpoints had keys stay out at their old behaviour, so older checkpoints resume.
         kept = {
             k: v
             for k, v in asdict(settings).items()
-            if k != "budget_minutes" and (k, v) != ("precision", "fp32")
+            if (k != "budget_minutes" or settings.fits_budget)
+            and (k, v) != ("precision", "fp32")
+            and (k != "schedule" or settings.fits_budget)
         }
         self.run_key = {**run_key, "settings": kept, "objective": asdict(objective)}
         settings.check(dist.world_size)
@@ -102,8 +106,10 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(
             self.trained, lr=settings.lr, weight_decay=settings.weight_decay
         )
+        self.budget_progress = 0.0  # of the budget's distillation part, the same on every process
+        self._kd_at_start = 0.0  # distillation CPU-minutes charged when this process began
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, settings.learning_rate_factor
+            self.optimizer, lambda step: settings.learning_rate_factor(step, self.budget_progress)
         )
         self.result = TrainResult(metric=validator.metric)
         self.best: dict[str, torch.Tensor] | None = None  # this process's part of each
@@ -182,7 +188,8 @@ class Trainer:
             loss.backward()
         return float(loss.detach()) / self.dist.world_size
 
-    def _train_step(self, step: int) -> tuple[float, int]:
+    def _train_step(self, step: int, first: int, clock: CpuClock) -> tuple[float, int]:
+        """One optimizer step; ``first``: this process's first step (for the step cost)."""
         micro = self._micro_batches(step)
         masks = [self.data.batch(rows).mask for rows in micro]
         terms = sum(self.objective.term_count(mask) for mask in masks)
@@ -194,6 +201,9 @@ class Trainer:
         if self.settings.clip > 0:  # of the global norm, sharded gradients (DTensors) included
             torch.nn.utils.clip_grad_norm_(self.trained, self.settings.clip)
         self.optimizer.step()
+        clock.charge()
+        if self.settings.fits_budget:
+            self.budget_progress = self._budget_progress(step + 1 - first)
         self.scheduler.step()
         return self.dist.sum([loss])[0], int(sum(mask.sum() for mask in masks))
 
@@ -214,6 +224,15 @@ class Trainer:
         patience = self.settings.patience
         return bool(patience) and self.bad_evaluations >= patience
 
+    def _budget_progress(self, steps_here: int = 0) -> float:
+        """Where the budget's distillation part will stand when the next step ends (this
+        process's mean step cost added), averaged over processes so all use one rate."""
+        r = self.result
+        left = self.settings.budget_minutes - r.setup_cpu_minutes - r.local_cpu_minutes
+        step_cost = (r.kd_cpu_minutes - self._kd_at_start) / steps_here if steps_here else 0.0
+        mine = (r.kd_cpu_minutes + step_cost) / left if left > 0 else 1.0
+        return self.dist.sum([mine])[0] / self.dist.world_size
+
     def run(self, *, stop_after: int | None = None) -> TrainResult:
         """Train to ``steps`` (or early stop); ``stop_after`` ends this process at that step
         with a checkpoint, to be continued with :meth:`resume`."""
@@ -224,6 +243,9 @@ class Trainer:
         started, window_loss, window_tokens = time.perf_counter(), [], 0
         steps, clock = range(result.steps_done, s.steps), CpuClock(result)
         result.stopped_by_budget = False
+        self._kd_at_start = result.kd_cpu_minutes
+        if s.fits_budget:
+            self.budget_progress = self._budget_progress()
         for step in self.reporter.track(steps, len(steps), "recovering"):
             if stop_after is not None and step >= stop_after:
                 self._save("state.pt", self._state())
@@ -233,18 +255,24 @@ class Trainer:
                 self.reporter.step(f"CPU budget spent: {result.cpu_minutes:.2f} CPU-minutes")
                 self._save("state.pt", self._state())
                 break
-            loss, tokens = self._train_step(step)
-            clock.charge()
+            result.last_lr = float(self.scheduler.get_last_lr()[0])
+            loss, tokens = self._train_step(step, steps.start, clock)
             result.steps_done, result.tokens_seen = step + 1, result.tokens_seen + tokens
             window_loss.append(loss)
             window_tokens += tokens
             done = step + 1
             if done % 10 == 0 or done == s.steps:
                 elapsed = time.perf_counter() - started
-                remaining = elapsed / (done - steps.start) * (s.steps - done)
+                remaining = elapsed / (done - steps.start) * (s.steps - done) / 60
+                left = (
+                    f"{max(0.0, s.budget_minutes - result.cpu_minutes):.1f} CPU-min of the "
+                    "budget left"
+                    if s.budget_minutes
+                    else f"ETA {remaining:.1f} min"
+                )
                 self.reporter.step(
-                    f"step {done}/{s.steps}: loss {np.mean(window_loss):.4g}, "
-                    f"{window_tokens / elapsed:.0f} tokens/s, ETA {remaining / 60:.1f} min"
+                    f"step {done}/{s.steps}: loss {np.mean(window_loss):.4g}, lr "
+                    f"{result.last_lr:.3g}, {window_tokens / elapsed:.0f} tokens/s, {left}"
                 )
             if s.eval_every and (done % s.eval_every == 0 or done == s.steps):
                 stop = self._evaluate(done, float(np.mean(window_loss)))
