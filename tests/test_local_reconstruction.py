@@ -208,3 +208,20 @@ def test_cli_reports_the_stage_and_a_pruned_model_has_nothing_to_reconstruct(
     assert main([*bad, "--local-steps", "-1"]) == 2
     err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert len(err) == 1 and err[0].startswith("layerfuse: error: --local-steps must be"), err
+
+
+def test_an_encoder_skips_the_local_stage_unless_asked(tiny, text, tmp_path):
+    original = tiny.model("bert")
+    merged = _merged(original, tmp_path / "merged")
+    runs = {}
+    for encoders in ("skip", "run"):
+        local = replace(LOCAL, encoders=encoders)
+        out = tmp_path / encoders / "model.onnx"
+        runs[encoders] = recover(
+            RecoverRequest(original, merged, out, data=str(text), settings=SETTINGS, local=local)
+        )["local"]
+    assert runs["skip"]["sets"] == [] and runs["skip"]["steps"] == 0
+    assert runs["skip"]["notes"] == ["skipped on an encoder (--local-encoders run to run it)"]
+    (fitted,) = runs["run"]["sets"]
+    assert fitted["relative_error_after"] < fitted["relative_error_before"]
+    assert LOCAL.for_task("causal-lm") is LOCAL and LOCAL.for_task("encoder").steps == 0

@@ -15,7 +15,7 @@ __all__ = ["RecoverRequest", "recover"]
 
 import json
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -146,7 +146,12 @@ def _local(request: RecoverRequest, models, student, data, dist, reporter: Repor
         if record is not None and record.is_file():
             return json.loads(record.read_text())
         return {"steps": request.local.steps, "sets": [], "notes": ["resumed; summary not kept"]}
-    summary = reconstruct(request.original, *models, student, data, request.local, reporter)
+    local = request.local.for_task(require_manifest(request.original).task)
+    if local.steps != request.local.steps:
+        note = "skipped on an encoder (--local-encoders run to run it)"
+        reporter.step(f"local reconstruction: {note}")
+        return {"steps": 0, "inputs": local.inputs, "sets": [], "notes": [note]}
+    summary = reconstruct(request.original, *models, student, data, local, reporter)
     if record is not None and dist.is_main:
         record.parent.mkdir(parents=True, exist_ok=True)
         write_json_atomic(record, summary)
@@ -220,7 +225,7 @@ def recover(request: RecoverRequest, reporter: Reporter = SILENT) -> dict:
         "optimized": fingerprint(optimized),
         "data": request.data,
         "trained": trained,
-        "local": asdict(request.local),
+        "local": request.local.for_task(task).run_key(),
     }
     local_started = cpu_seconds()
     local = _local(request, (original, optimized), student, data, dist, reporter)
