@@ -14,7 +14,7 @@ $LF inspect "$RUN/original/model.onnx"
 $LF prune "$RUN/original/model.onnx" -o "$RUN/pruned/model.onnx" --target block --count 8
 $LF recover "$RUN/original/model.onnx" "$RUN/pruned/model.onnx" -o "$RUN/recovered/model.onnx" \
     --plan "$RUN/pruned/model.plan.json" --budget-minutes 15 --steps 200 --batch-size 4 \
-    --grad-accum 1 --seq-len 128 --lr 2e-4 --warmup 2 --eval-every 0 --patience 0
+    --grad-accum 1 --seq-len 128 --lr 5e-4 --warmup 2 --eval-every 0 --patience 0
 $LF bench "$RUN/original/model.onnx" "$RUN/pruned/model.onnx" "$RUN/recovered/model.onnx" \
     --names original,pruned,recovered --inputs 1x32,1x128 --runs 10 --eval --eval-tokens 4096 \
     --json "$RUN/report.json" --markdown "$RUN/report.md" --plot "$RUN/report.png"

@@ -7,8 +7,8 @@ in two phases through :func:`layerfuse.recover.run.recover`:
 
 - **A**: local reconstruction (merges) and two distillation steps, timed step by step, so
   the cost of a step on *this* finalist is measured, not guessed;
-- **B**: distillation from A's result for as many steps as the rest of the share pays for
-  (its setup and write-back estimated from A's).
+- **B**: distillation from A's result until the rest of the share is spent (its setup and
+  write-back estimated from A's; the learning rate's cosine fitted to that budget).
 
 A token budget needs no timing: each finalist distils its share of the tokens in one run.
 """
@@ -145,12 +145,13 @@ def recover_finalist(
     probe_out = folder / "phase_a" / "model.onnx"
     probe = _run(original, compressed, probe_out, share, _settings(share, PROBE_STEPS),
                  local_steps, plan, reporter)  # fmt: skip
-    steps = _phase_b_steps(share, probe)
     phases = {"a": probe}
-    if steps >= 1:
+    if _phase_b_steps(share, probe) >= 1:
+        # The budget, not a predicted step count, ends B, and the rate's cosine is fitted to
+        # it, so the share is spent whole however the step cost drifts.
         left = (share.seconds - probe["cpu_seconds"]) / 60
-        settings = _settings(share, steps, budget_minutes=max(left, 1e-3))
-        reporter.step(f"distilling {steps} more steps ({left:.1f} CPU-minutes left of the share)")
+        settings = _settings(share, share.space["max_steps"], budget_minutes=max(left, 1e-3))
+        reporter.step(f"distilling for the {left:.1f} CPU-minutes left of the share")
         phases["b"] = _run(original, probe_out, output, share, settings, 0, plan, reporter)
         shutil.rmtree(folder / "phase_a", ignore_errors=True)
     else:

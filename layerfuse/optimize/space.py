@@ -44,9 +44,9 @@ DEFAULT_SPACE: dict = {
     "recover": {
         "local_steps": 150,
         "batch_size": 4,
-        "grad_accum": 2,
+        "grad_accum": 1,
         "seq_len": 128,
-        "lr": 1e-4,
+        "lr": 5e-4,
         "train": "all",
         "max_steps": 2000,
         "scout_share": 0.4,
