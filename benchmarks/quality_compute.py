@@ -271,7 +271,7 @@ def _write(study: Study, state: dict, notes: Path | None) -> None:
     from quality_compute_report import report
 
     payload = {"model": study.model, "test_tokens": TEST_TOKENS, "kd": asdict(study.kd), **state}
-    payload["local"] = asdict(LocalSettings())
+    payload["local"] = asdict(LocalSettings(encoders="run"))
     text = report(study.model, state, RESULTS / f"{study.results}.png")
     text += "" if notes is None else "\n" + notes.read_text()
     write_results(study.results, payload, text)
