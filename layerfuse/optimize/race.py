@@ -52,21 +52,18 @@ def _scout(request, state, finalists, fraction, scorer, reporter) -> None:
         record = state.get("recover", candidate.name)
         if record is None:
             compressed, plan = prepare_finalist(request.model, candidate, folder)
-            left = len(finalists) - index
-            if budget.tokens is None and budget.seconds * fraction - _spent(state, "recover") <= 0:
+            seconds = tokens = None  # this finalist's share of the scouting part
+            if budget.tokens is not None:
+                tokens = int(budget.tokens * fraction) // len(finalists)
+            else:
+                left = budget.seconds * fraction - _spent(state, "recover")
+                seconds = left / (len(finalists) - index)
+            if seconds is not None and seconds <= 0:
                 reporter.step(f"{candidate.name}: no budget left; measured unrecovered")
                 record = {"cpu_seconds": 0.0, "wall_seconds": 0.0, "steps": 0, "tokens": 0}
                 record.update(model=str(compressed), note="no budget left")
             else:
-                share = _share(
-                    request,
-                    None
-                    if budget.seconds is None
-                    else (budget.seconds * fraction - _spent(state, "recover")) / left,
-                    None
-                    if budget.tokens is None
-                    else int(budget.tokens * fraction) // len(finalists),
-                )
+                share = _share(request, seconds, tokens)
                 reporter.step(f"recovering {candidate.name} ({index + 1}/{len(finalists)})")
                 record = recover_finalist(request.model, compressed, plan, folder, share, reporter)
                 record["model"] = str(folder / "model.onnx")

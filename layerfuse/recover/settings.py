@@ -9,7 +9,7 @@ from __future__ import annotations
 __all__ = ["TrainSettings"]
 
 import math
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 from layerfuse.errors import LayerfuseError
 from layerfuse.options import check_options, option
@@ -73,6 +73,19 @@ class TrainSettings:
         stopped with its rate still near the peak wastes the steps it had; fitted, it ends
         annealed, as a run sized to the budget in steps would."""
         return self.budget_minutes > 0 and self.schedule in ("auto", "budget")
+
+    def run_key(self) -> dict:
+        """The settings that shape a run's trajectory, which a resume must match. A
+        step-scheduled budget only says where to stop (a resume may raise it, like
+        stop_after); a fitted one shapes the rate. Options added since checkpoints had keys
+        stay out at their old behaviour (float32, the step schedule), so older checkpoints
+        resume."""
+        unkeyed = {"budget_minutes", "schedule"} if not self.fits_budget else set()
+        return {
+            k: v
+            for k, v in asdict(self).items()
+            if k not in unkeyed and (k, v) != ("precision", "fp32")
+        }
 
     def learning_rate_factor(self, step: int, budget_progress: float = 0.0) -> float:
         """Linear warm-up to 1, then cosine decay to ``min_lr_ratio`` at the last step, or

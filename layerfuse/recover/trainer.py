@@ -88,17 +88,7 @@ class Trainer:
         self.student, self.teacher, self.objective = student, teacher, objective
         self.data, self.validator, self.settings = data, validator, settings
         self.checkpoint_dir, self.dist, self.reporter = checkpoint_dir, dist, reporter
-        # A step-scheduled budget only says where to stop, like stop_after: a resume may raise
-        # it; a fitted one shapes the rate, so it is part of the run. Options added since
-        # checkpoints had keys stay out at their old behaviour, so older checkpoints resume.
-        kept = {
-            k: v
-            for k, v in asdict(settings).items()
-            if (k != "budget_minutes" or settings.fits_budget)
-            and (k, v) != ("precision", "fp32")
-            and (k != "schedule" or settings.fits_budget)
-        }
-        self.run_key = {**run_key, "settings": kept, "objective": asdict(objective)}
+        self.run_key = {**run_key, "settings": settings.run_key(), "objective": asdict(objective)}
         settings.check(dist.world_size)
         self.model = dist.wrap(student, student.device)
         self.device = student.device
