@@ -30,6 +30,7 @@ from report_big_models import markdown, targets
 from layerfuse.export.synthetic import SyntheticConfig, layers_for_bytes
 from layerfuse.model.io import file_bytes, load_model
 from layerfuse.passes.detect import detect_structure
+from layerfuse.runtime.widening import available_memory
 
 GIB = 1 << 30
 LAYERFUSE = str(Path(sys.executable).with_name("layerfuse"))
@@ -38,11 +39,10 @@ PLANNING = ["--data", "random", "--calib-tokens", "256", "--valid-tokens", "128"
 
 
 def available_bytes() -> int:
-    with open("/proc/meminfo") as handle:
-        for line in handle:
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError("no MemAvailable in /proc/meminfo")
+    available = available_memory()
+    if available is None:
+        raise RuntimeError("no MemAvailable in /proc/meminfo: the memory guard needs it")
+    return available
 
 
 def measured(name: str, argv: list[str], guard: int, log_path: Path) -> dict:
@@ -125,6 +125,15 @@ def commands(model: Path, out: Path, options: dict) -> list[tuple[str, list[str]
     return [(name, [LAYERFUSE, *argv], folder) for name, argv, folder in listed]
 
 
+def _keep_plans_only(folder: Path) -> None:
+    """Delete a measured output but its plan, which a later command replays."""
+    for path in folder.iterdir():
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif not path.name.endswith(".plan.json"):
+            path.unlink()
+
+
 def series(label: str, model: Path, out: Path, options: dict, guard: int) -> dict:
     model_bytes = file_bytes(model)
     rows, log_path = [], out / "commands.log"
@@ -144,6 +153,8 @@ def series(label: str, model: Path, out: Path, options: dict, guard: int) -> dic
         rows.append(row)
         if folder is not None:
             shutil.rmtree(folder, ignore_errors=True)
+        elif written is not None and written.parent.is_dir():
+            _keep_plans_only(written.parent)  # the disk holds the source and one output
     shutil.rmtree(out / "merge", ignore_errors=True)
     for folder in ("prune", "prune-blocks", "fuse"):
         shutil.rmtree(out / folder, ignore_errors=True)

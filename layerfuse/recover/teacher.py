@@ -29,7 +29,9 @@ class Teacher:
         provider: str = "cpu",
         threads: int | None = None,
     ) -> None:
-        self.tap = ActivationTap(model_path, list(taps), provider=provider, threads=threads)
+        self.tap = ActivationTap(
+            model_path, list(taps), provider=provider, threads=threads, lean=None
+        )
 
     def feeds(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """``feeds`` completed with the inputs the graph also takes (token types, positions):

@@ -112,7 +112,10 @@ class ActivationTap:
     ``model`` is a path, or an in-memory onnx_ir model (a candidate rewrite) whose untouched
     weights still live in the external data of the folder ``external_data_dir``. With
     ``model_outputs=False`` the graph is cut to what the taps depend on (see :func:`_cut_to`)
-    and :meth:`run` returns no model outputs.
+    and :meth:`run` returns no model outputs. Calibration runs a few batches, so by default
+    fp16/bf16 weights on CPU are cast as they run rather than copied to fp32 at load
+    (``lean``, see :mod:`layerfuse.runtime.widening`); the recovery teacher, which runs every
+    step, passes None (only when the copies would not fit).
     """
 
     def __init__(
@@ -124,6 +127,7 @@ class ActivationTap:
         threads: int | None = None,
         external_data_dir: str | os.PathLike | None = None,
         model_outputs: bool = True,
+        lean: bool | None = True,
     ) -> None:
         if isinstance(model, ir.Model):
             proto = ir.serde.serialize_model(model)
@@ -148,8 +152,9 @@ class ActivationTap:
             self.model_outputs = []
             _cut_to(proto.graph, _outputs(self.names, types))
         self.session = create_session(
-            proto, provider=provider, threads=threads, external_data_dir=external_data_dir
-        )
+            proto, provider=provider, threads=threads, external_data_dir=external_data_dir,
+            lean=lean,
+        )  # fmt: skip
 
     def run(self, feeds: dict[str, np.ndarray]) -> tuple[list[np.ndarray], dict[str, np.ndarray]]:
         """The model's own outputs and the tapped tensors for one batch."""

@@ -45,6 +45,7 @@ import onnxruntime as ort
 
 from layerfuse.errors import LayerfuseError
 from layerfuse.model.stats import shared_matmul_weights
+from layerfuse.runtime.widening import apply_lean_options, wants_lean
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 # Command-line spellings of ``create_session(prepacking=...)``; ``auto`` is layerfuse's policy.
@@ -118,6 +119,22 @@ def resolve_provider(name: str = "auto") -> str:
     return PROVIDERS[name]
 
 
+_LEVELS = {
+    "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+    "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+    "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+}
+
+
+def _options(optimization: str, threads: int | None) -> ort.SessionOptions:
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    options.graph_optimization_level = _LEVELS[optimization]
+    if threads:
+        options.intra_op_num_threads = threads
+    return options
+
+
 def create_session(
     model: str | os.PathLike | onnx.ModelProto,
     *,
@@ -128,24 +145,18 @@ def create_session(
     optimization: str = "all",
     release_memory: bool = True,
     provider_options: dict | None = None,
+    lean: bool | None = None,
 ) -> ort.InferenceSession:
     """Build a session for a model file, or for an in-memory proto whose external data lives in
     ``external_data_dir`` (used to run a modified copy of a graph without copying weights).
 
     ``prepacking=None`` follows :func:`default_prepacking`; ``release_memory=False`` skips
     :func:`release_freed_memory` (only to measure what it saves). ``provider_options`` go to
-    the chosen provider (e.g. ``{"enable_cuda_graph": "1"}`` on CUDA).
+    the chosen provider (e.g. ``{"enable_cuda_graph": "1"}`` on CUDA). ``lean`` is for fp16/bf16
+    weights on CPU (:mod:`layerfuse.runtime.widening`): True casts them as they run whenever
+    the graph has them, None only where their fp32 copies would not fit, False never.
     """
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    levels = {
-        "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
-        "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
-        "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
-    }
-    options.graph_optimization_level = levels[optimization]
-    if threads:
-        options.intra_op_num_threads = threads
+    options = _options(optimization, threads)
     if isinstance(model, onnx.ModelProto):
         payload: str | bytes = model.SerializeToString()
         if external_data_dir is not None:
@@ -167,6 +178,8 @@ def create_session(
     if prepacking is False:
         options.add_session_config_entry("session.disable_prepacking", "1")
     chosen = resolve_provider(provider)
+    if chosen == PROVIDERS["cpu"] and wants_lean(model, lean):
+        apply_lean_options(options)
     providers: list = [(chosen, dict(provider_options)) if provider_options else chosen]
     if chosen != PROVIDERS["cpu"]:
         providers.append(PROVIDERS["cpu"])
