@@ -236,7 +236,9 @@ class Trainer:
         self._kd_at_start = result.kd_cpu_minutes
         if s.fits_budget:
             self.budget_progress = self._budget_progress()
-        for step in self.reporter.track(steps, len(steps), "recovering"):
+        # A budget ends the run long before a step cap: no step count to estimate time from.
+        total = None if s.budget_minutes else len(steps)
+        for step in self.reporter.track(steps, total, "recovering"):
             if stop_after is not None and step >= stop_after:
                 self._save("state.pt", self._state())
                 return result
@@ -260,8 +262,9 @@ class Trainer:
                     if s.budget_minutes
                     else f"ETA {remaining:.1f} min"
                 )
+                of = "" if s.budget_minutes else f"/{s.steps}"
                 self.reporter.step(
-                    f"step {done}/{s.steps}: loss {np.mean(window_loss):.4g}, lr "
+                    f"step {done}{of}: loss {np.mean(window_loss):.4g}, lr "
                     f"{result.last_lr:.3g}, {window_tokens / elapsed:.0f} tokens/s, {left}"
                 )
             if s.eval_every and (done % s.eval_every == 0 or done == s.steps):
