@@ -114,3 +114,28 @@ def test_atomic_text_keeps_the_umask_mode_and_leaves_no_temporary(tmp_path):
     os.umask(mask)
     assert stat.S_IMODE(target.stat().st_mode) == 0o666 & ~mask
     assert [p.name for p in tmp_path.iterdir()] == ["plan.json"]
+
+
+def test_a_full_disk_is_one_line_and_publishes_nothing(good_model, tmp_path, capsys, monkeypatch):  # noqa: F811
+    """The disk fills while the weights are written: the staged half file is removed, the
+    error names the machine's limit (not a layerfuse bug), and the output folder stays empty."""
+    import errno
+
+    import onnx_ir as ir
+
+    from layerfuse.model import io
+
+    def half_written(model, path, **options):
+        path.write_bytes(b"\x08\x09" * 1000)
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(io.ir, "save", half_written)
+    out = tmp_path / "out"
+    capsys.readouterr()
+    assert main(["merge", str(good_model), "-o", str(out / "model.onnx"), "--blocks", "0-1"]) == 3
+    err = capsys.readouterr().err
+    (error,) = [line for line in err.splitlines() if line.startswith("layerfuse: error")]
+    assert "no space left on the device" in error and "layerfuse bug" not in error
+    assert "Traceback" not in err
+    assert sorted(p.name for p in out.rglob("*") if p.is_file()) == []
+    assert ir.save is half_written

@@ -11,6 +11,7 @@ from __future__ import annotations
 __all__ = ["build_parser", "main"]
 
 import argparse
+import errno
 import sys
 from collections.abc import Sequence
 
@@ -77,12 +78,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# The machine's limits, not layerfuse's bugs: outputs are staged, so nothing half-written is
+# published when one of these stops a write.
+_MACHINE_ERRORS = {
+    errno.ENOSPC: "no space left on the device",
+    errno.EDQUOT: "disk quota exceeded",
+    errno.EROFS: "the file system is read-only",
+    errno.EACCES: "permission denied",
+    errno.EMFILE: "too many open files",
+}
+
+
 def describe_unexpected(exc: Exception) -> str:
     """One line for an error no check foresaw: onnxruntime's own complaint about a graph or
-    a shape is the user's to read; anything else is a layerfuse bug to report."""
+    a shape, and the machine's limits (a full disk), are the user's to read; anything else
+    is a layerfuse bug to report."""
     first_line = (str(exc).strip().splitlines() or [""])[0][:300]
     if type(exc).__module__.startswith("onnxruntime"):
         return f"onnxruntime: {first_line}"
+    if isinstance(exc, OSError) and exc.errno in _MACHINE_ERRORS:
+        where = f" ({exc.filename})" if exc.filename else ""
+        return f"{_MACHINE_ERRORS[exc.errno]}{where}; nothing half-written was published"
     return (
         f"unexpected {type(exc).__name__}: {first_line} (a layerfuse bug: please report it "
         f"with the output of --debug)"
