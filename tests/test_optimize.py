@@ -226,6 +226,26 @@ def test_a_hybrid_prunes_then_ties_and_its_plans_replay_in_order(tiny, tmp_path)
     assert row["parameters"] < report["original"]["parameters"]
 
 
+def test_a_fusion_removes_attention_and_fuses_the_ffs_it_leaves_adjacent(tiny, tmp_path):
+    """Only FFN Fusion in the space: the finalist's plan drops a contiguous run of attention
+    sublayers and fuses the FFs around them; it replays to the finalist's parameter count."""
+    model = tiny.model("llama")
+    space = {**SPACE, "finalists": 1, "merge": {"enabled": False}}
+    space |= {"prune": {"enabled": False}, "attention": {"enabled": False}}
+    changes = {"budget": parse_budget("0"), "space": space_document(space)}
+    changes["target"] = parse_target("params=0.97")
+    report = optimize(_request(model, tmp_path / "out", **changes))
+    (row,) = report["finalists"]
+    assert row["kind"] == "fuse"
+    plan = load_plan(row["plan"])
+    dropped = plan.drop_attention
+    assert len(dropped) == row["options"]["count"] >= 1
+    assert dropped == list(range(dropped[0], dropped[0] + len(dropped)))
+    assert plan.fuse and all(last > first for first, last in plan.fuse)
+    assert parameter_count(plan.apply(load_model(model))) == row["parameters"]
+    assert row["parameters"] < report["original"]["parameters"]
+
+
 def test_a_rerun_with_other_settings_is_refused(search):
     model, output, _, _ = search
     with pytest.raises(LayerfuseError, match="other settings"):

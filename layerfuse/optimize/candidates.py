@@ -5,7 +5,9 @@ number of units is the smallest whose estimated removal meets the target, plus t
 ``extra`` units. Estimates come from the detected structure; screening later measures each
 plan's real parameter count (and latency), so an estimate that falls short is caught there.
 For a latency target the work per token is taken as proportional to the parameters a token
-reads, so merges (which keep every multiplication) are not proposed for it.
+reads, so merges (which keep every multiplication) are not proposed for it. A fusion removes
+the attention a plain attention removal does and also runs the FFs it leaves adjacent as one
+wide FF (FFN Fusion), so it is sized like attention removal and screening measures the rest.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from layerfuse.passes.merge.relax import delta_parameters
 
 @dataclass
 class Candidate:
-    """One compression to screen: ``kind`` merge/prune/attention/hybrid and its options."""
+    """One compression to screen: ``kind`` merge/prune/attention/fuse/hybrid and its options."""
 
     name: str
     kind: str
@@ -127,20 +129,26 @@ def _hybrids(size: SizeModel, space: SearchSpace, need: int) -> tuple[list[Candi
 
 
 def _counted(
-    kind: str, unit: int, size: SizeModel, extra: list[int], need: int, options: dict
+    kind: str,
+    unit: int,
+    size: SizeModel,
+    extra: list[int],
+    need: int,
+    options: dict,
+    least: int = 1,
 ) -> tuple[list[Candidate], list[str]]:
     label = options.get("target", "attention")
     what = f"{kind} {label}" if kind != label else kind
     if unit <= 0:
         return [], [f"{what}: the model has no such sublayers"]
-    smallest = max(1, math.ceil(need / unit))
+    smallest = max(least, math.ceil(need / unit))
     found = []
     for more in sorted(set(extra)):
         count = smallest + more
         limit = size.num_blocks - (1 if label == "block" else 0)
         if count > limit:
             return found, [f"{what}: {count} of {size.num_blocks} would be needed, too many"]
-        name = f"{kind}-{count}{label}" if kind == "prune" else f"attention-{count}"
+        name = f"prune-{count}{label}" if kind == "prune" else f"{kind}-{count}"
         found.append(Candidate(name, kind, {**options, "count": count}, count * unit))
     return found, []
 
@@ -167,8 +175,11 @@ def propose(size: SizeModel, space: SearchSpace, target: Target) -> tuple[list[C
             found, why = _counted("prune", unit, size, space.prune["extra"], need, options)
             candidates += found
             notes += why
-    if space.attention["enabled"]:
-        found, why = _counted("attention", size.attention, size, space.attention["extra"], need, {})
-        candidates += found
-        notes += why
+    # A fusion needs 2 attention sublayers gone to leave 2 FFNs to fuse (the run's last stays).
+    for kind, least in (("attention", 1), ("fuse", 2)):
+        section = getattr(space, kind)
+        if section["enabled"]:
+            found, why = _counted(kind, size.attention, size, section["extra"], need, {}, least)
+            candidates += found
+            notes += why
     return candidates, notes

@@ -1,8 +1,9 @@
 """Screen candidates without training: plan each, apply it in memory, score it on validation.
 
 Each candidate is planned by its own planner (merge: aligned windows at the best-scoring
-position; prune: block influence), exactly as ``layerfuse merge``/``prune`` would plan it, and
-its plan is saved. The rewrite is scored in memory by the planners' validation scorer
+position; prune: block influence; fuse: the best window of attention to remove, then the FFN
+runs it leaves), exactly as ``layerfuse merge``/``prune``/``fuse`` would plan it, and its
+plan is saved. The rewrite is scored in memory by the planners' validation scorer
 (perplexity for causal LMs, ``1 - output cosine`` for encoders), counted (parameters, weight
 bytes) and, for a latency target, timed at the named shape against the original.
 """
@@ -21,6 +22,7 @@ from layerfuse.model.manifest import carry_manifest
 from layerfuse.optimize.candidates import Candidate
 from layerfuse.optimize.finalists import apply_plans
 from layerfuse.optimize.targets import Target
+from layerfuse.passes.fuse import FuseRequest, plan_fuse
 from layerfuse.passes.merge import MergePlan, MergeRequest, plan_merge
 from layerfuse.passes.plan import Plan, apply_plan
 from layerfuse.passes.planner import DataSettings
@@ -67,6 +69,9 @@ def plan_candidate(candidate: Candidate, context: ScreenContext, reporter: Repor
             data=context.data,
         )
         return plan_merge(context.model_path, request, reporter)
+    if candidate.kind == "fuse":
+        request = FuseRequest(drop_attention=options["count"], contiguous=True, data=context.data)
+        return plan_fuse(context.model_path, request, reporter)
     target = options.get("target", "attention")
     request = PruneRequest(
         target=target,

@@ -34,6 +34,9 @@ DEFAULT_SPACE: dict = {
     "hybrid": {"enabled": True, "prune_shares": [0.5]},
     # Remove attention sublayers (least important on validation): mainly a latency lever.
     "attention": {"enabled": True, "extra": [0]},
+    # FFN Fusion: remove as many attention sublayers, then fuse each run of FFs left
+    # without attention between them into one wide FF (fewer sequential steps).
+    "fuse": {"enabled": True, "extra": [0]},
     # Training-free screening on the valid split (perplexity; output cosine for encoders).
     "screen": {"calib_tokens": 8192, "valid_tokens": 4096, "seq_len": 128},
     # How many of the best screened candidates get recovered (the budget is split among them).
@@ -100,6 +103,7 @@ class SearchSpace:
     prune: dict
     hybrid: dict
     attention: dict
+    fuse: dict
     screen: dict
     finalists: int
     recover: dict

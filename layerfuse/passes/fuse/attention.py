@@ -54,19 +54,43 @@ def attention_importance(
     return by_block
 
 
+def _fused_members(has_attention: list[bool], dropped: range, include_last: bool) -> int:
+    """How many FFNs the run holding ``dropped`` fuses once their attention is removed.
+
+    The run reaches back to the FFN before the first dropped attention and on through blocks
+    without attention; like :func:`~layerfuse.passes.fuse.planner._what_to_fuse`, its last
+    FFN stays out unless ``include_last``."""
+    first = dropped.start
+    while first > 0 and not has_attention[first]:
+        first -= 1
+    last = dropped.stop - 1
+    while last + 1 < len(has_attention) and not has_attention[last + 1]:
+        last += 1
+    return last - first + (1 if include_last else 0)
+
+
 def _best_window(
-    reduce: Reducer, count: int, scorer: CandidateScorer, reporter: Reporter
+    reduce: Reducer, count: int, scorer: CandidateScorer, reporter: Reporter, include_last: bool
 ) -> tuple[list[int], list[float | None]]:
-    """Remove ``count`` consecutive attention sublayers where validation suffers least.
+    """Remove ``count`` consecutive attention sublayers where validation suffers least,
+    among the windows that leave a run to fuse (not at block 0 alone, for instance).
 
     Scores are indexed by the window's first block.
     """
     blocks = reduce.structure.blocks
-    starts = [
-        start
-        for start in range(len(blocks) - count + 1)
-        if all(blocks[b].attention is not None for b in range(start, start + count))
-    ]
+    starts = []
+    for start in range(len(blocks) - count + 1):
+        window = range(start, start + count)
+        if not all(blocks[b].attention is not None for b in window):
+            continue
+        has_attention = [b.attention is not None and b.index not in window for b in blocks]
+        if _fused_members(has_attention, window, include_last) >= 2:
+            starts.append(start)
+    if not starts:
+        raise PlanError(
+            f"no {count} consecutive attention sublayers leave 2 FFNs to fuse"
+            + ("" if include_last else " (the last FFN of a run stays out: --include-last)")
+        )
     best, scores = search_best(
         starts,
         lambda start: reduce(list(range(start, start + count))),
@@ -109,7 +133,8 @@ def choose_attention(
         )
     baseline = scorer(reduce([]))
     if request.contiguous:
-        dropped, scores = _best_window(reduce, int(request.drop_attention), scorer, reporter)
+        count = int(request.drop_attention)
+        dropped, scores = _best_window(reduce, count, scorer, reporter, request.include_last)
         return dropped, scores, baseline
     scores = attention_importance(reduce, scorer, reporter)
     if request.drop_attention == "auto":
