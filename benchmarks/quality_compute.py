@@ -1,38 +1,29 @@
 """Quality per CPU-minute of every way to remove about a fifth of SmolLM2-135M (issue 25).
 
 Each variant removes about the same *net* parameters (17-21%) and is recovered by ONE run
-of ``layerfuse recover`` (local stage with its default settings, then global distillation),
-stopped by its CPU-time budget (``TrainSettings.budget_minutes``) at 5, 15 and 30
-CPU-minutes and resumed from its checkpoint, the test perplexity (merge_quality's measure,
-4k test tokens) taken at each stop. Budget 0 is the compressed graph as written. CPU time
-is the recovery's own user+system time (all threads): setup, local stage and distillation;
-the test evaluations and a resume's reloading are not charged (see
-``layerfuse/recover/budget.py``), so the checkpoints are points on one uninterrupted run.
+of ``layerfuse recover`` (local stage, then distillation) stopped by its CPU-time budget at
+5, 15 and 30 CPU-minutes and resumed, the test perplexity (4k tokens) taken and saved at
+each stop (the same command continues); budget 0 is the graph as written. CPU time is the
+recovery's own (all threads; tests and reloading not charged). The ``-fitted`` arm runs
+recover's current defaults instead: one run per budget, its schedule fitted to it.
 
 Variants (the FF window 16-26 is the one local reconstruction repaired best):
 - ``permute``: FFs 16-26 tied, permutation-aligned (``merge --blocks 16-26``);
 - ``permute + relax 8`` / ``permute + relax 32``: the same with per-block rank-8/32 deltas;
 - ``vanilla``: FFs 16-26 tied by plain averaging;
-- ``prune``: whole blocks of lowest block influence (ShortGPT), as many as remove the
-  permute merge's parameters (``prune --parameters``);
-- ``hybrid``: the 4 blocks of lowest influence pruned, then FFs of original blocks 18-23 tied
-  (permute) in what is left;
-- ``permute (KD only)``: the permute merge distilled without the local stage (target P3).
+- ``prune``: blocks of lowest influence (ShortGPT) removing the merge's parameters;
+- ``hybrid``: the 4 blocks of lowest influence pruned, then FFs 18-23 tied (permute);
+- ``permute (KD only)``: the permute merge distilled without the local stage (target P3);
+- ``X (touched)``: X trained with ``--train touched`` (the changed blocks and neighbours).
 
-FFN Fusion is not run: its best configuration (``ffn_fusion_cpu.md``) removes 4% of the
-parameters (attention of 6 blocks), not a fifth.
-
-``--model minilm-l6`` runs the encoder arm: half of MiniLM-L6's FFs merged (FFs 2-5 tied,
-15.7% removed) against pruning as many parameters by block influence (2 of 6 blocks), with
-topic accuracy (ridge probe on the embeddings) as the quality; budgets 0, 1, 5 and 15, since
-a step costs about a tenth of SmolLM2's. It writes ``quality_compute_minilm.*``.
+FFN Fusion is not run: its best configuration removes 4% of the parameters, not a fifth.
+``--model minilm-l6``: MiniLM-L6, FFs 2-5 tied (15.7%) against 2 of 6 blocks pruned, topic
+accuracy (ridge probe) at 0, 1, 5 and 15 CPU-minutes, into ``quality_compute_minilm.*``.
 
     python benchmarks/quality_compute.py                      # budgets 0, 5, 15 for all
     python benchmarks/quality_compute.py --budgets 30 --variants prune,permute
-    python benchmarks/quality_compute.py --model minilm-l6
+    python benchmarks/quality_compute.py --model smollm2-135m-fitted  # at recover's defaults
     python benchmarks/quality_compute.py [--model M] --write-only   # results of the arms run
-
-Each budget of each variant is saved as it finishes; the same command continues.
 """
 
 from __future__ import annotations
@@ -61,15 +52,16 @@ from layerfuse.recover.settings import TrainSettings
 
 TEST_TOKENS = 4096
 HYBRID_PRUNED, HYBRID_WINDOW = 4, (18, 23)
-# Distillation as local_reconstruction.py runs it; the schedule is laid out over more steps
-# than the largest budget holds (over steps, not fitted to the budget), so the budget ends
-# every segment and the 5/15/30 stops are points on one run.
+# Distillation as local_reconstruction.py runs it; the schedule spans more steps than the
+# largest budget holds, so the 5/15/30 stops are points on one run.
 KD = TrainSettings(
     steps=200, batch_size=4, grad_accum=1, seq_len=128, lr=2e-4, warmup=2,
     eval_every=0, patience=0, valid_tokens=512, seed=0, schedule="steps",
 )  # fmt: skip
 # MiniLM as recovery.py distils it (16 x 64 tokens; a step costs about a tenth of SmolLM's).
 KD_ENCODER = replace(KD, steps=2000, batch_size=16, seq_len=64)
+# recover's defaults since recovery_settings.md: peak 5e-4, the cosine fitted to each budget.
+KD_FITTED = replace(KD, steps=100_000, lr=5e-4, schedule="budget")
 
 
 @dataclass(frozen=True)
@@ -98,6 +90,13 @@ STUDIES = {
         "minilm-l6", (2, 5), KD_ENCODER, WORK / "quality_compute" / "minilm-l6",
         "quality_compute_minilm", ("permute", "prune", "permute (KD only)", "vanilla"),
         "0,1,5,15", "topic_accuracy",
+    ),
+    # The main arm's contest rerun at recover's current defaults (one run per budget).
+    "smollm2-135m-fitted": Study(
+        "smollm2-135m", (16, 26), KD_FITTED, WORK / "quality_compute" / "fitted",
+        "quality_compute_fitted",
+        ("permute", "prune", "hybrid", "permute (touched)", "prune (touched)"),
+        "0,15,30", "perplexity",
     ),
 }  # fmt: skip
 
@@ -131,6 +130,7 @@ def _pruned(
 
 def compressed(study: Study, original: Path, variant: str) -> Path:
     """The variant's graph, built once into the study's work folder."""
+    variant = variant.removesuffix(" (touched)")  # the same graph, trained differently
     window = [study.window]
     if variant in ("permute", "permute (KD only)"):
         return _merged(study, original, "permute", MergeRequest(ranges=window, method="permute"))
@@ -174,8 +174,11 @@ def segment(study: Study, original: Path, model: Path, variant: str, budget: flo
     """Recover ``model`` up to ``budget`` CPU-minutes (resuming the variant's run), measure.
 
     A variant whose checkpoint is gone starts again: a fresh run to this budget is the same
-    run (the schedule counts steps, not budgets)."""
+    run (the schedule counts steps, not budgets). A schedule fitted to the budget makes each
+    budget a run of its own."""
     folder = _run_folder(study, variant)
+    if study.kd.schedule == "budget":
+        folder = folder / f"run-{budget:g}"
     out = folder / f"budget-{budget:g}" / "model.onnx"
     # The encoder arm measures the local stage too (recover skips it on encoders by default).
     local = LocalSettings(steps=0) if "KD only" in variant else LocalSettings(encoders="run")
@@ -183,6 +186,7 @@ def segment(study: Study, original: Path, model: Path, variant: str, budget: flo
     request = RecoverRequest(
         original, model, out, settings=replace(study.kd, budget_minutes=budget), local=local,
         checkpoint_dir=folder / "checkpoints", resume=resume,
+        train="touched" if variant.endswith("(touched)") else "all",
     )  # fmt: skip
     load, wall = os.getloadavg(), time.perf_counter()
     summary = recover(request, ConsoleReporter())
@@ -191,6 +195,8 @@ def segment(study: Study, original: Path, model: Path, variant: str, budget: flo
     for older in folder.glob("budget-*"):
         if older != out.parent:
             shutil.rmtree(older)  # keep the disk: only the latest model of a variant stays
+    if study.kd.schedule == "budget":
+        shutil.rmtree(folder / "checkpoints")  # a finished fitted run is never resumed
     sets = summary["local"].get("sets", [])
     return {
         "cpu_minutes": summary["cpu_minutes"],
@@ -227,7 +233,8 @@ def run_variant(study: Study, original: Path, variant: str, budgets: list[float]
         rows.append({**base, "budget": 0, **zero, "tokens": 0, metric: value})
         save()
     for budget in sorted(b for b in budgets if b > 0 and b not in done):
-        if any(r["variant"] == variant and r["budget"] > budget for r in rows):
+        later = any(r["variant"] == variant and r["budget"] > budget for r in rows)
+        if later and study.kd.schedule != "budget":
             continue  # a run cannot go back to a smaller budget
         log(f"{variant}: recovering to {budget:g} CPU-minutes")
         row = {**base, "budget": budget, **segment(study, original, model, variant, budget)}
