@@ -271,15 +271,15 @@ def main() -> None:
             state.setdefault("failed", {})[variant] = f"{type(exc).__name__}: {exc}"
             _keep(partial, state)
     if args.write_only:
-        _write(study, state, args.notes)
+        _write(study, args.model, state, args.notes)
 
 
-def _write(study: Study, state: dict, notes: Path | None) -> None:
+def _write(study: Study, key: str, state: dict, notes: Path | None) -> None:
     from quality_compute_report import report
 
     payload = {"model": study.model, "test_tokens": TEST_TOKENS, "kd": asdict(study.kd), **state}
     payload["local"] = asdict(LocalSettings(encoders="run"))
-    text = report(study.model, state, RESULTS / f"{study.results}.png")
+    text = report(study.model, state, RESULTS / f"{study.results}.png", study.kd, key)
     text += "" if notes is None else "\n" + notes.read_text()
     write_results(study.results, payload, text)
 

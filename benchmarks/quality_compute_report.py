@@ -7,10 +7,16 @@ from pathlib import Path
 from common import markdown_table
 
 MERGES = ("permute", "permute + relax 8", "permute + relax 32", "vanilla", "permute (KD only)")
+MERGES += tuple(f"{variant} (touched)" for variant in MERGES)
+PRUNES = ("prune", "prune (touched)")
 
 
 def _row(rows: list[dict], variant: str, budget: float) -> dict | None:
     return next((r for r in rows if r["variant"] == variant and r["budget"] == budget), None)
+
+
+def _rows(rows: list[dict], variants: tuple[str, ...], budget: float) -> list[dict]:
+    return [r for v in variants if (r := _row(rows, v, budget)) is not None]
 
 
 def plot(rows: list[dict], path: Path, metric: str, title: str) -> None:
@@ -93,12 +99,12 @@ def targets(rows: list[dict]) -> list[str]:
             + "."
         )
     for budget in (15, 30):
-        prune = _row(rows, "prune", budget)
-        merges = [r for v in MERGES if (r := _row(rows, v, budget)) is not None]
-        if prune is None or not merges:
+        prunes, merges = _rows(rows, PRUNES, budget), _rows(rows, MERGES, budget)
+        if not prunes or not merges:
             out.append(f"- **P2 at {budget} CPU-minutes: not measured.**")
             continue
         merge = min(merges, key=lambda r: r["perplexity"])
+        prune = min(prunes, key=lambda r: r["perplexity"])
         verdict = "met" if merge["perplexity"] < prune["perplexity"] else "not met"
         hybrid = _row(rows, "hybrid", budget)
         extra = (
@@ -109,7 +115,7 @@ def targets(rows: list[dict]) -> list[str]:
         out.append(
             f"- **P2 at {budget} CPU-minutes ({verdict})**: best merge {merge['variant']} "
             f"{merge['perplexity']:.4g} ({100 * merge['params_removed']:.1f}% removed) against "
-            f"whole-block pruning {prune['perplexity']:.4g} "
+            f"whole-block pruning ({prune['variant']}) {prune['perplexity']:.4g} "
             f"({100 * prune['params_removed']:.1f}% removed), a ratio of "
             f"{merge['perplexity'] / prune['perplexity']:.2f}{extra}."
         )
@@ -131,11 +137,11 @@ def encoder_targets(rows: list[dict]) -> list[str]:
     """P2 on the encoder: the best merge against pruning at equal parameters and CPU."""
     out = []
     for budget in sorted({r["budget"] for r in rows}):
-        prune = _row(rows, "prune", budget)
-        merges = [r for v in MERGES if (r := _row(rows, v, budget)) is not None]
-        if prune is None or not merges:
+        prunes, merges = _rows(rows, PRUNES, budget), _rows(rows, MERGES, budget)
+        if not prunes or not merges:
             continue
         merge = max(merges, key=lambda r: r["topic_accuracy"])
+        prune = max(prunes, key=lambda r: r["topic_accuracy"])
         gap = 100 * (merge["topic_accuracy"] - prune["topic_accuracy"])
         verdict = "merging wins" if gap > 0 else "pruning wins" if gap < 0 else "a tie"
         missing = [v for v in MERGES if _row(rows, v, 0) and not _row(rows, v, budget)]
@@ -156,18 +162,19 @@ TITLES = {
 }
 
 
-def report(model: str, state: dict, png: Path) -> str:
+def report(model: str, state: dict, png: Path, kd, study: str) -> str:
+    """``kd``: the study's TrainSettings; ``study``: its ``--model`` key."""
+    option = "" if study == "smollm2-135m" else f" --model {study}"
     rows = state["rows"]
     metric = "perplexity" if model == "smollm2-135m" else "topic_accuracy"
     plot(rows, png, metric, TITLES[model])
-    out = [_introduction(model, state, png.name), table(rows, metric)]
+    out = [_introduction(model, state, png.name, kd), table(rows, metric)]
     failed = state.get("failed", {})
     if failed:
         out.append("\nVariants that failed: ")
         out.append("; ".join(f"{k}: {v}" for k, v in failed.items()) + "\n")
     found = targets(rows) if metric == "perplexity" else encoder_targets(rows)
     out.append("\n## Targets\n\n" + "\n".join(found) + "\n")
-    option = "" if model == "smollm2-135m" else f" --model {model}"
     out.append(
         f"\n## Regenerate\n\n    python benchmarks/quality_compute.py{option}        "
         f"# the default budgets for every variant\n    python benchmarks/quality_compute.py"
@@ -177,10 +184,16 @@ def report(model: str, state: dict, png: Path) -> str:
     return "".join(out)
 
 
-def _introduction(model: str, state: dict, png: str) -> str:
+def _introduction(model: str, state: dict, png: str, kd) -> str:
+    runs = (
+        "One recovery run per variant and budget (local stage with default settings, then "
+        "distillation, its cosine fitted to the budget: recover's defaults)"
+        if kd.schedule == "budget"
+        else "One recovery run per variant (local stage with default settings, then "
+        "distillation), stopped by its CPU budget and resumed"
+    )
     common = (
-        "One recovery run per variant (local stage with default settings, then distillation), "
-        "stopped by its CPU budget and resumed; the budget counts the run's user+system "
+        f"{runs}; the budget counts the run's user+system "
         "CPU time (setup, local stage, distillation), not the test evaluations. A row's CPU "
         "minutes are what the run had really spent when it stopped (the step that crosses the "
         "budget finishes, and the local stage runs whole). 2 cores shared with other jobs: "
@@ -189,13 +202,16 @@ def _introduction(model: str, state: dict, png: str) -> str:
     params = f"{state['original_parameters'] / 1e6:.2f}M parameters"
     if model == "smollm2-135m":
         return (
-            "# Quality per CPU-minute at a fifth of SmolLM2-135M removed (issue 25)\n\n"
-            f"Original test perplexity {state['original_perplexity']:.4g} ({params}; 4096 "
-            "test tokens of fortunes). Distillation with batch 4 x 128 tokens, lr 2e-4. " + common
+            "# Quality per CPU-minute at a fifth of SmolLM2-135M removed (issue 25)"
+            + (", at recover's defaults\n\n" if kd.schedule == "budget" else "\n\n")
+            + f"Original test perplexity {state['original_perplexity']:.4g} ({params}; 4096 "
+            f"test tokens of fortunes). Distillation with batch {kd.batch_size} x {kd.seq_len} "
+            f"tokens, peak lr {kd.lr:g}. " + common
         )
     return (
         "# Quality per CPU-minute on the encoder: MiniLM-L6, half of its FFs merged (issue 25)"
         f"\n\nOriginal topic accuracy {state['original_topic_accuracy']:.4f} ({params}; a "
         "ridge probe on the sentence embeddings of the fortunes topic data, test split). "
-        "Distillation of last_hidden_state with batch 16 x 64 tokens, lr 2e-4. " + common
+        f"Distillation of last_hidden_state with batch {kd.batch_size} x {kd.seq_len} tokens, "
+        f"lr {kd.lr:g}. " + common
     )
