@@ -156,19 +156,12 @@ def encoder_targets(rows: list[dict]) -> list[str]:
     return out
 
 
-TITLES = {
-    "smollm2-135m": "SmolLM2-135M, about a fifth of the parameters removed",
-    "minilm-l6": "MiniLM-L6, half of the FFs merged or as many parameters pruned",
-}
-
-
-def report(model: str, state: dict, png: Path, kd, study: str) -> str:
-    """``kd``: the study's TrainSettings; ``study``: its ``--model`` key."""
-    option = "" if study == "smollm2-135m" else f" --model {study}"
-    rows = state["rows"]
-    metric = "perplexity" if model == "smollm2-135m" else "topic_accuracy"
-    plot(rows, png, metric, TITLES[model])
-    out = [_introduction(model, state, png.name, kd), table(rows, metric)]
+def report(study, state: dict, png: Path, key: str) -> str:
+    """The Markdown of ``study`` (a quality_compute_studies.Study), run as ``--model key``."""
+    option = "" if key == "smollm2-135m" else f" --model {key}"
+    rows, metric = state["rows"], study.metric
+    plot(rows, png, metric, study.title)
+    out = [_introduction(study, state, png.name), table(rows, metric)]
     failed = state.get("failed", {})
     if failed:
         out.append("\nVariants that failed: ")
@@ -184,7 +177,8 @@ def report(model: str, state: dict, png: Path, kd, study: str) -> str:
     return "".join(out)
 
 
-def _introduction(model: str, state: dict, png: str, kd) -> str:
+def _introduction(study, state: dict, png: str) -> str:
+    kd = study.kd
     runs = (
         "One recovery run per variant and budget (local stage with default settings, then "
         "distillation, its cosine fitted to the budget: recover's defaults)"
@@ -200,17 +194,16 @@ def _introduction(model: str, state: dict, png: str, kd) -> str:
         f"see the load column.\n\n![quality against CPU-minutes]({png})\n\n"
     )
     params = f"{state['original_parameters'] / 1e6:.2f}M parameters"
-    if model == "smollm2-135m":
+    if study.metric == "perplexity":
         return (
-            "# Quality per CPU-minute at a fifth of SmolLM2-135M removed (issue 25)"
-            + (", at recover's defaults\n\n" if kd.schedule == "budget" else "\n\n")
-            + f"Original test perplexity {state['original_perplexity']:.4g} ({params}; 4096 "
+            f"# {study.title} (issue 25)\n\nOriginal test perplexity "
+            f"{state['original_perplexity']:.4g} ({params}; 4096 "
             f"test tokens of fortunes). Distillation with batch {kd.batch_size} x {kd.seq_len} "
             f"tokens, peak lr {kd.lr:g}. " + common
         )
     return (
-        "# Quality per CPU-minute on the encoder: MiniLM-L6, half of its FFs merged (issue 25)"
-        f"\n\nOriginal topic accuracy {state['original_topic_accuracy']:.4f} ({params}; a "
+        f"# {study.title} (issue 25)\n\nOriginal topic accuracy "
+        f"{state['original_topic_accuracy']:.4f} ({params}; a "
         "ridge probe on the sentence embeddings of the fortunes topic data, test split). "
         f"Distillation of last_hidden_state with batch {kd.batch_size} x {kd.seq_len} tokens, "
         f"lr {kd.lr:g}. " + common
