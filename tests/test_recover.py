@@ -27,6 +27,7 @@ from layerfuse.passes.plan import apply_plan
 from layerfuse.passes.prune import PruneRequest, plan_prune
 from layerfuse.recover.checkpoint import load_state
 from layerfuse.recover.graph_module import GraphModule
+from layerfuse.recover.mapping import map_blocks
 from layerfuse.recover.objectives import Objective
 from layerfuse.recover.run import RecoverRequest, recover
 from layerfuse.recover.settings import TrainSettings
@@ -231,6 +232,40 @@ def test_bad_input_is_one_error_line_and_writes_nothing(models, tiny, tmp_path, 
         assert err[-1].startswith("layerfuse: error:") and message in err[-1], (extra, err)
     assert not out.parent.exists() or not any(out.parent.iterdir())
     assert blocked.read_text() == "not a folder"
+
+
+def test_truncated_backward_gives_the_trained_blocks_the_full_gradients(models, tmp_path):
+    """``--train touched`` freezes the rest, so autograd keeps no graph through the frozen
+    prefix: the trained weights get exactly the gradients full backward gives them, and the
+    frozen ones (block 0, the embedding) get none."""
+    merged, _ = _merged(models.original, tmp_path / "merged23", [(2, 3)])
+    touched = map_blocks(load_model(models.original), load_model(merged)).touched_initializers
+    teacher = Teacher(models.original)
+    batch = make_batches(
+        models.original, str(models.text), "train", tokens=128, seq_len=32, batch_size=4
+    )[0]
+    feeds = teacher.feeds(batch.feeds)
+    target = torch.from_numpy(teacher.run(feeds)[0])
+    objective = Objective("kd", "causal-lm")
+
+    def gradients(trainable: set[str] | None) -> dict[str, torch.Tensor | None]:
+        student = GraphModule(load_model(merged))
+        weights = student.named_weights()
+        for name, parameter in weights.items():
+            parameter.requires_grad_(trainable is None or name in trainable)
+        inputs = {name: torch.from_numpy(feeds[name]) for name in student.input_names}
+        logits = student(inputs)[0][0]
+        mask = torch.from_numpy(batch.mask)
+        objective.loss_sum(logits, {}, target, {}, inputs["input_ids"], mask).backward()
+        return {name: parameter.grad for name, parameter in weights.items()}
+
+    full, truncated = gradients(None), gradients(touched)
+    frozen = set(full) - touched
+    assert touched and frozen
+    for name in touched:
+        torch.testing.assert_close(truncated[name], full[name], rtol=1e-5, atol=1e-7)
+    assert all(truncated[name] is None for name in frozen)
+    assert all(full[name] is not None for name in frozen)
 
 
 def test_kd_hidden_trains_only_the_touched_blocks(models, tmp_path):
