@@ -89,18 +89,24 @@ def _weights(path: Path) -> dict[str, np.ndarray]:
     }
 
 
+def _teacher_batch(models: Models, tokens: int, batch_size: int):
+    """(the student's feeds, the original's logits on them, the batch) of one train batch."""
+    teacher = Teacher(models.original)
+    batch = make_batches(
+        models.original, str(models.text), "train", tokens=tokens, seq_len=32,
+        batch_size=batch_size,
+    )[0]  # fmt: skip
+    feeds = teacher.feeds(batch.feeds)
+    return feeds, torch.from_numpy(teacher.run(feeds)[0]), batch
+
+
 def test_one_step_lowers_the_distillation_loss(models):
     student = GraphModule(load_model(models.merged))
     tied = shared_matmul_weights(load_model(models.merged))
     # A tied initializer is one parameter: its gradient sums over all its readers.
     assert tied and set(tied) <= set(student.named_weights())
     assert len(student.weights) == len(set(student.weight_names))
-    teacher = Teacher(models.original)
-    batch = make_batches(
-        models.original, str(models.text), "train", tokens=256, seq_len=32, batch_size=8
-    )[0]
-    feeds = teacher.feeds(batch.feeds)
-    target = torch.from_numpy(teacher.run(feeds)[0])
+    feeds, target, batch = _teacher_batch(models, tokens=256, batch_size=8)
     inputs = {name: torch.from_numpy(feeds[name]) for name in student.input_names}
     mask = torch.from_numpy(batch.mask)
     objective = Objective("kd", "causal-lm")
@@ -240,12 +246,7 @@ def test_truncated_backward_gives_the_trained_blocks_the_full_gradients(models, 
     frozen ones (block 0, the embedding) get none."""
     merged, _ = _merged(models.original, tmp_path / "merged23", [(2, 3)])
     touched = map_blocks(load_model(models.original), load_model(merged)).touched_initializers
-    teacher = Teacher(models.original)
-    batch = make_batches(
-        models.original, str(models.text), "train", tokens=128, seq_len=32, batch_size=4
-    )[0]
-    feeds = teacher.feeds(batch.feeds)
-    target = torch.from_numpy(teacher.run(feeds)[0])
+    feeds, target, batch = _teacher_batch(models, tokens=128, batch_size=4)
     objective = Objective("kd", "causal-lm")
 
     def gradients(trainable: set[str] | None) -> dict[str, torch.Tensor | None]:

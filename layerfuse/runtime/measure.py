@@ -26,6 +26,7 @@ __all__ = [
     "measure_latency",
     "measure_memory",
     "peak_rss_bytes",
+    "proc_bytes",
     "reset_peak_rss",
     "rss_bytes",
     "run_probe",
@@ -45,16 +46,21 @@ import numpy as np
 from layerfuse.model.publish import model_files
 
 
-def peak_rss_bytes() -> int | None:
-    """Peak resident set size of this process so far (Linux ``VmHWM``), None elsewhere."""
+def proc_bytes(path: str, key: str) -> int | None:
+    """The ``key: N kB`` field of a Linux ``/proc`` file in bytes; None where there is none."""
     try:
-        with open("/proc/self/status") as handle:
+        with open(path) as handle:
             for line in handle:
-                if line.startswith("VmHWM:"):
+                if line.startswith(f"{key}:"):
                     return int(line.split()[1]) * 1024
     except OSError:
         pass
     return None
+
+
+def peak_rss_bytes() -> int | None:
+    """Peak resident set size of this process so far (Linux ``VmHWM``), None elsewhere."""
+    return proc_bytes("/proc/self/status", "VmHWM")
 
 
 def reset_peak_rss() -> bool:

@@ -28,6 +28,8 @@ import sys
 import onnx
 import onnxruntime as ort
 
+from layerfuse.runtime.measure import proc_bytes
+
 _HALF = {onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16}
 # A graph file larger than this holds its weights inline: reading it only to size its
 # widening would load the weights once more, and inline graphs stay under 2 GB anyway.
@@ -46,14 +48,7 @@ def widened_bytes(proto: onnx.ModelProto) -> int:
 
 def available_memory() -> int | None:
     """The kernel's estimate of memory available without swapping (Linux), else None."""
-    try:
-        with open("/proc/meminfo") as meminfo:
-            for line in meminfo:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        return None
-    return None
+    return proc_bytes("/proc/meminfo", "MemAvailable")
 
 
 def _graph_of(model: str | os.PathLike | onnx.ModelProto) -> onnx.ModelProto | None:
