@@ -14,9 +14,9 @@ Variants (the FF window 16-26 is the one local reconstruction repaired best):
 - ``prune``: blocks of lowest influence (ShortGPT) removing the merge's parameters;
 - ``hybrid``: the 4 blocks of lowest influence pruned, then FFs 18-23 tied (permute);
 - ``permute (KD only)``: the permute merge distilled without the local stage (target P3);
-- ``X (touched)``: X trained with ``--train touched`` (the changed blocks and neighbours).
+- ``X (touched)``: X trained with ``--train touched`` (the changed blocks and neighbours);
+- ``fusion``: FFN Fusion's best configuration (``ffn_fusion_cpu.md``), 4% removed.
 
-FFN Fusion is not run: its best configuration removes 4% of the parameters, not a fifth.
 ``--model minilm-l6``: MiniLM-L6, FFs 2-5 tied (15.7%) against 2 of 6 blocks pruned, topic
 accuracy (ridge probe) at 0, 1, 5 and 15 CPU-minutes, into ``quality_compute_minilm.*``.
 
@@ -43,6 +43,7 @@ from quality_compute_studies import STUDIES, Study
 
 from layerfuse.model.io import load_model, parameter_count, save_model
 from layerfuse.model.manifest import carry_manifest
+from layerfuse.passes.fuse import FuseRequest, plan_fuse
 from layerfuse.passes.merge import MergeRequest, plan_merge
 from layerfuse.passes.plan import apply_plan
 from layerfuse.passes.prune import PruneRequest, plan_prune
@@ -60,11 +61,12 @@ def _save(model, source: Path, path: Path) -> Path:
     return path
 
 
-def _merged(study: Study, original: Path, name: str, request: MergeRequest) -> Path:
+def _built(study: Study, original: Path, name: str, request: MergeRequest | FuseRequest) -> Path:
     path = study.folder / "models" / name / "model.onnx"
     if not path.exists():
         log(f"building {name}")
-        _save(apply_plan(original, plan_merge(original, request)), original, path)
+        planner = plan_merge if isinstance(request, MergeRequest) else plan_fuse
+        _save(apply_plan(original, planner(original, request)), original, path)
     return path
 
 
@@ -86,20 +88,23 @@ def compressed(study: Study, original: Path, variant: str) -> Path:
     variant = variant.removesuffix(" (touched)")  # the same graph, trained differently
     window = [study.window]
     if variant in ("permute", "permute (KD only)"):
-        return _merged(study, original, "permute", MergeRequest(ranges=window, method="permute"))
+        return _built(study, original, "permute", MergeRequest(ranges=window, method="permute"))
     if variant.startswith("permute + relax"):
         rank = int(variant.split()[-1])
         request = MergeRequest(ranges=window, method="permute", relax_rank=rank)
-        return _merged(study, original, f"relax{rank}", request)
+        return _built(study, original, f"relax{rank}", request)
     if variant == "vanilla":
         request = MergeRequest(ranges=window, method="vanilla")
-        return _merged(study, original, "vanilla", request)
+        return _built(study, original, "vanilla", request)
     if variant == "prune":
         merged = parameter_count(load_model(compressed(study, original, "permute")))
         removed = parameter_count(load_model(original)) - merged
         return _pruned(study, original, "prune", PruneRequest(parameters=removed))[0]
     if variant == "hybrid":
         return _hybrid(study, original)
+    if variant == "fusion":  # ffn_fusion_cpu.md's best: attention of 4-9 removed, FFs 3-8 fused
+        request = FuseRequest(drop_attention=list(range(4, 10)), fuse=[(3, 9)])
+        return _built(study, original, "fusion", request)
     raise SystemExit(f"unknown variant {variant}")
 
 

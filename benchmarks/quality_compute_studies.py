@@ -56,7 +56,7 @@ STUDIES = {
         "Quality per CPU-minute at a fifth of SmolLM2-135M removed, at recover's defaults",
         "smollm2-135m", (16, 26), KD_FITTED, WORK / "quality_compute" / "fitted",
         "quality_compute_fitted",
-        ("permute", "prune", "hybrid", "permute (touched)", "prune (touched)"),
+        ("permute", "prune", "hybrid", "permute (touched)", "prune (touched)", "fusion"),
         "0,15,30", "perplexity",
     ),
 }  # fmt: skip
