@@ -59,4 +59,11 @@ STUDIES = {
         ("permute", "prune", "hybrid", "permute (touched)", "prune (touched)", "fusion"),
         "0,15,30", "perplexity",
     ),
+    # A smaller ratio (issue 25 asks where merging wins): the 5 FFs the planner picks for
+    # 4/30 (merge --ratio 4/30: 17-21) tied, 7.9% removed, against as many pruned (3 blocks).
+    "smollm2-135m-small": Study(
+        "Quality per CPU-minute at 8% of SmolLM2-135M removed, at recover's defaults",
+        "smollm2-135m", (17, 21), KD_FITTED, WORK / "quality_compute" / "small",
+        "quality_compute_small", ("permute", "prune"), "0,5,15", "perplexity",
+    ),
 }  # fmt: skip
