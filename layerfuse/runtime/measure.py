@@ -26,7 +26,6 @@ __all__ = [
     "measure_latency",
     "measure_memory",
     "peak_rss_bytes",
-    "proc_bytes",
     "reset_peak_rss",
     "rss_bytes",
     "run_probe",
@@ -44,18 +43,7 @@ from pathlib import Path
 import numpy as np
 
 from layerfuse.model.publish import model_files
-
-
-def proc_bytes(path: str, key: str) -> int | None:
-    """The ``key: N kB`` field of a Linux ``/proc`` file in bytes; None where there is none."""
-    try:
-        with open(path) as handle:
-            for line in handle:
-                if line.startswith(f"{key}:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
+from layerfuse.runtime.procfs import proc_bytes
 
 
 def peak_rss_bytes() -> int | None:

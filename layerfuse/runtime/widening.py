@@ -28,7 +28,7 @@ import sys
 import onnx
 import onnxruntime as ort
 
-from layerfuse.runtime.measure import proc_bytes
+from layerfuse.runtime.procfs import proc_bytes
 
 _HALF = {onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16}
 # A graph file larger than this holds its weights inline: reading it only to size its
