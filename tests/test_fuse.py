@@ -181,3 +181,23 @@ def test_contiguous_attention_removal_yields_one_long_run(tiny):
     assert scored == [0, 1, 2]
     assert plan.attention_scores[first] == min(plan.attention_scores[i] for i in scored)
     assert plan.fuse == [(max(first - 1, 0), first + 1)]
+
+
+@pytest.mark.parametrize(
+    ("attention", "window", "include_last", "members"),
+    [
+        ([True] * 6, range(0, 1), False, 0),  # block 0's attention: nothing before it to join
+        ([True] * 6, range(2, 3), False, 1),  # FFs 1-2 join; the run's last stays out
+        ([True] * 6, range(2, 3), True, 2),
+        ([True] * 6, range(2, 4), False, 2),  # FFs 1-3 join, 1-2 fused
+        ([True, True, False, True, True, True], range(3, 4), False, 2),  # joins a gap at 2
+        ([True] * 6, range(4, 6), False, 2),  # FFs 3-5, the model's end
+    ],
+)
+def test_a_fusion_window_counts_the_ffns_it_leaves_to_fuse(
+    attention, window, include_last, members
+):
+    from layerfuse.passes.fuse.attention import _fused_members
+
+    left = [present and index not in window for index, present in enumerate(attention)]
+    assert _fused_members(left, window, include_last) == members
