@@ -132,10 +132,9 @@ def segment(study: Study, original: Path, model: Path, variant: str, budget: flo
     """Recover ``model`` up to ``budget`` CPU-minutes (resuming the variant's run), measure.
 
     A variant whose checkpoint is gone starts again: a fresh run to this budget is the same
-    run (the schedule counts steps, not budgets). A schedule fitted to the budget makes each
-    budget a run of its own."""
+    run (the schedule counts steps, not budgets); see ``Study.run_per_budget``."""
     folder = _run_folder(study, variant)
-    if study.kd.schedule == "budget":
+    if study.run_per_budget:
         folder = folder / f"run-{budget:g}"
     out = folder / f"budget-{budget:g}" / "model.onnx"
     # The encoder arm measures the local stage too (recover skips it on encoders by default).
@@ -153,7 +152,7 @@ def segment(study: Study, original: Path, model: Path, variant: str, budget: flo
     for older in folder.glob("budget-*"):
         if older != out.parent:
             shutil.rmtree(older)  # keep the disk: only the latest model of a variant stays
-    if study.kd.schedule == "budget":
+    if study.run_per_budget:
         shutil.rmtree(folder / "checkpoints")  # a finished fitted run is never resumed
     sets = summary["local"].get("sets", [])
     return {
@@ -192,7 +191,7 @@ def run_variant(study: Study, original: Path, variant: str, budgets: list[float]
         save()
     for budget in sorted(b for b in budgets if b > 0 and b not in done):
         later = any(r["variant"] == variant and r["budget"] > budget for r in rows)
-        if later and study.kd.schedule != "budget":
+        if later and not study.run_per_budget:
             continue  # a run cannot go back to a smaller budget
         log(f"{variant}: recovering to {budget:g} CPU-minutes")
         row = {**base, "budget": budget, **segment(study, original, model, variant, budget)}

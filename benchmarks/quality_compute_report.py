@@ -182,7 +182,7 @@ def _introduction(study, state: dict, png: str) -> str:
     runs = (
         "One recovery run per variant and budget (local stage with default settings, then "
         "distillation, its cosine fitted to the budget: recover's defaults)"
-        if kd.schedule == "budget"
+        if study.run_per_budget
         else "One recovery run per variant (local stage with default settings, then "
         "distillation), stopped by its CPU budget and resumed"
     )

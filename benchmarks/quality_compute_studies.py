@@ -35,6 +35,12 @@ class Study:
     budgets: str  # the default budgets, CPU-minutes
     metric: str  # the row key of the test quality: perplexity or topic_accuracy
 
+    @property
+    def run_per_budget(self) -> bool:
+        """A schedule fitted to the budget makes each budget a run of its own (else the
+        budgets are stops on one resumed run)."""
+        return self.kd.schedule == "budget"
+
 
 STUDIES = {
     "smollm2-135m": Study(

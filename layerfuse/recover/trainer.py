@@ -255,14 +255,12 @@ class Trainer:
             done = step + 1
             if done % 10 == 0 or done == s.steps:
                 elapsed = time.perf_counter() - started
-                remaining = elapsed / (done - steps.start) * (s.steps - done) / 60
-                left = (
-                    f"{max(0.0, s.budget_minutes - result.cpu_minutes):.1f} CPU-min of the "
-                    "budget left"
-                    if s.budget_minutes
-                    else f"ETA {remaining:.1f} min"
-                )
-                of = "" if s.budget_minutes else f"/{s.steps}"
+                if s.budget_minutes:
+                    budget_left = max(0.0, s.budget_minutes - result.cpu_minutes)
+                    left, of = f"{budget_left:.1f} CPU-min of the budget left", ""
+                else:
+                    remaining = elapsed / (done - steps.start) * (s.steps - done) / 60
+                    left, of = f"ETA {remaining:.1f} min", f"/{s.steps}"
                 self.reporter.step(
                     f"step {done}{of}: loss {np.mean(window_loss):.4g}, lr "
                     f"{result.last_lr:.3g}, {window_tokens / elapsed:.0f} tokens/s, {left}"
