@@ -17,7 +17,7 @@ import onnx_ir as ir
 
 from layerfuse.errors import PlanError
 from layerfuse.passes.detect import ModelStructure
-from layerfuse.passes.fuse.plan import FusePlan
+from layerfuse.passes.fuse.plan import FusePlan, fused_members
 from layerfuse.passes.plan import apply_plan
 from layerfuse.passes.planner import search_best
 from layerfuse.passes.scoring import CandidateScorer
@@ -58,15 +58,14 @@ def _fused_members(has_attention: list[bool], dropped: range, include_last: bool
     """How many FFNs the run holding ``dropped`` fuses once their attention is removed.
 
     The run reaches back to the FFN before the first dropped attention and on through blocks
-    without attention; like :func:`~layerfuse.passes.fuse.planner._what_to_fuse`, its last
-    FFN stays out unless ``include_last``."""
+    without attention (see :func:`~layerfuse.passes.fuse.plan.fused_members`)."""
     first = dropped.start
     while first > 0 and not has_attention[first]:
         first -= 1
     last = dropped.stop - 1
     while last + 1 < len(has_attention) and not has_attention[last + 1]:
         last += 1
-    return last - first + (1 if include_last else 0)
+    return len(fused_members(first, last, include_last))
 
 
 def _best_window(

@@ -8,12 +8,20 @@ load.
 
 from __future__ import annotations
 
-__all__ = ["FusePlan"]
+__all__ = ["FusePlan", "fused_members"]
 
 from dataclasses import dataclass, field
 
 from layerfuse.passes.blocks import check_blocks, check_ranges
 from layerfuse.passes.plan import Plan
+
+
+def fused_members(first: int, last: int, include_last: bool) -> range:
+    """The blocks whose FFNs fusion joins in the FFN-only run ``first``-``last``.
+
+    The run's last FFN stays out unless ``include_last``: it reads the output of all the
+    others, so fusing it changes the most (the paper keeps it sequential)."""
+    return range(first, last + 1 if include_last else last)
 
 
 @dataclass

@@ -37,7 +37,7 @@ from layerfuse.model.io import load_model
 from layerfuse.passes.blocks import check_ranges
 from layerfuse.passes.detect import ModelStructure, detect_structure
 from layerfuse.passes.fuse.attention import Reducer, attention_importance, choose_attention
-from layerfuse.passes.fuse.plan import FusePlan
+from layerfuse.passes.fuse.plan import FusePlan, fused_members
 from layerfuse.passes.fuse.rewrite import fusion_problem
 from layerfuse.passes.planner import DataSettings
 from layerfuse.passes.sublayers import remove_sublayers
@@ -158,8 +158,7 @@ def _what_to_fuse(
     """Each candidate run, without its last FFN unless ``include_last``, split by dependency."""
     fuse = []
     for first, last in candidates:
-        end = last if request.include_last else last - 1
-        members = list(range(first, end + 1))
+        members = list(fused_members(first, last, request.include_last))
         if request.max_dependency is not None:
             matrix = next(
                 (np.asarray(d["matrix"]) for d in dependency if d["run"] == [first, last]), None
