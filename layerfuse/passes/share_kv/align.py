@@ -23,15 +23,14 @@ fits of all pairs together leave the smaller residual (the phases cancel only in
 
 from __future__ import annotations
 
-__all__ = ["Alignment", "AlignmentSums", "fit_alignments", "rotary_pairs", "token_rows"]
+__all__ = ["Alignment", "AlignmentSums", "fit_alignments", "rotary_pairs"]
 
 from dataclasses import dataclass
 
 import numpy as np
 
 from layerfuse.passes.share_kv.layers import KVLayer
-from layerfuse.runtime.calibration import adapt_feeds
-from layerfuse.runtime.session import create_session
+from layerfuse.passes.share_kv.prefill import CacheRows
 
 CONVENTIONS = ("half", "interleaved")
 # Ridge of the value maps, as a share of the mean diagonal of the source's Gram matrix.
@@ -101,26 +100,15 @@ class AlignmentSums:
         return Alignment(convention, key_scale, value_map, key_residual, float(value_residual))
 
 
-def token_rows(array: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    """A cache tensor [batch, heads, seq, dim] -> its real tokens' rows, [tokens, heads, dim]."""
-    return array.transpose(0, 2, 1, 3)[mask.astype(bool)]
-
-
 def fit_alignments(
-    model_path, layers: list[KVLayer], pairs: list[tuple[int, int]], batches, provider: str
+    prefill: CacheRows, layers: list[KVLayer], pairs: list[tuple[int, int]]
 ) -> dict[tuple[int, int], Alignment]:
-    """Each (target, source) pair's alignment, fitted on the original's keys and values over
-    ``batches`` (one prefill each, empty cache)."""
-    session = create_session(model_path, provider=provider)
-    used = sorted({index for pair in pairs for index in pair})
-    wanted = [entry.present.name for i in used for entry in layers[i].entries]
-    heads, head_dim = layers[used[0]].key.heads, layers[used[0]].key.head_dim
+    """Each (target, source) pair's alignment, fitted on the original's keys and values of
+    the calibration ``prefill``."""
+    heads, head_dim = layers[pairs[0][0]].key.heads, layers[pairs[0][0]].key.head_dim
     sums = {pair: AlignmentSums(heads, head_dim) for pair in pairs}
-    for batch in batches:
-        outputs = session.run(wanted, adapt_feeds(session, batch.feeds))
-        mask = batch.mask if batch.mask is not None else np.ones(outputs[0].shape[::2][:2])
-        arrays = (token_rows(a, mask).astype(np.float64) for a in outputs)
-        rows = dict(zip(wanted, arrays, strict=True))
+    for batch_rows in prefill:
+        rows = {name: r.astype(np.float64) for name, r in batch_rows.items()}
         for (target, source), pair_sums in sums.items():
             keys = tuple(rows[layers[i].key.present.name] for i in (source, target))
             values = tuple(rows[layers[i].value.present.name] for i in (source, target))

@@ -28,12 +28,11 @@ from layerfuse.model.io import load_model
 from layerfuse.passes.detect import detect_structure
 from layerfuse.passes.plan import apply_plan
 from layerfuse.passes.planner import DataSettings
-from layerfuse.passes.share_kv.align import fit_alignments, token_rows
+from layerfuse.passes.share_kv.align import fit_alignments
 from layerfuse.passes.share_kv.layers import KVLayer, kv_layers
 from layerfuse.passes.share_kv.plan import ShareKVPlan
+from layerfuse.passes.share_kv.prefill import CacheRows, cache_rows
 from layerfuse.progress import SILENT, Reporter
-from layerfuse.runtime.calibration import adapt_feeds
-from layerfuse.runtime.session import create_session
 
 
 @dataclass
@@ -49,28 +48,23 @@ class ShareKVRequest:
     )
 
 
-def _unit_rows(array: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    """[batch, heads, seq, dim] -> unit vectors of real tokens, [tokens, heads, dim]."""
-    rows = token_rows(array, mask)
+def _unit(rows: np.ndarray) -> np.ndarray:
     return rows / np.maximum(np.linalg.norm(rows, axis=-1, keepdims=True), 1e-12)
 
 
-def kv_similarity(model_path: Path, layers: list[KVLayer], batches, provider: str) -> np.ndarray:
+def kv_similarity(prefill: CacheRows, layers: list[KVLayer]) -> np.ndarray:
     """[layers x layers] mean cosine similarity of keys and of values, averaged."""
-    session = create_session(model_path, provider=provider)
-    wanted = [entry.present.name for layer in layers for entry in layer.entries]
     total = np.zeros((len(layers), len(layers)))
-    for batch in batches:
-        outputs = session.run(wanted, adapt_feeds(session, batch.feeds))
-        mask = batch.mask if batch.mask is not None else np.ones(outputs[0].shape[::2][:2])
-        rows = [_unit_rows(array, mask) for array in outputs]
-        keys, values = rows[0::2], rows[1::2]
+    for rows in prefill:
+        unit = {name: _unit(r) for name, r in rows.items()}
+        keys = [unit[layer.key.present.name] for layer in layers]
+        values = [unit[layer.value.present.name] for layer in layers]
         for a in range(len(layers)):
             for b in range(len(layers)):
                 similar_keys = (keys[a] * keys[b]).sum(-1).mean()
                 similar_values = (values[a] * values[b]).sum(-1).mean()
                 total[a, b] += (similar_keys + similar_values) / 2
-    return total / max(len(batches), 1)
+    return total / max(len(prefill), 1)
 
 
 def _non_chaining(ranked: list[tuple[int, int]], limit: int | None) -> list[tuple[int, int]]:
@@ -105,12 +99,13 @@ def plan_share_kv(
         raise PlanError(f"--layers {request.layers}: choose 1 to {len(layers) - 1} layers")
     reporter.step("measuring how alike the layers' keys and values are")
     calibration = settings.batches(model_path, "calib")
-    similarity = kv_similarity(model_path, layers, calibration, settings.provider)
+    prefill = cache_rows(model_path, layers, calibration, settings.provider)
+    similarity = kv_similarity(prefill, layers)
     candidates = [(t, int(np.argmax(similarity[t, :t]))) for t in range(1, len(layers))]
     fitted = {}
     if request.align:
         reporter.step("fitting each candidate pair's key and value alignment")
-        fitted = fit_alignments(model_path, layers, candidates, calibration, settings.provider)
+        fitted = fit_alignments(prefill, layers, candidates)
 
     def make(pairs: list[tuple[int, int]]) -> ShareKVPlan:
         plan = ShareKVPlan(**base, pairs=pairs)
@@ -147,9 +142,9 @@ def _given_pairs(model_path: Path, model, layers, base: dict, request, reporter)
     if request.align:
         reporter.step("fitting each pair's key and value alignment")
         calibration = request.data.batches(model_path, "calib")
-        plan.alignments = fit_alignments(
-            model_path, layers, plan.pairs, calibration, request.data.provider
-        )
+        used = [layers[i] for i in sorted({i for pair in plan.pairs for i in pair})]
+        prefill = cache_rows(model_path, used, calibration, request.data.provider)
+        plan.alignments = fit_alignments(prefill, layers, plan.pairs)
     return plan
 
 
