@@ -12,6 +12,7 @@ Variants (the FF window 16-26 is the one local reconstruction repaired best):
 - ``permute + relax 8`` / ``permute + relax 32``: the same with per-block rank-8/32 deltas;
 - ``vanilla``: FFs 16-26 tied by plain averaging;
 - ``prune``: blocks of lowest influence (ShortGPT) removing the merge's parameters;
+  ``prune as V``: the same removing variant V's net parameters (a relaxed tie removes fewer);
 - ``hybrid``: the 4 blocks of lowest influence pruned, then FFs 18-23 tied (permute);
 - ``permute (KD only)``: the permute merge distilled without the local stage (target P3);
 - ``X (touched)``: X trained with ``--train touched`` (the changed blocks and neighbours);
@@ -53,6 +54,7 @@ from layerfuse.recover.run import RecoverRequest, recover
 
 TEST_TOKENS = 4096
 HYBRID_PRUNED, HYBRID_WINDOW = 4, (18, 23)
+PRUNE_AS = "prune as "  # "prune as V": pruning removing V's net parameters ("prune": the permute's)
 
 
 def _save(model, source: Path, path: Path) -> Path:
@@ -96,10 +98,12 @@ def compressed(study: Study, original: Path, variant: str) -> Path:
     if variant == "vanilla":
         request = MergeRequest(ranges=window, method="vanilla")
         return _built(study, original, "vanilla", request)
-    if variant == "prune":
-        merged = parameter_count(load_model(compressed(study, original, "permute")))
+    if variant == "prune" or variant.startswith(PRUNE_AS):
+        match = variant.removeprefix(PRUNE_AS) if variant != "prune" else "permute"
+        merged = parameter_count(load_model(compressed(study, original, match)))
         removed = parameter_count(load_model(original)) - merged
-        return _pruned(study, original, "prune", PruneRequest(parameters=removed))[0]
+        name = re.sub(r"[^A-Za-z0-9]+", "-", variant)
+        return _pruned(study, original, name, PruneRequest(parameters=removed))[0]
     if variant == "hybrid":
         return _hybrid(study, original)
     if variant == "fusion":  # ffn_fusion_cpu.md's best: attention of 4-9 removed, FFs 3-8 fused
