@@ -6,9 +6,10 @@ from pathlib import Path
 
 from common import markdown_table
 
-MERGES = ("permute", "permute + relax 8", "permute + relax 32", "vanilla", "permute (KD only)")
+MERGES = ("permute", "vanilla", "permute (KD only)")
+MERGES += tuple(f"permute + relax {rank}" for rank in (8, 32, 64))
 MERGES += tuple(f"{variant} (touched)" for variant in MERGES)
-PRUNES = ("prune", "prune (touched)", "prune as permute + relax 8", "prune as permute + relax 32")
+PRUNES = ("prune", "prune (touched)", *(f"prune as {merge}" for merge in MERGES))
 
 
 def _row(rows: list[dict], variant: str, budget: float) -> dict | None:

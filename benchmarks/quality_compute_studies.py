@@ -63,7 +63,8 @@ STUDIES = {
         "smollm2-135m", (16, 26), KD_FITTED, WORK / "quality_compute" / "fitted",
         "quality_compute_fitted",
         ("permute", "prune", "hybrid", "permute + relax 8", "permute + relax 32",
-         "prune as permute + relax 32", "permute (touched)", "prune (touched)", "fusion"),
+         "permute + relax 64", "prune as permute + relax 32", "permute (touched)",
+         "prune (touched)", "fusion"),
         "0,15,30", "perplexity",
     ),
     # A smaller ratio (issue 25 asks where merging wins): the 5 FFs the planner picks for
