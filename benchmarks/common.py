@@ -56,6 +56,18 @@ def write_results(name: str, results: dict, markdown: str) -> None:
     log(f"wrote {RESULTS / name}.json and .md")
 
 
+def notes_section(name: str, notes: Path | None) -> str:
+    """The written notes that end ``results/<name>.md``: the file ``notes`` when given, else
+    the ``## Notes`` section already there, so ``--write-only`` without ``--notes`` keeps
+    them and the recorded command regenerates the same Markdown."""
+    if notes is not None:
+        return "\n" + notes.read_text()
+    existing = RESULTS / f"{name}.md"
+    text = existing.read_text() if existing.exists() else ""
+    start = text.find("\n## Notes")
+    return "" if start < 0 else text[start:]
+
+
 def markdown_table(headers: list[str], rows: list[list]) -> str:
     lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]

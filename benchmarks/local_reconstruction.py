@@ -35,7 +35,7 @@ from dataclasses import asdict, replace
 from pathlib import Path
 
 import merge_quality
-from common import WORK, exported_model, log, markdown_table, write_results
+from common import WORK, exported_model, log, markdown_table, notes_section, write_results
 
 from layerfuse.data.batches import make_batches
 from layerfuse.model.io import load_model, parameter_count, save_model
@@ -207,7 +207,9 @@ def main() -> None:
     parser.add_argument("--kd-steps", type=int, default=KD.steps)
     parser.add_argument("--local-steps", type=int, default=LOCAL.steps)
     parser.add_argument("--tag", default="full")
-    parser.add_argument("--notes", type=Path, help="a Markdown file appended to the results")
+    parser.add_argument(
+        "--notes", type=Path, help="a Markdown file of notes (default: keep the results' own)"
+    )
     parser.add_argument(
         "--write-only", action="store_true", help="write the results of the arms already run"
     )
@@ -241,8 +243,9 @@ def main() -> None:
         "windows": state["windows"],
     }
     text = markdown(state["windows"], state["original_perplexity"], params)
-    notes = "" if args.notes is None else "\n" + args.notes.read_text()
-    write_results("local_reconstruction", payload, text + notes)
+    write_results(
+        "local_reconstruction", payload, text + notes_section("local_reconstruction", args.notes)
+    )
 
 
 if __name__ == "__main__":

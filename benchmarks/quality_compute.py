@@ -39,7 +39,7 @@ from dataclasses import asdict, replace
 from pathlib import Path
 
 import merge_quality
-from common import RESULTS, exported_model, log, write_results
+from common import RESULTS, exported_model, log, notes_section, write_results
 from quality_compute_studies import STUDIES, Study
 
 from layerfuse.model.io import load_model, parameter_count, save_model
@@ -209,7 +209,9 @@ def main() -> None:
     parser.add_argument("--model", choices=sorted(STUDIES), default="smollm2-135m")
     parser.add_argument("--budgets", help="comma-separated CPU-minutes (default: the model's)")
     parser.add_argument("--variants", help="comma-separated (default: all of the model's)")
-    parser.add_argument("--notes", type=Path, help="a Markdown file appended to the results")
+    parser.add_argument(
+        "--notes", type=Path, help="a Markdown file of notes (default: keep the results' own)"
+    )
     parser.add_argument(
         "--write-only", action="store_true", help="write the results of the arms already run"
     )
@@ -241,7 +243,7 @@ def _write(study: Study, key: str, state: dict, notes: Path | None) -> None:
     payload = {"model": study.model, "test_tokens": TEST_TOKENS, "kd": asdict(study.kd), **state}
     payload["local"] = asdict(LocalSettings(encoders="run"))
     text = report(study, state, RESULTS / f"{study.results}.png", key)
-    text += "" if notes is None else "\n" + notes.read_text()
+    text += notes_section(study.results, notes)
     write_results(study.results, payload, text)
 
 

@@ -32,7 +32,7 @@ def plot(rows: list[dict], path: Path, metric: str, title: str) -> None:
             [r["cpu_minutes"] for r in line],
             [r[metric] for r in line],
             marker="o",
-            linestyle="--" if variant in ("prune", "hybrid") else "-",
+            linestyle="--" if variant in (*PRUNES, "hybrid") else "-",
             label=f"{variant} ({removed:.1f}% removed)",
         )
     original = rows[0][f"original_{metric}"]
