@@ -1,8 +1,10 @@
-"""Regenerate every committed result in benchmarks/results/ and its summary page.
+"""Regenerate the core results in benchmarks/results/ and the summary page of all of them.
 
     python benchmarks/run_all.py          # about 5 hours on 2 CPU cores
     python benchmarks/run_all.py --summary-only
 
+The summary lists every result with the command that produced it (the studies that take
+hours each, such as quality_compute, big_models or optimize, run from their own commands).
 Runs, in order: merge quality and ablations, pruning vs merging and CKA, FFN Fusion latency,
 the side-by-side harness run, pre-packing, the family matrix, recovery training, the
 toolchain (quantization, optimizer), decoding against onnxruntime-genai and the serving load
@@ -38,8 +40,8 @@ STEPS = (
 def summary() -> str:
     lines = [
         "# Benchmark results\n",
-        "Every file here comes from one script in `benchmarks/`; "
-        "`python benchmarks/run_all.py` regenerates all of them.\n",
+        "Every file here comes from one script in `benchmarks/`, run by the command in its "
+        "row; `python benchmarks/run_all.py` reruns the core set and rewrites this page.\n",
         "| result | produced by | command | date | machine |",
         "|---|---|---|---|---|",
     ]
