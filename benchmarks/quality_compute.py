@@ -57,6 +57,11 @@ HYBRID_PRUNED, HYBRID_WINDOW = 4, (18, 23)
 PRUNE_AS = "prune as "  # "prune as V": pruning removing V's net parameters ("prune": the permute's)
 
 
+def _slug(text: str) -> str:
+    """``text`` as a folder name."""
+    return re.sub(r"[^A-Za-z0-9]+", "-", text)
+
+
 def _save(model, source: Path, path: Path) -> Path:
     save_model(model, path)
     carry_manifest(source, path)
@@ -102,8 +107,7 @@ def compressed(study: Study, original: Path, variant: str) -> Path:
         match = variant.removeprefix(PRUNE_AS) if variant != "prune" else "permute"
         merged = parameter_count(load_model(compressed(study, original, match)))
         removed = parameter_count(load_model(original)) - merged
-        name = re.sub(r"[^A-Za-z0-9]+", "-", variant)
-        return _pruned(study, original, name, PruneRequest(parameters=removed))[0]
+        return _pruned(study, original, _slug(variant), PruneRequest(parameters=removed))[0]
     if variant == "hybrid":
         return _hybrid(study, original)
     if variant == "fusion":  # ffn_fusion_cpu.md's best: attention of 4-9 removed, FFs 3-8 fused
@@ -129,7 +133,7 @@ def _hybrid(study: Study, original: Path) -> Path:
 
 
 def _run_folder(study: Study, variant: str) -> Path:
-    return study.folder / "runs" / re.sub(r"[^A-Za-z0-9]+", "-", variant.replace(" ", ""))
+    return study.folder / "runs" / _slug(variant.replace(" ", ""))
 
 
 def segment(study: Study, original: Path, model: Path, variant: str, budget: float) -> dict:
